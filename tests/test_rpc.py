@@ -1,0 +1,195 @@
+"""Every RPC method over a real socket, against real parent and child processes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT, commitment, free_port, write_chain
+
+import common
+
+
+@pytest.fixture
+def parent(tmp_path, parent_config, processes, rpc):
+    """A running parent with three jobs pending; .client is our RPC client to it."""
+    write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in (1, 2, 3)])
+    config = parent_config()
+    proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    proc.wait_for_log(r"New job 3 ")
+    port = common.load_config(config).parent_port
+    proc.port = port
+    proc.client = common.RpcClient(rpc, "127.0.0.1", port)
+    return proc
+
+
+def register(client, child_id="c1", endpoint="127.0.0.1:9999"):
+    return client.call("registerChild", childId=child_id, endpoint=endpoint)
+
+
+def test_ping_answers_with_the_role(parent):
+    assert parent.client.call("ping") == {"pong": "pong from parent"}
+
+
+def test_register_child_accepts_a_valid_child_and_refuses_bad_values(parent):
+    assert register(parent.client) == {"success": True, "message": "registered as c1"}
+    assert "Child c1 registered from 127.0.0.1:9999" in parent.log()
+    assert register(parent.client, child_id="") == {
+        "success": False, "message": "childId must be 1-64 letters, digits, '_', '.' or '-'"}
+    assert register(parent.client, endpoint="nowhere") == {
+        "success": False, "message": "endpoint 'nowhere' is not host:port"}
+
+
+def test_request_jobs_hands_out_each_pending_job_once(parent):
+    refused = parent.client.call("requestJobs", childId="stranger", maxJobs=5)
+    assert refused == {"jobs": [], "error": "unknown child 'stranger': call registerChild first"}
+    register(parent.client, "c1")
+    register(parent.client, "c2")
+    assert parent.client.call("requestJobs", childId="c1", maxJobs=0)["jobs"] == []
+    first = parent.client.call("requestJobs", childId="c1", maxJobs=2)
+    second = parent.client.call("requestJobs", childId="c2", maxJobs=5)
+    assert (first["error"], second["error"]) == ("", "")
+    assert [j["jobId"] for j in first["jobs"]] == [1, 2]
+    assert [j["jobId"] for j in second["jobs"]] == [3]
+    assert first["jobs"][0]["hfRepoId"] == "org/model-1"
+    parent.wait_for_log("Sending 2 jobs to child c1")
+    assert parent.client.call("requestJobs", childId="c2", maxJobs=5)["jobs"] == []
+
+
+def test_report_job_completion_records_only_the_holders_result(parent):
+    register(parent.client, "c1")
+    register(parent.client, "c2")
+    [job] = parent.client.call("requestJobs", childId="c1", maxJobs=1)["jobs"]
+
+    def report(child_id, job_id=job["jobId"]):
+        return parent.client.call("reportJobCompletion", childId=child_id, jobId=job_id,
+                                  success=True, result='{"score": 0.5}')
+
+    assert report("c2") == {"acknowledged": True,
+                            "message": "not recorded: job 1 is assigned and not held by c2"}
+    assert report("c1") == {"acknowledged": True, "message": "recorded"}
+    parent.wait_for_log("Child c1 completed job 1")
+    assert report("c1") == {"acknowledged": True, "message": "already recorded"}
+    assert report("c1", job_id=999) == {"acknowledged": False, "message": "unknown job 999"}
+    assert parent.log().count("completed job 1") == 1
+
+
+def test_get_stats_uses_the_seed_format(parent):
+    register(parent.client, "c1", "10.1.1.1:8002")
+    parent.client.call("requestJobs", childId="c1", maxJobs=2)
+    parent.client.call("reportJobCompletion", childId="c1", jobId=1, success=True, result="{}")
+    stats = json.loads(parent.client.call("getStats")["json"])
+    [child] = stats.pop("children")
+    assert stats == {"total_children": 1, "active_children": 1, "pending_jobs": 1}
+    assert child.pop("last_seen") > 0
+    assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
+                     "active_jobs": 1, "total_jobs_sent": 2, "total_jobs_completed": 1}
+
+
+def test_the_status_command_prints_the_parents_statistics(parent):
+    register(parent.client, "c1", "10.1.1.1:8002")
+    run = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parent-host",
+                          "127.0.0.1", "--parent-port", str(parent.port), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)
+    assert stats["pending_jobs"] == 3 and stats["children"][0]["child_id"] == "c1"
+    table = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parent-host",
+                            "127.0.0.1", "--parent-port", str(parent.port)],
+                           capture_output=True, text=True, timeout=60)
+    assert "pending jobs: 3" in table.stdout and "10.1.1.1:8002" in table.stdout
+    down = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parent-port",
+                           "1"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1
+    assert down.stderr.startswith("error: parent validator unreachable: localhost:1")
+
+
+def test_a_parent_refuses_receive_job_with_a_message(parent):
+    reply = parent.client.call("receiveJob", job={"jobId": 1})
+    assert reply == {"accepted": False,
+                     "message": "receiveJob is not served by a parent validator"}
+
+
+def test_a_child_accepts_a_pushed_job_once_and_runs_it(tmp_path, parent, child_config,
+                                                       processes, rpc):
+    config = child_config("pushed", parent.port, max_concurrent_jobs=1,
+                          evaluator={"demo_seconds": 3.0})
+    child = processes(["child.py", "--config", config], tmp_path / "child.log")
+    child.wait_for_log("Successfully registered with parent validator as pushed")
+    # The child took a job by polling; its one slot is busy, so a push is refused.
+    child.wait_for_log(r"Evaluating job \d+")
+    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    assert client.call("ping") == {"pong": "pong from child"}
+    job = {"jobId": 77, "hfRepoId": "org/pushed", "hfRepoCommit": "abc", "logsPath": "x.log"}
+    assert client.call("receiveJob", job=job) == {"accepted": False, "message": "no free slot"}
+    assert client.call("registerChild", childId="x", endpoint="h:1") == {
+        "success": False, "message": "registerChild is not served by a child validator"}
+    stats = json.loads(client.call("getStats")["json"])
+    assert stats["running"] + stats["queued"] == 1
+
+
+def test_a_client_built_from_the_seed_interface_text_talks_to_the_parent(tmp_path, parent):
+    """The seed's IDL, without our added fields, compiled separately (in another process: one
+    process cannot load two schemas with the same id)."""
+    (tmp_path / "seed.capnp").write_text(SEED_SCHEMA)
+    script = textwrap.dedent(f"""
+        import asyncio, capnp
+        seed = capnp.load({str(tmp_path / 'seed.capnp')!r})
+        async def main():
+            stream = await capnp.AsyncIoStream.create_connection(host="127.0.0.1", port={parent.port})
+            svc = capnp.TwoPartyClient(stream).bootstrap().cast_as(seed.ValidatorJobsService)
+            print((await svc.ping()).pong)
+            r = await svc.registerChild(childId="seedling", endpoint="127.0.0.1:1")
+            print(r.success, r.message)
+            r = await svc.requestJobs(childId="seedling", maxJobs=2)
+            print([(j.jobId, j.hfRepoId) for j in r.jobs])
+            r = await svc.reportJobCompletion(childId="seedling", jobId=1, success=True, result="{{}}")
+            print(r.acknowledged)
+        asyncio.run(capnp.run(main()))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "pong from parent", "True registered as seedling",
+        "[(1, 'org/model-1'), (2, 'org/model-2')]", "True"]
+    parent.wait_for_log("Child seedling completed job 1")
+
+
+SEED_SCHEMA = """@0xa007a6fdaf5da8da;
+struct EvaluationJobData {
+  jobId @0 :UInt64; submissionId @1 :UInt64; minerHotkey @2 :Text; hfRepoId @3 :Text;
+  hfRepoCommit @4 :Text; envProvider @5 :Text; envName @6 :Text; logsPath @7 :Text;
+  randomSeed @8 :UInt32; maxRetries @9 :UInt8; retryCount @10 :UInt8; createdAt @11 :UInt64;
+}
+interface ValidatorJobsService {
+  registerChild @0 (childId: Text, endpoint: Text) -> (success: Bool, message: Text);
+  requestJobs @1 (childId: Text, maxJobs: UInt32) -> (jobs: List(EvaluationJobData));
+  reportJobCompletion @2 (childId: Text, jobId: UInt64, success: Bool, result: Text) -> (acknowledged: Bool);
+  receiveJob @3 (job: EvaluationJobData) -> (accepted: Bool, message: Text);
+  ping @4 () -> (pong: Text);
+}
+"""
+
+
+def test_a_dead_peer_raises_peer_unavailable(rpc):
+    client = common.RpcClient(rpc, "127.0.0.1", free_port(), timeout=5)
+    with pytest.raises(common.PeerUnavailable, match="127.0.0.1"):
+        client.call("ping")
+
+
+def test_a_child_with_a_free_slot_queues_a_pushed_job_once(tmp_path, parent, child_config,
+                                                           processes, rpc):
+    config = child_config("roomy", parent.port, max_concurrent_jobs=5)
+    child = processes(["child.py", "--config", config], tmp_path / "child.log")
+    child.wait_for_log(r"Job 3 succeeded")
+    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    job = {"jobId": 77, "hfRepoId": "org/pushed", "hfRepoCommit": "abc", "logsPath": "x.log"}
+    assert client.call("receiveJob", job=job) == {"accepted": True, "message": "queued"}
+    assert client.call("receiveJob", job=job) == {"accepted": True,
+                                                  "message": "already have this job"}
+    child.wait_for_log("Job 77 succeeded")
+    # The parent never issued job 77: it says so, and the child keeps the result.
+    child.wait_for_log("Parent did not take the result of job 77: unknown job 77")
+    assert child.log().count("Evaluating job 77") == 1

@@ -1,0 +1,42 @@
+@0xa007a6fdaf5da8da;
+# The parent/child validator protocol. The seed design's interface is frozen: method names,
+# ordinals, parameter names and types never change. Extensions only add fields at the end of a
+# struct or parameter list, or methods @5 and up, so a client built from the seed's text still
+# talks to us (it simply never sees the added fields).
+
+struct EvaluationJobData {
+  jobId @0 :UInt64;
+  submissionId @1 :UInt64;      # stable id of the miner's commitment (hotkey + content)
+  minerHotkey @2 :Text;
+  hfRepoId @3 :Text;
+  hfRepoCommit @4 :Text;        # revision to evaluate; empty = the repo's default branch
+  envProvider @5 :Text;
+  envName @6 :Text;
+  logsPath @7 :Text;            # file name for the evaluator's stderr, relative to the child's logs_dir
+  randomSeed @8 :UInt32;
+  maxRetries @9 :UInt8;
+  retryCount @10 :UInt8;
+  createdAt @11 :UInt64;        # unix milliseconds
+}
+
+interface ValidatorJobsService {
+  # Child calls this to register with parent
+  registerChild @0 (childId :Text, endpoint :Text) -> (success :Bool, message :Text);
+
+  # Child calls this to request jobs. `error` (added) says why a request was refused.
+  requestJobs @1 (childId :Text, maxJobs :UInt32) -> (jobs :List(EvaluationJobData), error :Text);
+
+  # Child calls this to report job completion. acknowledged = the parent has the outcome and the
+  # child may stop resending it; `message` (added) says why a report was not recorded.
+  reportJobCompletion @2 (childId :Text, jobId :UInt64, success :Bool, result :Text)
+      -> (acknowledged :Bool, message :Text);
+
+  # Parent calls this on child to send a job directly
+  receiveJob @3 (job :EvaluationJobData) -> (accepted :Bool, message :Text);
+
+  # Health check
+  ping @4 () -> (pong :Text);
+
+  # Statistics as JSON (the seed's format on a parent; queue counts on a child)
+  getStats @5 () -> (json :Text);
+}

