@@ -8,9 +8,9 @@ in-memory deque mirrors the pending jobs); the RPC service; and main(), the chai
     python parent.py --config validator_parent.toml
 """
 
-import collections
 import dataclasses
 import hashlib
+import heapq
 import json
 import re
 import threading
@@ -35,9 +35,12 @@ create table if not exists jobs (
     max_retries    integer not null,
     status         text not null default 'pending'
                    check (status in ('pending', 'assigned', 'completed', 'failed', 'cancelled')),
+    priority       integer not null default 0,   -- higher is served first
+    position       bigint not null default 0,    -- within a priority: returned jobs (< 0) first
     child_id       text,                     -- the child holding the job (or that finished it)
-    attempts       integer not null default 0,
+    attempts       integer not null default 0,   -- times assigned
     created_at     timestamptz not null default now(),
+    assigned_at    timestamptz,
     finished_at    timestamptz,
     success        boolean,
     result         text
@@ -58,6 +61,7 @@ create table if not exists assignments (
     child_id    text not null references children,
     assigned_at timestamptz not null default now(),
     finished_at timestamptz,
+    outcome     text check (outcome in ('completed', 'failed', 'expired', 'withdrawn')),
     primary key (job_id, attempt)
 );
 create index if not exists assignments_child on assignments (child_id);
@@ -200,15 +204,62 @@ def job_message(row):
     }
 
 
+def returned_position():
+    """Queue position of a job given back: ahead of every new job of its priority (those have
+    position 0 and go by job id), behind the jobs given back before it."""
+    return int(time.time() * 1000) - 2**53
+
+
+def queue_entry(row):
+    return (-row["priority"], row["position"], row["job_id"])
+
+
+class PendingQueue:
+    """The pending jobs in serving order: highest priority first, then jobs given back, then by
+    job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
+    because a job is handed out only if the database still says it is pending."""
+
+    def __init__(self, rows=()):
+        self.heap = [queue_entry(row) for row in rows]
+        heapq.heapify(self.heap)
+
+    def push(self, entries):
+        for entry in entries:
+            heapq.heappush(self.heap, entry)
+
+    def pop(self, count):
+        return [heapq.heappop(self.heap) for _ in range(min(count, len(self.heap)))]
+
+    def __len__(self):
+        return len(self.heap)
+
+    def ids(self):
+        """The job ids in serving order."""
+        return [job_id for *_, job_id in sorted(self.heap)]
+
+
 class ParentState:
     def __init__(self, db, cfg):
         self.db, self.cfg = db, cfg
-        self.lock = threading.Lock()  # guards the deque; the database serializes itself
-        rows = db.query("select job_id from jobs where status = 'pending' order by job_id")
-        self.pending = collections.deque(row["job_id"] for row in rows)
+        self.lock = threading.Lock()  # guards the queue; the database serializes itself
+        self.started = time.time()
         self.skipped = set()  # bad commitments already logged, so each is logged once
-        if self.pending:
-            log.info("Reloaded %d pending jobs from the database", len(self.pending))
+        self.queue, self.queue_version = PendingQueue(), None
+        self.reload_queue()
+
+    def reload_queue(self):
+        """Rebuild the queue from the database at start and whenever an operator changed it."""
+        rows = self.db.query("select value from chain_state where key = 'queue_version'")
+        version = rows[0]["value"] if rows else 0
+        if version == self.queue_version:
+            return
+        with self.lock:
+            rows = self.db.query(
+                "select job_id, priority, position from jobs where status = 'pending'")
+            self.queue = PendingQueue(rows)
+        if rows or self.queue_version is not None:
+            log.info("Loaded %d pending jobs from the database", len(rows))
+        self.queue_version = version
 
     # -- chain side --------------------------------------------------------------------------
 
@@ -246,7 +297,7 @@ class ParentState:
                          "do update set value = greatest(chain_state.value, excluded.value)",
                          (snapshot.block,))
         with self.lock:
-            self.pending.extend(job["job_id"] for job in new)
+            self.queue.push(queue_entry(job) for job in new)
         for job in new:
             log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],
                      job["miner_hotkey"], job["hf_repo_id"], job["hf_repo_commit"] or "default",
@@ -266,6 +317,53 @@ class ParentState:
              self.cfg.jobs.env_provider, self.cfg.jobs.env_name, int(digest[16:24], 16),
              self.cfg.jobs.max_retries, digest)).fetchone()
 
+    # -- leases: jobs come back from children that vanish or take too long --------------------
+
+    def expire_leases(self):
+        """Give back the jobs of children unseen for child_timeout_seconds and jobs assigned
+        longer than job_timeout_seconds. Each return uses an attempt; a job that has used
+        more than maxRetries of them ends failed with the reason."""
+        cfg, now = self.cfg, time.time()
+        # After a restart every child looks unseen: give them child_timeout to come back.
+        lost_before = now - cfg.child_timeout_seconds \
+            if now - self.started >= cfg.child_timeout_seconds else 0
+        returned = []
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                """select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
+                          c.last_seen < %s as child_lost
+                   from jobs j join children c on c.child_id = j.child_id
+                   where j.status = 'assigned' and (c.last_seen < %s or
+                         j.assigned_at < now() - make_interval(secs => %s))
+                   for update of j""",
+                (lost_before, lost_before, cfg.job_timeout_seconds)).fetchall()
+            for row in rows:
+                reason = (f"child {row['child_id']} unseen for {cfg.child_timeout_seconds:g}s"
+                          if row["child_lost"] else
+                          f"not finished within {cfg.job_timeout_seconds:g}s")
+                entry = self._give_back(conn, row, reason)
+                if entry:
+                    returned.append(entry)
+        with self.lock:
+            self.queue.push(returned)
+
+    def _give_back(self, conn, row, reason):
+        conn.execute("update assignments set finished_at = now(), outcome = 'expired' "
+                     "where job_id = %s and attempt = %s", (row["job_id"], row["attempts"]))
+        if row["attempts"] > row["max_retries"]:
+            error = f"gave up after {row['attempts']} attempts; the last: {reason}"
+            conn.execute("update jobs set status = 'failed', success = false, result = %s, "
+                         "finished_at = now() where job_id = %s",
+                         (json.dumps({"error": error}), row["job_id"]))
+            log.warning("Job %d failed: %s", row["job_id"], error)
+            return None
+        position = returned_position()
+        conn.execute("update jobs set status = 'pending', child_id = null, position = %s "
+                     "where job_id = %s", (position, row["job_id"]))
+        log.warning("Job %d returned to the queue: %s (attempt %d of %d)", row["job_id"], reason,
+                    row["attempts"], row["max_retries"] + 1)
+        return (-row["priority"], position, row["job_id"])
+
     # -- RPC side (each call runs on a worker thread of the RPC loop) --------------------------
 
     def register_child(self, child_id, endpoint):
@@ -275,6 +373,7 @@ class ParentState:
             common.split_endpoint(endpoint)
         except ValueError as e:
             raise Refused(str(e)) from None
+        # A child that registers again keeps its id, its counters and the jobs it holds.
         self.db.query(
             """insert into children (child_id, endpoint, last_seen) values (%s, %s, %s)
                on conflict (child_id) do update set endpoint = excluded.endpoint,
@@ -283,32 +382,58 @@ class ParentState:
         return f"registered as {child_id}"
 
     def _seen(self, conn, child_id):
-        if not conn.execute("update children set last_seen = %s where child_id = %s "
-                            "returning 1", (time.time(), child_id)).fetchone():
+        """Note that the child is alive; returns how many jobs it holds."""
+        row = conn.execute(
+            """update children set last_seen = %s where child_id = %s returning
+               (select count(*) from jobs where child_id = %s and status = 'assigned') as held""",
+            (time.time(), child_id, child_id)).fetchone()
+        if not row:
             raise Refused(f"unknown child {child_id!r}: call registerChild first")
+        return row["held"]
 
-    def request_jobs(self, child_id, max_jobs):
-        """Hand up to max_jobs pending jobs to the child. The assignment is committed before
-        the jobs leave; if the commit fails the jobs go back to the front of the deque."""
+    def assign(self, child_id, count):
+        """Take up to `count` jobs off the queue and record them as the child's, before they
+        leave. If the transaction fails the jobs go back on the queue."""
         with self.lock:
-            taken = [self.pending.popleft() for _ in range(min(max_jobs, len(self.pending)))]
+            taken = self.queue.pop(count)
+        if not taken:
+            return []
         try:
             with self.db.transaction() as conn:
-                self._seen(conn, child_id)
                 rows = conn.execute(
-                    """update jobs set status = 'assigned', child_id = %s, attempts = attempts + 1
+                    """update jobs set status = 'assigned', child_id = %s,
+                           attempts = attempts + 1, assigned_at = now()
                        where job_id = any(%s) and status = 'pending'
-                       returning *""", (child_id, taken)).fetchall()
-                for row in rows:
-                    conn.execute("insert into assignments (job_id, attempt, child_id) "
-                                 "values (%s, %s, %s)", (row["job_id"], row["attempts"], child_id))
+                       returning *""", (child_id, [job_id for *_, job_id in taken])).fetchall()
+                conn.execute("insert into assignments (job_id, attempt, child_id) "
+                             "select unnest(%s::bigint[]), unnest(%s::integer[]), %s",
+                             ([r["job_id"] for r in rows], [r["attempts"] for r in rows],
+                              child_id))
         except BaseException:
             with self.lock:
-                self.pending.extendleft(reversed(taken))
+                self.queue.push(taken)
             raise
+        return sorted(rows, key=queue_entry)
+
+    def request_jobs(self, child_id, max_jobs):
+        """A child's poll: up to max_jobs, within max_jobs_per_child. 0 is a heartbeat."""
+        with self.db.transaction() as conn:
+            held = self._seen(conn, child_id)
+        rows = self.assign(child_id, max(0, min(max_jobs, self.cfg.max_jobs_per_child - held)))
         if rows:
             log.info("Sending %d jobs to child %s", len(rows), child_id)
-        return [job_message(row) for row in sorted(rows, key=lambda r: r["job_id"])]
+        return [job_message(row) for row in rows]
+
+    def withdraw(self, row):
+        """Undo an assignment that never reached the child (a refused push)."""
+        with self.db.transaction() as conn:
+            conn.execute("delete from assignments where job_id = %s and attempt = %s",
+                         (row["job_id"], row["attempts"]))
+            conn.execute("update jobs set status = 'pending', child_id = null, "
+                         "attempts = attempts - 1 where job_id = %s and status = 'assigned'",
+                         (row["job_id"],))
+        with self.lock:
+            self.queue.push([queue_entry(row)])
 
     def report_completion(self, child_id, job_id, success, result):
         """Record a child's result; returns (acknowledged, message). Only the child holding the
@@ -321,8 +446,9 @@ class ParentState:
                    where job_id = %s and status = 'assigned' and child_id = %s
                    returning attempts""", (status, success, result, job_id, child_id)).fetchone()
             if row:
-                conn.execute("update assignments set finished_at = now() "
-                             "where job_id = %s and attempt = %s", (job_id, row["attempts"]))
+                conn.execute("update assignments set finished_at = now(), outcome = %s "
+                             "where job_id = %s and attempt = %s",
+                             (status, job_id, row["attempts"]))
             else:
                 job = conn.execute("select status, child_id from jobs where job_id = %s",
                                    (job_id,)).fetchone()
@@ -339,8 +465,7 @@ class ParentState:
                     job_id, child_id, job["status"], job["child_id"])
         return True, f"not recorded: job {job_id} is {job['status']} and not held by {child_id}"
 
-    def stats(self):
-        """The seed design's statistics."""
+    def children(self):
         now = time.time()
         rows = self.db.query(
             """select c.child_id, c.endpoint, c.last_seen,
@@ -348,22 +473,126 @@ class ParentState:
                    where j.child_id = c.child_id and j.status = 'assigned') as active_jobs,
                  (select count(*) from assignments a where a.child_id = c.child_id)
                    as total_jobs_sent,
-                 (select count(*) from assignments a
-                   where a.child_id = c.child_id and a.finished_at is not null)
-                   as total_jobs_completed
+                 (select count(*) from assignments a where a.child_id = c.child_id
+                   and a.outcome in ('completed', 'failed')) as total_jobs_completed
                from children c order by c.child_id""")
-        children = [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
-                    for row in rows]
-        with self.lock:
-            pending = len(self.pending)
+        return [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
+                for row in rows]
+
+    def stats(self):
+        """The seed design's statistics, plus the queue by priority, its oldest job's age and
+        the number of failed jobs."""
+        children = self.children()
+        queue = self.db.query(
+            """select priority, count(*) as n, extract(epoch from now() - min(created_at))
+                 as oldest from jobs where status = 'pending' group by priority""")
+        failed = self.db.query("select count(*) as n from jobs where status = 'failed'")[0]["n"]
         return {
             "total_children": len(children),
             "active_children": sum(c["active"] for c in children),
-            "pending_jobs": pending,
+            "pending_jobs": sum(row["n"] for row in queue),
             "children": [{key: c[key] for key in (
                 "child_id", "endpoint", "active", "last_seen", "active_jobs",
                 "total_jobs_sent", "total_jobs_completed")} for c in children],
+            "pending_by_priority": {str(row["priority"]): row["n"] for row in
+                                    sorted(queue, key=lambda r: -r["priority"])},
+            "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
+            "failed_jobs": failed,
         }
+
+
+class Pusher:
+    """With push_jobs = true: send pending jobs straight to the active children with the most
+    free capacity (receiveJob, the seed's direct send). A refused or failed push leaves the job
+    pending for the next pull, and that child is left alone until the next round."""
+
+    def __init__(self, state, rpc):
+        self.state, self.rpc = state, rpc
+        self.clients = {}  # endpoint -> RpcClient
+
+    def client(self, endpoint):
+        if endpoint not in self.clients:
+            host, port = common.split_endpoint(endpoint)
+            self.clients[endpoint] = common.RpcClient(self.rpc, host, port, timeout=2.0)
+        return self.clients[endpoint]
+
+    def push(self):
+        cap = self.state.cfg.max_jobs_per_child
+        free = {c["child_id"]: [cap - c["active_jobs"], c["endpoint"]]
+                for c in self.state.children() if c["active"]}
+        while free and len(self.state.queue):
+            child_id = max(free, key=lambda k: free[k][0])
+            room, endpoint = free[child_id]
+            if room <= 0:
+                return
+            rows = self.state.assign(child_id, 1)
+            if not rows:
+                continue
+            job = rows[0]
+            try:
+                reply = self.client(endpoint).call("receiveJob", job=job_message(job))
+                accepted, message = reply["accepted"], reply["message"]
+            except common.PeerUnavailable as e:
+                accepted, message = False, str(e)
+            if accepted:
+                free[child_id][0] -= 1
+                latency = time.time() - job["created_at"].timestamp()
+                log.info("Pushed job %d to child %s, %.0f ms after it was created",
+                         job["job_id"], child_id, latency * 1000)
+            else:
+                self.state.withdraw(job)
+                del free[child_id]
+                log.info("Push of job %d to child %s refused (%s); it stays pending",
+                         job["job_id"], child_id, message)
+
+
+# -- operators: list and steer jobs (python validator.py jobs | requeue | cancel) ---------------
+
+def list_jobs(db, status=None):
+    return db.query(
+        """select job_id, miner_hotkey, hf_repo_id, hf_repo_commit, status, priority, child_id,
+                  attempts, extract(epoch from now() - created_at) as age, result
+           from jobs where %(status)s::text is null or status = %(status)s
+           order by job_id""", {"status": status})
+
+
+def requeue_job(db, job_id, priority=None):
+    """Put a job back at the front of its priority's queue (optionally with a new priority),
+    whatever its state; the child holding it can no longer record a result."""
+    with db.transaction() as conn:
+        row = conn.execute(
+            """update jobs set status = 'pending', child_id = null, position = %s,
+                   priority = coalesce(%s, priority), success = null, result = null,
+                   finished_at = null
+               where job_id = %s returning priority""",
+            (returned_position(), priority, job_id)).fetchone()
+        if not row:
+            raise Refused(f"no job {job_id}")
+        _close_assignment(conn, job_id)
+    return f"job {job_id} is pending with priority {row['priority']}"
+
+
+def cancel_job(db, job_id):
+    with db.transaction() as conn:
+        row = conn.execute("select status from jobs where job_id = %s for update",
+                           (job_id,)).fetchone()
+        if not row:
+            raise Refused(f"no job {job_id}")
+        if row["status"] not in ("pending", "assigned"):
+            raise Refused(f"job {job_id} is {row['status']}: only pending or assigned jobs "
+                          "can be cancelled")
+        conn.execute("update jobs set status = 'cancelled', finished_at = now() "
+                     "where job_id = %s", (job_id,))
+        _close_assignment(conn, job_id)
+    return f"job {job_id} is cancelled"
+
+
+def _close_assignment(conn, job_id):
+    conn.execute("update assignments set finished_at = now(), outcome = 'withdrawn' "
+                 "where job_id = %s and finished_at is null", (job_id,))
+    # The running parent rebuilds its queue when this number changes.
+    conn.execute("insert into chain_state values ('queue_version', 1) on conflict (key) "
+                 "do update set value = chain_state.value + 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +628,25 @@ class ParentService(common.ServiceBase):
 # Main: start the RPC service, then read the chain every sync_frequency seconds
 # ---------------------------------------------------------------------------------------------
 
+class Outage:
+    """Logs a failing activity once when it starts failing and once when it recovers, and says
+    how long to wait before the next try (capped exponential backoff)."""
+
+    def __init__(self, what, cap):
+        self.what, self.cap, self.failures = what, cap, 0
+
+    def failed(self, error):
+        if self.failures == 0:
+            log.warning("%s failed (will retry): %s", self.what, error)
+        self.failures += 1
+        return min(self.cap, 2 ** min(self.failures, 10))
+
+    def succeeded(self):
+        if self.failures:
+            log.info("%s recovered after %d failed attempts", self.what, self.failures)
+        self.failures = 0
+
+
 def run(cfg, stop):
     common.setup_logging(cfg)
     chain = open_chain(cfg)
@@ -407,20 +655,31 @@ def run(cfg, stop):
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state))
     log.info("Parent validator serving on %s:%d", cfg.listen_host, port)
-    failures = 0
+    pusher = Pusher(state, rpc) if cfg.push_jobs else None
+    sync, upkeep = Outage("Chain sync", cfg.neuron.sync_frequency), Outage("Queue upkeep", 30)
+    next_sync = next_upkeep = time.monotonic()
     while not stop.is_set():
-        try:
-            state.add_commitments(chain.read())
-        except (ChainUnavailable, common.DatabaseUnavailable) as e:
-            if failures == 0:
-                log.warning("Chain sync failed (will retry): %s", e)
-            failures += 1
-            stop.wait(min(cfg.neuron.sync_frequency, 2 ** min(failures, 6)))
-            continue
-        if failures:
-            log.info("Chain sync recovered after %d failed attempts", failures)
-        failures = 0
-        stop.wait(cfg.neuron.sync_frequency)
+        if time.monotonic() >= next_sync:
+            try:
+                if state.add_commitments(chain.read()) and pusher:
+                    pusher.push()
+                sync.succeeded()
+                next_sync = time.monotonic() + cfg.neuron.sync_frequency
+            except (ChainUnavailable, common.DatabaseUnavailable) as e:
+                next_sync = time.monotonic() + sync.failed(e)
+        if time.monotonic() >= next_upkeep:
+            # Leases, an operator's changes and pushes are checked every second, whatever
+            # the chain's pace.
+            try:
+                state.expire_leases()
+                state.reload_queue()
+                if pusher:
+                    pusher.push()
+                upkeep.succeeded()
+                next_upkeep = time.monotonic() + 1.0
+            except common.DatabaseUnavailable as e:
+                next_upkeep = time.monotonic() + upkeep.failed(e)
+        stop.wait(max(0.0, min(next_sync, next_upkeep) - time.monotonic()))
     log.info("Parent validator stopping")
     rpc.stop()
     db.close()

@@ -4,6 +4,8 @@
     python -m validator --config FILE       the same, the seed design's way
     python validator.py demo                a parent, two children and a simulated chain, locally
     python validator.py status --parent-host H --parent-port P [--json]
+    python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
+                                            (each with --config, default validator_parent.toml)
 """
 
 import argparse
@@ -52,8 +54,12 @@ def fetch_stats(host, port):
 
 
 def format_stats(stats):
+    by_priority = ", ".join(f"{n} at priority {p}" for p, n in stats["pending_by_priority"].items())
+    oldest = stats["oldest_pending_age"]
     lines = [f"children: {stats['total_children']} registered, {stats['active_children']} active"
-             f"    pending jobs: {stats['pending_jobs']}"]
+             f"    pending jobs: {stats['pending_jobs']}" + (f" ({by_priority})" if by_priority else "")
+             + (f", oldest {oldest:.0f}s" if oldest is not None else "")
+             + f"    failed jobs: {stats['failed_jobs']}"]
     header = ("child_id", "endpoint", "active", "last_seen", "active_jobs",
               "total_jobs_sent", "total_jobs_completed")
     rows = [header] + [
@@ -79,6 +85,54 @@ def status(argv):
         print(f"error: parent validator unreachable: {e}", file=sys.stderr)
         return 1
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs, requeue, cancel: an operator's view of the parent's queue, through its database
+# ---------------------------------------------------------------------------------------------
+
+def parent_database(config):
+    import parent
+    cfg = common.load_config(config, {"is_parent_validator": True})
+    return common.Database(common.database_dsn(cfg), parent.SCHEMA_SQL)
+
+
+def format_jobs(rows):
+    header = ("job", "miner", "repository", "status", "pri", "child", "tries", "age", "result")
+    table = [header] + [
+        (str(r["job_id"]), r["miner_hotkey"][:16], f"{r['hf_repo_id']}@{r['hf_repo_commit'][:8]}",
+         r["status"], str(r["priority"]), r["child_id"] or "-", str(r["attempts"]),
+         f"{float(r['age']):.0f}s", (r["result"] or "")[:40]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def operator_command(argv):
+    import parent
+    p = argparse.ArgumentParser(prog="validator.py", description="Inspect or steer the queue.")
+    p.add_argument("command", choices=["jobs", "requeue", "cancel"])
+    p.add_argument("job_id", type=int, nargs="?", help="the job (requeue, cancel)")
+    p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
+    p.add_argument("--status", choices=["pending", "assigned", "completed", "failed",
+                                        "cancelled"], help="jobs: only jobs in this state")
+    p.add_argument("--priority", type=int, help="requeue: the job's new priority")
+    p.add_argument("--json", action="store_true", help="jobs: print JSON")
+    args = p.parse_args(argv)
+    if args.command != "jobs" and args.job_id is None:
+        p.error(f"{args.command} needs a JOB_ID")
+    try:
+        db = parent_database(args.config)
+        if args.command == "jobs":
+            rows = parent.list_jobs(db, args.status)
+            print(json.dumps(rows, indent=1, default=float) if args.json else format_jobs(rows))
+        elif args.command == "requeue":
+            print(parent.requeue_job(db, args.job_id, args.priority))
+        else:
+            print(parent.cancel_job(db, args.job_id))
+    except (common.ConfigError, common.DatabaseUnavailable, common.Refused) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -217,13 +271,15 @@ def print_jobs(parent_dsn):
               f"{r['child_id']:<18} {r['result']}")
 
 
-COMMANDS = {"demo": demo, "status": status}
+COMMANDS = {"demo": demo, "status": status, "jobs": operator_command,
+            "requeue": operator_command, "cancel": operator_command}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
+        command = COMMANDS[argv[0]]
+        return command(argv if command is operator_command else argv[1:])
     return run_role(argv)
 
 

@@ -85,7 +85,7 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
         commitment(4, data="just some text"), commitment(5, data="org/five@rev5")]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner001", "5Miner005"]
     assert new == [j["job_id"] for j in jobs(state)]
-    assert list(state.pending) == new
+    assert state.queue.ids() == new
     assert "Skipping commitment of 5Miner004 at block 100: commitment is neither JSON" \
         in caplog.text
     # The same snapshot again: no new job, no second warning, no job id spent.
@@ -122,7 +122,7 @@ def test_a_restart_reloads_pending_jobs_and_keeps_the_processed_block(make_state
     state.request_jobs("c", 1)
     state.db.close()
     restarted = make_state(load_old_nodes=True, max_commitment_lookback=3)
-    assert list(restarted.pending) == ids[1:]
+    assert restarted.queue.ids() == ids[1:]
     # Old commitments are not taken again after a restart: the lookback is from block 100.
     restarted.add_commitments(snapshot(200, [commitment(9, block=50)]))
     assert len(jobs(restarted)) == 4

@@ -79,12 +79,16 @@ def test_get_stats_uses_the_seed_format(parent):
     register(parent.client, "c1", "10.1.1.1:8002")
     parent.client.call("requestJobs", childId="c1", maxJobs=2)
     parent.client.call("reportJobCompletion", childId="c1", jobId=1, success=True, result="{}")
+    parent.client.call("reportJobCompletion", childId="c1", jobId=2, success=False,
+                       result='{"error": "bad model"}')
     stats = json.loads(parent.client.call("getStats")["json"])
     [child] = stats.pop("children")
-    assert stats == {"total_children": 1, "active_children": 1, "pending_jobs": 1}
+    assert 0 <= stats.pop("oldest_pending_age") < 60
+    assert stats == {"total_children": 1, "active_children": 1, "pending_jobs": 1,
+                     "pending_by_priority": {"0": 1}, "failed_jobs": 1}
     assert child.pop("last_seen") > 0
     assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
-                     "active_jobs": 1, "total_jobs_sent": 2, "total_jobs_completed": 1}
+                     "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2}
 
 
 def test_the_status_command_prints_the_parents_statistics(parent):
