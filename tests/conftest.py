@@ -198,3 +198,19 @@ def child_config(tmp_path, make_dsn):
                 table[key] = value
         return write_toml(tmp_path / f"{name}.toml", table)
     return write
+
+
+@pytest.fixture
+def make_state(tmp_path, make_dsn):
+    """make_state(**config_keys) -> a parent's ParentState on one fresh database; call it again
+    to 'restart' the parent on the same database."""
+    import parent
+    dsn = make_dsn()
+
+    def make(**keys):
+        path = write_toml(tmp_path / "state.toml", {
+            "pg_database": dsn, "is_parent_validator": True,
+            "subtensor": {"network": "file", "commitments_file": "unused.json"}, **keys})
+        return parent.ParentState(common.Database(dsn, parent.SCHEMA_SQL),
+                                  common.load_config(path))
+    return make

@@ -4,9 +4,8 @@ PostgreSQL (filters, dedupe, lookback, restart)."""
 import logging
 
 import pytest
-from conftest import commitment, write_chain, write_toml
+from conftest import commitment, write_chain
 
-import common
 import parent
 
 
@@ -53,21 +52,6 @@ def test_file_chain_reads_a_snapshot_and_reports_missing_or_broken_files(tmp_pat
         chain.read()
 
 
-@pytest.fixture
-def make_state(tmp_path, make_dsn):
-    """make_state(**neuron) -> a ParentState on a fresh database; call again to 'restart'."""
-    dsn = make_dsn()
-
-    def make(**neuron):
-        path = write_toml(tmp_path / "parent.toml", {
-            "pg_database": dsn, "is_parent_validator": True,
-            "subtensor": {"network": "file", "commitments_file": "unused.json"},
-            "neuron": neuron})
-        cfg = common.load_config(path)
-        return parent.ParentState(common.Database(dsn, parent.SCHEMA_SQL), cfg)
-    return make
-
-
 def snapshot(block, commitments):
     return parent.ChainSnapshot(block, [parent.Commitment(**c) for c in commitments])
 
@@ -78,7 +62,8 @@ def jobs(state):
 
 
 def test_one_job_per_new_eligible_commitment(make_state, caplog):
-    state = make_state(min_stake_threshold=1000.0, allowed_validators=["5Miner002"])
+    state = make_state(neuron={"min_stake_threshold": 1000.0,
+                               "allowed_validators": ["5Miner002"]})
     caplog.set_level(logging.INFO, logger="validator")
     new = state.add_commitments(snapshot(100, [
         commitment(1), commitment(2), commitment(3, stake=999.0),
@@ -100,7 +85,7 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
 
 
 def test_lookback_is_counted_from_the_last_processed_block(make_state):
-    state = make_state(load_old_nodes=False, max_commitment_lookback=3)
+    state = make_state(neuron={"load_old_nodes": False, "max_commitment_lookback": 3})
     # First start without load_old_nodes: only commitments within 3 blocks of the head.
     state.add_commitments(snapshot(100, [commitment(1, block=96), commitment(2, block=97)]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner002"]
@@ -110,18 +95,18 @@ def test_lookback_is_counted_from_the_last_processed_block(make_state):
 
 
 def test_load_old_nodes_takes_every_commitment_on_first_start(make_state):
-    state = make_state(load_old_nodes=True, max_commitment_lookback=3)
+    state = make_state(neuron={"load_old_nodes": True, "max_commitment_lookback": 3})
     state.add_commitments(snapshot(100, [commitment(1, block=5), commitment(2, block=99)]))
     assert len(jobs(state)) == 2
 
 
 def test_a_restart_reloads_pending_jobs_and_keeps_the_processed_block(make_state):
-    state = make_state(load_old_nodes=True)
+    state = make_state(neuron={"load_old_nodes": True})
     ids = state.add_commitments(snapshot(100, [commitment(i) for i in range(1, 5)]))
     state.db.query("insert into children (child_id, endpoint, last_seen) values ('c', 'h:1', 0)")
     state.request_jobs("c", 1)
     state.db.close()
-    restarted = make_state(load_old_nodes=True, max_commitment_lookback=3)
+    restarted = make_state(neuron={"load_old_nodes": True, "max_commitment_lookback": 3})
     assert restarted.queue.ids() == ids[1:]
     # Old commitments are not taken again after a restart: the lookback is from block 100.
     restarted.add_commitments(snapshot(200, [commitment(9, block=50)]))

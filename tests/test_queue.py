@@ -7,24 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, commitment, wait_until, write_chain, write_toml
+from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
 import parent
-
-
-@pytest.fixture
-def make_state(tmp_path, make_dsn):
-    """make_state(**top_level_keys) -> a ParentState on one fresh database; again = restart."""
-    dsn = make_dsn()
-
-    def make(**keys):
-        path = write_toml(tmp_path / "parent.toml", {
-            "pg_database": dsn, "is_parent_validator": True,
-            "subtensor": {"network": "file", "commitments_file": "unused.json"}, **keys})
-        return parent.ParentState(common.Database(dsn, parent.SCHEMA_SQL),
-                                  common.load_config(path))
-    return make
 
 
 def add_jobs(state, count, first=1):
