@@ -394,7 +394,7 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
     async def registerChild(self, childId, endpoint, _context, **kwargs):
         return False, self._wrong_role("registerChild")
 
-    async def requestJobs(self, childId, maxJobs, _context, **kwargs):
+    async def requestJobs(self, childId, maxJobs, heldJobs, _context, **kwargs):
         _context.results.error = self._wrong_role("requestJobs")
 
     async def reportJobCompletion(self, childId, jobId, success, result, _context, **kwargs):

@@ -415,14 +415,24 @@ class ParentState:
             raise
         return sorted(rows, key=queue_entry)
 
-    def request_jobs(self, child_id, max_jobs):
-        """A child's poll: up to max_jobs, within max_jobs_per_child. 0 is a heartbeat."""
+    def request_jobs(self, child_id, max_jobs, held_ids=None):
+        """A child's poll: up to max_jobs, within max_jobs_per_child. 0 is a heartbeat.
+        If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
+        (an answer lost when a connection or the parent died) are sent again first."""
         with self.db.transaction() as conn:
             held = self._seen(conn, child_id)
-        rows = self.assign(child_id, max(0, min(max_jobs, self.cfg.max_jobs_per_child - held)))
+            lost = [] if held_ids is None else conn.execute(
+                """select * from jobs where child_id = %s and status = 'assigned'
+                   and not job_id = any(%s) order by job_id""",
+                (child_id, list(held_ids))).fetchall()
+        if lost:
+            log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
+                        len(lost), ", ".join(str(row["job_id"]) for row in lost))
+        room = min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
+        rows = self.assign(child_id, max(0, room))
         if rows:
             log.info("Sending %d jobs to child %s", len(rows), child_id)
-        return [job_message(row) for row in rows]
+        return [job_message(row) for row in lost + rows]
 
     def withdraw(self, row):
         """Undo an assignment that never reached the child (a refused push)."""
@@ -609,8 +619,10 @@ class ParentService(common.ServiceBase):
         message, error = await common.answer(self.state.register_child, childId, endpoint)
         return not error, error or message
 
-    async def requestJobs(self, childId, maxJobs, _context, **kwargs):
-        jobs, error = await common.answer(self.state.request_jobs, childId, maxJobs)
+    async def requestJobs(self, childId, maxJobs, heldJobs, _context, **kwargs):
+        # A client built from the seed's schema does not send heldJobs: no redelivery then.
+        held = list(heldJobs) if _context.params._has("heldJobs") else None
+        jobs, error = await common.answer(self.state.request_jobs, childId, maxJobs, held)
         _context.results.jobs = jobs or []
         _context.results.error = error
 

@@ -23,8 +23,11 @@ interface ValidatorJobsService {
   # Child calls this to register with parent
   registerChild @0 (childId :Text, endpoint :Text) -> (success :Bool, message :Text);
 
-  # Child calls this to request jobs. `error` (added) says why a request was refused.
-  requestJobs @1 (childId :Text, maxJobs :UInt32) -> (jobs :List(EvaluationJobData), error :Text);
+  # Child calls this to request jobs. Added: `heldJobs`, the ids of the jobs the child holds and
+  # has not reported yet; when it is set, the parent sends again any job it assigned to the child
+  # that is missing from it (an answer lost on the way). `error` says why a request was refused.
+  requestJobs @1 (childId :Text, maxJobs :UInt32, heldJobs :List(UInt64))
+      -> (jobs :List(EvaluationJobData), error :Text);
 
   # Child calls this to report job completion. acknowledged = the parent has the outcome and the
   # child may stop resending it; `message` (added) says why a report was not recorded.

@@ -234,3 +234,33 @@ def test_kill_9_of_the_parent_loses_no_job_and_records_no_result_twice(
                               "where outcome = 'completed' group by job_id").fetchall()
     assert len(jobs) == miners and all(j["status"] == "completed" for j in jobs)
     assert {r["job_id"]: r["n"] for r in recorded} == {j["job_id"]: 1 for j in jobs}
+
+
+def test_jobs_whose_answer_was_lost_are_sent_again(make_state):
+    state = make_state(max_jobs_per_child=4)
+    add_jobs(state, 5)
+    register(state, "c1")
+    assert ids(state.request_jobs("c1", 3)) == [1, 2, 3]  # the answer never arrives
+    # The child holds only job 2 (say it was pushed); it gets 1 and 3 again, then new work.
+    assert ids(state.request_jobs("c1", 3, held_ids=[2])) == [1, 3, 4]
+    assert ids(state.request_jobs("c1", 5, held_ids=[1, 2, 3, 4])) == []  # the cap of 4
+    # A client that does not say what it holds (the seed's) never gets a job twice.
+    state.report_completion("c1", 1, True, "{}")
+    assert ids(state.request_jobs("c1", 5)) == [5]
+    assert [row["attempts"] for row in state.db.query(
+        "select attempts from jobs order by job_id")] == [1, 1, 1, 1, 1]
+
+
+def test_an_unreadable_chain_is_retried_while_rpc_keeps_serving(
+        tmp_path, parent_config, processes, rpc):
+    config = parent_config()  # its commitments file does not exist yet
+    proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    proc.wait_for_log("Chain sync failed \\(will retry\\): commitments file .* does not exist")
+    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    assert client.call("ping") == {"pong": "pong from parent"}
+    (tmp_path / "chain.json").write_text('{"block": 5, "commitm')  # half-written
+    wait_until(lambda: client.call("ping"), what="a ping while the chain is broken")
+    write_chain(tmp_path / "chain.json", 100, [commitment(1)])
+    proc.wait_for_log("New job 1 ", timeout=20)
+    proc.wait_for_log(r"Chain sync recovered after \d+ failed attempts")
+    assert proc.log().count("Chain sync failed") == 1
