@@ -3,19 +3,21 @@ PostgreSQL through pgqueuer, runs each through the evaluator, and reports every 
 
 Its life, top to bottom: the database schema; ChildStore (the jobs table, which is also the
 outbox of results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
-the RPC service (the parent may push a job with receiveJob); and main(), the loop that
-registers, reports results and asks the parent for as many jobs as it has free slots.
+the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
+reports results and asks the parent for as many jobs as it has free slots, riding out outages of
+the parent and of the database, and that stops in stages on SIGTERM or SIGINT.
 
     python child.py --config validator_child.toml
 """
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
-import random
 import subprocess
 import threading
 import time
@@ -38,12 +40,15 @@ create table if not exists child_jobs (
     result      text,
     reported_at timestamptz                  -- null while the parent has not acknowledged
 );
+-- Starts of the job. pgqueuer hands a job whose worker died out again without counting it.
+alter table child_jobs add column if not exists attempts integer not null default 0;
 create index if not exists child_jobs_outbox on child_jobs (finished_at)
     where finished_at is not null and reported_at is null;
 """
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
+PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 
 
 class ChildStore:
@@ -59,21 +64,40 @@ class ChildStore:
                 conn.execute(QueryBuilderEnvironment().build_install_query())
 
     def add_job(self, job):
-        """Store a job and put it on the pgqueuer queue in one transaction. A job id already
-        stored is ignored. Returns True if the job is new."""
+        """Store a job and put it on the pgqueuer queue in one transaction. Returns True if the
+        job is to run: a new one, or one we already reported that the parent sends again (it
+        has no result of ours for this assignment: a requeue, an expired lease, a report it
+        did not record). A job we hold and have not reported yet is ignored."""
         from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
         from pgqueuer.queries import SyncQueries
         with self.db.transaction() as conn:
-            if not conn.execute("insert into child_jobs (job_id, job) values (%s, %s) "
-                                "on conflict (job_id) do nothing returning 1",
-                                (job["jobId"], json.dumps(job))).fetchone():
+            again = conn.execute(
+                "update child_jobs set job = %s, status = 'queued', received_at = now(), "
+                "started_at = null, finished_at = null, result = null, reported_at = null, "
+                "attempts = 0 where job_id = %s and reported_at is not null returning 1",
+                (json.dumps(job), job["jobId"])).fetchone()
+            if not again and not conn.execute(
+                    "insert into child_jobs (job_id, job) values (%s, %s) "
+                    "on conflict (job_id) do nothing returning 1",
+                    (job["jobId"], json.dumps(job))).fetchone():
                 return False
             SyncQueries(SyncPsycopgDriver(conn)).enqueue(
                 EVALUATE, str(job["jobId"]).encode(), dedupe_key=str(job["jobId"]),
                 on_conflict="skip")
-        log.info("Received job %d (%s@%s), queued", job["jobId"], job["hfRepoId"],
-                 job["hfRepoCommit"] or "default")
+        log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
+                 job["hfRepoCommit"] or "default", " again" if again else "")
         return True
+
+    def held_ids(self):
+        """The jobs we hold and have not reported: the parent sends again any it gave us
+        that is missing (its answer was lost)."""
+        return [row["job_id"] for row in self.db.query(
+            "select job_id from child_jobs where reported_at is null")]
+
+    def holds(self, job_id):
+        """True if we have the job and have not reported it: a copy of it needs no slot."""
+        return bool(self.db.query("select 1 from child_jobs where job_id = %s "
+                                  "and reported_at is null", (job_id,)))
 
     def free_slots(self):
         busy = self.db.query("select count(*) as n from child_jobs "
@@ -81,11 +105,19 @@ class ChildStore:
         return max(0, self.cfg.max_concurrent_jobs - busy)
 
     def start(self, job_id):
-        """Mark a job running and return it, or None if it already has a result (a job that
-        pgqueuer hands out again after a crash that came after the result was stored)."""
-        row = self.db.query("update child_jobs set status = 'running', started_at = now() "
-                            "where job_id = %s and finished_at is null returning job", (job_id,))
-        return row[0]["job"] if row else None
+        """Mark a job running, count the start, and return (job, starts so far); None if it
+        already has a result (pgqueuer handed it out again after a crash that came after the
+        result was stored)."""
+        row = self.db.query("update child_jobs set status = 'running', started_at = now(), "
+                            "attempts = attempts + 1 where job_id = %s and finished_at is null "
+                            "returning job, attempts", (job_id,))
+        return (row[0]["job"], row[0]["attempts"]) if row else None
+
+    def put_back(self, job_id):
+        """Undo a start that the shutdown interrupted: it was no fault of the job's."""
+        self.db.query("update child_jobs set status = 'queued', started_at = null, "
+                      "attempts = attempts - 1 where job_id = %s and finished_at is null",
+                      (job_id,))
 
     def finish(self, job_id, success, result):
         self.db.query("update child_jobs set status = %s, result = %s, finished_at = now() "
@@ -99,6 +131,19 @@ class ChildStore:
 
     def mark_reported(self, job_id):
         self.db.query("update child_jobs set reported_at = now() where job_id = %s", (job_id,))
+
+    def prune(self, days):
+        """Delete reported jobs and pgqueuer's log and statistics older than `days`. A result
+        not yet reported is kept whatever its age: it is the outbox."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=days)
+        with self.db.transaction() as conn:
+            jobs = conn.execute("delete from child_jobs where reported_at < %s",
+                                (cutoff,)).rowcount
+            logs = conn.execute("delete from pgqueuer_log where created < %s", (cutoff,)).rowcount
+            conn.execute("delete from pgqueuer_statistics where created < %s", (cutoff,))
+        if jobs or logs:
+            log.info("Pruned %d reported jobs and %d queue log rows older than %g days",
+                     jobs, logs, days)
 
     def counts(self):
         rows = self.db.query("select status, count(*) as n from child_jobs group by status")
@@ -114,31 +159,73 @@ class ChildStore:
 # The evaluator: one process per job, the job as JSON on stdin, one JSON object on stdout
 # ---------------------------------------------------------------------------------------------
 
+class Abandoned(Exception):
+    """The child stopped and killed the evaluation: the job must run again after a restart."""
+
+
+class Evaluations:
+    """The evaluator process groups running now, so that a shutdown whose grace has expired
+    can kill them all, and none can start after that."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.groups = set()
+        self.abandoned = threading.Event()
+
+    def popen(self, command, **options):
+        with self.lock:
+            if self.abandoned.is_set():
+                raise Abandoned()
+            # Its own session: killing the group kills whatever the evaluator started too.
+            proc = subprocess.Popen(command, start_new_session=True, **options)
+            self.groups.add(proc.pid)
+        return proc
+
+    def forget(self, proc):
+        with self.lock:
+            self.groups.discard(proc.pid)
+
+    def abandon(self):
+        with self.lock:
+            self.abandoned.set()
+            for group in self.groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, 9)
+            return len(self.groups)
+
+
 def failure(reason):
     return False, json.dumps({"error": reason})
 
 
-def evaluate(cfg, job, logs_dir):
+def evaluate(cfg, job, logs_dir, running=None):
     """Run one job; returns (success, result text). The result is always a JSON object: the
-    evaluator's own on success, {"error": reason} on failure."""
+    evaluator's own on success, {"error": reason} on failure. Raises Abandoned if `running`
+    (an Evaluations) was abandoned meanwhile."""
+    running = running or Evaluations()
     if not cfg.evaluator.command:
-        return demo_evaluate(cfg, job)
+        return demo_evaluate(cfg, job, running)
     # The parent names the log file; only its last component is used, inside our logs_dir.
     log_path = logs_dir / (Path(job["logsPath"]).name or f"job-{job['jobId']}.log")
     timeout = cfg.evaluator.timeout_seconds
     with open(log_path, "ab") as stderr:
         try:
-            proc = subprocess.Popen(cfg.evaluator.command, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+            proc = running.popen(cfg.evaluator.command, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr)
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
         try:
             out, _ = proc.communicate(json.dumps(job).encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # its own session: this kills whatever it started too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
             proc.communicate()
             return failure(f"evaluator timed out after {timeout:g}s")
+        finally:
+            running.forget(proc)
     if proc.returncode != 0:
+        if running.abandoned.is_set():
+            raise Abandoned()
         return failure(f"evaluator exited with code {proc.returncode}")
     try:
         result = json.loads(out)
@@ -149,10 +236,11 @@ def evaluate(cfg, job, logs_dir):
     return True, json.dumps(result)
 
 
-def demo_evaluate(cfg, job):
+def demo_evaluate(cfg, job, running):
     """The built-in DEMO evaluator: waits demo_seconds and returns a score derived from the
     job, so that the same submission always scores the same. It evaluates nothing."""
-    time.sleep(cfg.evaluator.demo_seconds)
+    if running.abandoned.wait(cfg.evaluator.demo_seconds):
+        raise Abandoned()
     digest = hashlib.sha256(f"{job['hfRepoId']}@{job['hfRepoCommit']}#{job['randomSeed']}"
                             .encode()).digest()
     score = int.from_bytes(digest[:4], "big") / 2**32
@@ -160,8 +248,34 @@ def demo_evaluate(cfg, job):
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker: a pgqueuer consumer on its own thread and event loop
+# The worker: a pgqueuer consumer on its own thread and event loop, and the job it runs
 # ---------------------------------------------------------------------------------------------
+
+def run_job(cfg, store, evaluations, logs_dir, wake, job_id):
+    """Run one job that pgqueuer handed out (on a worker thread) and store its result."""
+    started = store.start(job_id)
+    if started is None:
+        return
+    job, attempts = started
+    if attempts > cfg.max_attempts:
+        # Each earlier start ended with this process dying: running it again would too.
+        store.finish(job_id, *failure(f"evaluation killed its worker {attempts - 1} times"))
+        log.warning("Job %d failed: its evaluation killed this child validator %d times",
+                    job_id, attempts - 1)
+        wake.set()
+        return
+    kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
+    log.info("Evaluating job %d with %s (attempt %d)", job_id, kind, attempts)
+    try:
+        success, result = evaluate(cfg, job, logs_dir, evaluations)
+    except Abandoned:
+        store.put_back(job_id)
+        log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
+        raise
+    store.finish(job_id, success, result)
+    log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
+    wake.set()
+
 
 class Worker:
     """Runs queued jobs, up to max_concurrent_jobs at once. pgqueuer's consumer is asyncio-only;
@@ -170,13 +284,18 @@ class Worker:
     The consumer uses pgqueuer's asyncpg driver: asyncpg delivers NOTIFY through a callback
     without holding the connection, whereas pgqueuer's psycopg driver waits for NOTIFY on the
     connection it queries with, which stalls every query up to a second while the queue is idle.
+
+    pgqueuer gives a job whose worker stopped beating (its process died) to a worker again once
+    the last beat is `heartbeat` seconds old. This one looks for such jobs every heartbeat / 3
+    seconds, so a job is taken again about 1.3 heartbeats after its worker died. A consumer
+    that loses its database connection is started again, with backoff.
     """
 
-    def __init__(self, dsn, slots, run_job):
-        self.dsn, self.slots, self.run_job = dsn, slots, run_job
+    def __init__(self, dsn, slots, heartbeat, run_job):
+        self.dsn, self.slots, self.heartbeat, self.run_job = dsn, slots, heartbeat, run_job
         self.pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="evaluate")
-        self.ready = threading.Event()
-        self.error = None
+        self.ready, self.stopping = threading.Event(), threading.Event()
+        self.error, self.failures = None, 0
         self.thread = threading.Thread(target=self._thread, name="worker", daemon=True)
 
     def start(self):
@@ -186,17 +305,23 @@ class Worker:
             raise self.error
 
     def _thread(self):
-        try:
-            asyncio.run(self._consume())
-        except Exception as e:
-            self.error = e
-            log.exception("The job worker stopped")
-        finally:
-            self.ready.set()
+        while not self.stopping.is_set():
+            try:
+                asyncio.run(self._consume())
+            except Exception as e:
+                if not self.ready.is_set():  # it never ran: start() raises this
+                    self.error = e
+                    self.ready.set()
+                    return
+                if self.failures == 0:
+                    log.warning("The job worker lost its database connection (will retry): "
+                                "%s: %s", type(e).__name__, e)
+                self.failures += 1
+                self.stopping.wait(min(30.0, 2.0 ** self.failures))
 
     async def _consume(self):
         import asyncpg
-        from pgqueuer import AsyncpgDriver, PgQueuer
+        from pgqueuer import AsyncpgDriver, PgQueuer, RetryRequested
         # asyncpg takes no key=value DSN; psycopg parses either form for it.
         params = psycopg.conninfo.conninfo_to_dict(self.dsn)
         params["database"] = params.pop("dbname", None)
@@ -204,27 +329,50 @@ class Worker:
             params["port"] = int(params["port"])
         connection = await asyncpg.connect(**{k: v for k, v in params.items()
                                               if k in ASYNCPG_PARAMS and v})
-        self.pgq = PgQueuer(AsyncpgDriver(connection))
-        self.loop = asyncio.get_running_loop()
+        pgq = PgQueuer(AsyncpgDriver(connection))
+        loop = asyncio.get_running_loop()
 
-        @self.pgq.entrypoint(EVALUATE, concurrency_limit=self.slots)
+        @pgq.entrypoint(EVALUATE, concurrency_limit=self.slots)
         async def run(job):
-            await self.loop.run_in_executor(self.pool, self.run_job, int(job.payload))
+            try:
+                await loop.run_in_executor(self.pool, self.run_job, int(job.payload))
+            except Abandoned:
+                raise RetryRequested(reason="the child stopped during the evaluation") from None
+            except common.DatabaseUnavailable as e:
+                log.warning("Job %s: %s; it runs again in 5s", job.payload.decode(), e)
+                raise RetryRequested(datetime.timedelta(seconds=5), str(e)) from None
 
+        async def stop_when_asked():
+            # stop_taking() runs on another thread; polling an Event avoids racing a restart.
+            while not self.stopping.is_set():
+                await asyncio.sleep(0.1)
+            pgq.shutdown.set()
+
+        if self.failures:
+            log.info("The job worker reconnected after %d failed attempts", self.failures)
+            self.failures = 0
         self.ready.set()
+        watcher = asyncio.create_task(stop_when_asked())
         try:
-            await self.pgq.run(batch_size=self.slots, max_concurrent_tasks=2 * self.slots,
-                               heartbeat_timeout=datetime.timedelta(seconds=30),
-                               dequeue_timeout=datetime.timedelta(seconds=10))
+            await pgq.run(batch_size=self.slots, max_concurrent_tasks=2 * self.slots,
+                          heartbeat_timeout=datetime.timedelta(seconds=self.heartbeat),
+                          dequeue_timeout=datetime.timedelta(seconds=self.heartbeat / 3))
         finally:
-            await connection.close()
+            watcher.cancel()
+            with contextlib.suppress(Exception):  # a broken connection cannot close cleanly
+                await connection.close(timeout=5)
 
-    def stop(self):
-        """Stop taking jobs and wait for the running ones to finish."""
-        if self.thread.is_alive() and self.error is None:
-            self.loop.call_soon_threadsafe(self.pgq.shutdown.set)
-            self.thread.join()
+    def stop_taking(self):
+        """Take no new job; the running ones go on (pgqueuer waits for them)."""
+        self.stopping.set()
+
+    def wait(self, timeout):
+        """Wait up to `timeout` seconds for the running jobs to end; True once they have."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
         self.pool.shutdown()
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +382,14 @@ class Worker:
 class ChildService(common.ServiceBase):
     role = "child"
 
-    def __init__(self, store, wake):
-        self.store, self.wake = store, wake
+    def __init__(self, store, wake, stop):
+        self.store, self.wake, self.stop = store, wake, stop
 
     def _receive(self, job):
+        if self.stop.is_set():
+            raise Refused("the child is stopping")
+        if self.store.holds(job["jobId"]):
+            return "already have this job"
         if self.store.free_slots() < 1:
             raise Refused("no free slot")
         accepted = self.store.add_job(job)
@@ -272,7 +424,8 @@ def report_results(parent, store, child_id):
 
 def request_jobs(parent, store, child_id):
     """Ask for as many jobs as there are free slots (0 is a heartbeat) and queue them."""
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=store.free_slots())
+    reply = parent.call("requestJobs", childId=child_id, maxJobs=store.free_slots(),
+                        heldJobs=store.held_ids())
     if reply["error"]:
         log.warning("Parent refused the job request: %s; registering again", reply["error"])
         parent.close()
@@ -280,7 +433,17 @@ def request_jobs(parent, store, child_id):
         store.add_job(job)
 
 
+def check_limits(cfg):
+    """The child's own keys, beyond the types that load_config checks."""
+    for key, least in (("max_attempts", 1), ("worker_heartbeat_seconds", 1.0),
+                       ("max_backoff_seconds", 0.1), ("retention_days", 0.0),
+                       ("shutdown_grace_seconds", 0.0)):
+        if getattr(cfg, key) < least:
+            raise common.ConfigError(f"{cfg.config_path}: key '{key}' must be at least {least:g}")
+
+
 def run(cfg, stop):
+    check_limits(cfg)
     common.setup_logging(cfg)
     child_id = cfg.validator_id
     logs_dir = common.data_dir(cfg) / "logs"
@@ -288,22 +451,15 @@ def run(cfg, stop):
     dsn = common.database_dsn(cfg)
     store = ChildStore(dsn, cfg)
     wake = threading.Event()
+    # The signal handler only sets `stop`; this also ends the loop's wait for the next poll.
+    threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
+    evaluations = Evaluations()
 
-    def run_job(job_id):
-        job = store.start(job_id)
-        if job is None:
-            return
-        kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
-        log.info("Evaluating job %d with %s", job_id, kind)
-        success, result = evaluate(cfg, job, logs_dir)
-        store.finish(job_id, success, result)
-        log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
-        wake.set()
-
-    worker = Worker(dsn, cfg.max_concurrent_jobs, run_job)
+    worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
+                    functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
     rpc = common.RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.child_port, lambda: ChildService(store, wake))
+    port = rpc.serve(cfg.listen_host, cfg.child_port, lambda: ChildService(store, wake, stop))
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
@@ -314,28 +470,72 @@ def run(cfg, stop):
         log.info("Successfully registered with parent validator as %s", child_id)
 
     parent = common.RpcClient(rpc, cfg.parent_host, cfg.parent_port, on_connect=register)
-    failures = 0
     try:
-        while not stop.is_set():
-            try:
-                report_results(parent, store, child_id)
-                request_jobs(parent, store, child_id)
-            except PeerUnavailable as e:
-                if failures == 0:
-                    log.warning("Parent unreachable (will retry): %s", e)
-                failures += 1
-                stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.8, 1.2))
-                continue
-            if failures:
-                log.info("Reconnected to the parent after %d failed attempts", failures)
-            failures = 0
-            wake.wait(cfg.poll_interval)
-            wake.clear()
+        work(cfg, stop, wake, parent, store)
     finally:
-        log.info("Child validator %s stopping", child_id)
-        worker.stop()
+        log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
+                 child_id, cfg.shutdown_grace_seconds)
+        shut_down(cfg, worker, evaluations,
+                  lambda quiet: report_before_exit(parent, store, child_id, quiet))
         rpc.stop()
         store.db.close()
+
+
+def work(cfg, stop, wake, parent, store):
+    """Until `stop`: report results, ask for jobs, and every hour delete what is too old."""
+    parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
+                                cfg.max_backoff_seconds)
+    database_down = common.Outage("Database unavailable", "Database available again",
+                                  cfg.max_backoff_seconds)
+    next_prune = time.monotonic()
+    while not stop.is_set():
+        try:
+            if time.monotonic() >= next_prune:
+                store.prune(cfg.retention_days)
+                next_prune = time.monotonic() + PRUNE_EVERY
+            report_results(parent, store, cfg.validator_id)
+            request_jobs(parent, store, cfg.validator_id)
+        except PeerUnavailable as e:
+            stop.wait(parent_down.failed(e))
+            continue
+        except common.DatabaseUnavailable as e:
+            stop.wait(database_down.failed(e))
+            continue
+        parent_down.succeeded()
+        database_down.succeeded()
+        wake.wait(cfg.poll_interval)
+        wake.clear()
+
+
+def shut_down(cfg, worker, evaluations, report):
+    """Stop in stages: take no new job; give the running evaluations shutdown_grace_seconds to
+    finish, reporting their results; then kill those still running, whose jobs stay queued for
+    the next start. Queued jobs that never started stay queued too."""
+    worker.stop_taking()
+    deadline = time.monotonic() + cfg.shutdown_grace_seconds
+    while not worker.wait(min(cfg.poll_interval, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            killed = evaluations.abandon()
+            log.warning("Shutdown grace of %gs expired: stopped the running evaluations "
+                        "(%d evaluator process groups killed); their jobs stay queued for the "
+                        "next start", cfg.shutdown_grace_seconds, killed)
+            if not worker.wait(5.0):
+                log.error("The job worker did not stop; its jobs run again after a restart")
+            break
+        report(quiet=True)
+    report(quiet=False)
+
+
+def report_before_exit(parent, store, child_id, quiet):
+    """Report what is finished, if the parent and the database let us; what is left is sent
+    after the next start."""
+    parent.timeout = min(parent.timeout, 5.0)  # the shutdown must not wait long for a report
+    try:
+        report_results(parent, store, child_id)
+    except (PeerUnavailable, Refused, common.DatabaseUnavailable) as e:
+        if not quiet:
+            log.warning("Results not reported before stopping (%s); they will be after the "
+                        "next start", e)
 
 
 def main(argv=None):

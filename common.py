@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import signal
 import sys
@@ -61,6 +62,11 @@ CONFIG_KEYS = {
     "child_port": (int, 8002),
     "poll_interval": (float, 2.0),
     "max_concurrent_jobs": (int, 2),
+    "max_backoff_seconds": (float, 30.0),
+    "max_attempts": (int, 3),
+    "worker_heartbeat_seconds": (float, 30.0),
+    "retention_days": (float, 7.0),
+    "shutdown_grace_seconds": (float, 60.0),
     "subtensor": {
         "network": (str, "local"),
         "address": (str, ""),
@@ -300,6 +306,26 @@ class Database:
     def close(self):
         with self.lock:
             self.conn.close()
+
+
+class Outage:
+    """Something the main loop needs is down: logged once when the outage starts and once when
+    it ends. The waits between tries double up to a cap, with jitter so that the children of
+    one parent do not all come back in the same instant."""
+
+    def __init__(self, down, back, cap):
+        self.down, self.back, self.cap, self.failures = down, back, cap, 0
+
+    def failed(self, error):
+        if self.failures == 0:
+            log.warning("%s (will retry): %s", self.down, error)
+        self.failures += 1
+        return min(self.cap, 0.5 * 2 ** min(self.failures, 10)) * random.uniform(0.8, 1.2)
+
+    def succeeded(self):
+        if self.failures:
+            log.info("%s after %d failed attempts", self.back, self.failures)
+        self.failures = 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ evaluation job, and hands jobs to child validators over Cap'n Proto RPC.
 
 Its life, top to bottom: the database schema; the chain sources (a JSON file or the bittensor
 SDK); ParentState, the one shared state behind every RPC connection (PostgreSQL is the truth, an
-in-memory deque mirrors the pending jobs); the RPC service; and main(), the chain loop.
+in-memory queue mirrors the pending jobs), with its leases and the optional pusher; the
+operator's commands; the RPC service; and run(), the loop that reads the chain every
+sync_frequency seconds and looks after the leases every second.
 
     python parent.py --config validator_parent.toml
 """
@@ -202,6 +204,9 @@ def job_message(row):
         "retryCount": max(0, row["attempts"] - 1),
         "createdAt": int(row["created_at"].timestamp() * 1000),
     }
+
+
+REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 
 
 def returned_position():
@@ -421,10 +426,12 @@ class ParentState:
         (an answer lost when a connection or the parent died) are sent again first."""
         with self.db.transaction() as conn:
             held = self._seen(conn, child_id)
+            # A job assigned moments ago may be a push still on its way to the child.
             lost = [] if held_ids is None else conn.execute(
                 """select * from jobs where child_id = %s and status = 'assigned'
-                   and not job_id = any(%s) order by job_id""",
-                (child_id, list(held_ids))).fetchall()
+                   and not job_id = any(%s) and assigned_at < now() - make_interval(secs => %s)
+                   order by job_id""",
+                (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS)).fetchall()
         if lost:
             log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
@@ -640,25 +647,6 @@ class ParentService(common.ServiceBase):
 # Main: start the RPC service, then read the chain every sync_frequency seconds
 # ---------------------------------------------------------------------------------------------
 
-class Outage:
-    """Logs a failing activity once when it starts failing and once when it recovers, and says
-    how long to wait before the next try (capped exponential backoff)."""
-
-    def __init__(self, what, cap):
-        self.what, self.cap, self.failures = what, cap, 0
-
-    def failed(self, error):
-        if self.failures == 0:
-            log.warning("%s failed (will retry): %s", self.what, error)
-        self.failures += 1
-        return min(self.cap, 2 ** min(self.failures, 10))
-
-    def succeeded(self):
-        if self.failures:
-            log.info("%s recovered after %d failed attempts", self.what, self.failures)
-        self.failures = 0
-
-
 def run(cfg, stop):
     common.setup_logging(cfg)
     chain = open_chain(cfg)
@@ -668,7 +656,8 @@ def run(cfg, stop):
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state))
     log.info("Parent validator serving on %s:%d", cfg.listen_host, port)
     pusher = Pusher(state, rpc) if cfg.push_jobs else None
-    sync, upkeep = Outage("Chain sync", cfg.neuron.sync_frequency), Outage("Queue upkeep", 30)
+    sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
+    upkeep = common.Outage("Queue upkeep failed", "Queue upkeep recovered", 30.0)
     next_sync = next_upkeep = time.monotonic()
     while not stop.is_set():
         if time.monotonic() >= next_sync:

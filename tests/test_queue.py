@@ -237,18 +237,22 @@ def test_kill_9_of_the_parent_loses_no_job_and_records_no_result_twice(
 
 
 def test_jobs_whose_answer_was_lost_are_sent_again(make_state):
-    state = make_state(max_jobs_per_child=4)
-    add_jobs(state, 5)
+    state = make_state(max_jobs_per_child=5)
+    add_jobs(state, 6)
     register(state, "c1")
     assert ids(state.request_jobs("c1", 3)) == [1, 2, 3]  # the answer never arrives
-    # The child holds only job 2 (say it was pushed); it gets 1 and 3 again, then new work.
-    assert ids(state.request_jobs("c1", 3, held_ids=[2])) == [1, 3, 4]
-    assert ids(state.request_jobs("c1", 5, held_ids=[1, 2, 3, 4])) == []  # the cap of 4
+    # Just assigned: it may be a push on its way, so nothing is sent twice yet.
+    assert ids(state.request_jobs("c1", 1, held_ids=[2])) == [4]
+    state.db.query("update jobs set assigned_at = assigned_at - interval '1 minute'")
+    # The child holds only jobs 2 and 4: it gets 1 and 3 again, then new work.
+    assert ids(state.request_jobs("c1", 3, held_ids=[2, 4])) == [1, 3, 5]
+    state.db.query("update jobs set assigned_at = assigned_at - interval '1 minute'")
+    assert ids(state.request_jobs("c1", 5, held_ids=[1, 2, 3, 4, 5])) == []  # the cap of 4
     # A client that does not say what it holds (the seed's) never gets a job twice.
     state.report_completion("c1", 1, True, "{}")
-    assert ids(state.request_jobs("c1", 5)) == [5]
+    assert ids(state.request_jobs("c1", 5)) == [6]
     assert [row["attempts"] for row in state.db.query(
-        "select attempts from jobs order by job_id")] == [1, 1, 1, 1, 1]
+        "select attempts from jobs order by job_id")] == [1, 1, 1, 1, 1, 1]
 
 
 def test_an_unreadable_chain_is_retried_while_rpc_keeps_serving(

@@ -1,0 +1,329 @@
+"""The child validator's durability: its outbox across parent outages and its own kill -9, its
+reconnection, the cap on evaluations that kill it, retention, and the staged shutdown. Real
+parent and child processes, real ports, real PostgreSQL."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import ROOT, commitment, free_port, wait_until, write_chain
+
+import child
+import common
+
+
+class Cluster:
+    """One parent and one child 'c1' as processes, each restartable with its own config and
+    database; every run writes its own log file."""
+
+    def __init__(self, tmp_path, processes, parent_path, child_path):
+        self.tmp_path, self.processes = tmp_path, processes
+        self.paths = {"parent": parent_path, "child": child_path}
+        self.dsn = {role: common.load_config(path).pg_database
+                    for role, path in self.paths.items()}
+        self.runs = {"parent": 0, "child": 0}
+
+    def start(self, role):
+        self.runs[role] += 1
+        proc = self.processes([f"{role}.py", "--config", self.paths[role]],
+                              self.tmp_path / f"{role}{self.runs[role]}.log")
+        setattr(self, role, proc)
+        return proc
+
+    def logs(self, role):
+        return "".join((self.tmp_path / f"{role}{n}.log").read_text()
+                       for n in range(1, self.runs[role] + 1))
+
+    def query(self, role, sql, params=None):
+        with common.connect(self.dsn[role]) as db:
+            return db.execute(sql, params).fetchall()
+
+    def parent_status(self):
+        return {r["job_id"]: r["status"] for r in self.query(
+            "parent", "select job_id, status from jobs order by job_id")}
+
+    def child_rows(self):
+        return self.query("child", "select * from child_jobs order by job_id")
+
+
+@pytest.fixture
+def cluster(tmp_path, parent_config, child_config, processes):
+    """cluster(n, **child_keys): a chain with n commitments, configs for a parent and a child."""
+    def make(commitments, **child_keys):
+        write_chain(tmp_path / "chain.json", 100,
+                    [commitment(i) for i in range(1, commitments + 1)])
+        parent_path = parent_config()
+        child_path = child_config("c1", common.load_config(parent_path).parent_port,
+                                  **child_keys)
+        return Cluster(tmp_path, processes, parent_path, child_path)
+    return make
+
+
+def start_both(c):
+    c.start("parent").wait_for_log("Parent validator serving")
+    c.start("child").wait_for_log("Successfully registered with parent validator as c1")
+
+
+def outbox_filled(c):
+    """The child has jobs, all of them finished, and results it could not report."""
+    rows = c.child_rows()
+    return rows and all(r["finished_at"] for r in rows) and \
+        any(r["reported_at"] is None for r in rows)
+
+
+def assert_each_result_recorded_once(c, count):
+    job_ids = list(range(1, count + 1))
+    assert c.parent_status() == {j: "completed" for j in job_ids}
+    recorded = c.query("parent", "select job_id, count(*) as n from assignments "
+                                 "where outcome = 'completed' group by job_id")
+    assert {r["job_id"]: r["n"] for r in recorded} == {j: 1 for j in job_ids}
+    parent_logs = c.logs("parent")
+    assert [parent_logs.count(f"Child c1 completed job {j}\n") for j in job_ids] == \
+        [1] * count
+    rows = c.child_rows()
+    assert [r["job_id"] for r in rows] == job_ids
+    assert all(r["status"] == "completed" and r["reported_at"] for r in rows)
+
+
+# -- the outbox ---------------------------------------------------------------------------------
+
+def test_results_finished_while_the_parent_is_down_reach_it_once_it_is_back(cluster):
+    c = cluster(4, max_concurrent_jobs=2, max_backoff_seconds=0.5,
+                evaluator={"demo_seconds": 2.0})
+    start_both(c)
+    # Both slots busy: the child asks for nothing more until a job ends, so stopping the
+    # parent now cannot lose an answer to a job request.
+    wait_until(lambda: len(c.child_rows()) == 2, what="the child holding two jobs")
+    assert c.parent.stop() == 0
+    c.child.wait_for_log(r"Parent unreachable \(will retry\)")
+    wait_until(lambda: outbox_filled(c), what="results waiting in the child's outbox")
+    c.start("parent")
+    wait_until(lambda: c.parent_status() == {j: "completed" for j in (1, 2, 3, 4)}, 60,
+               "all four jobs completed at the parent")
+    c.child.wait_for_log(r"Reconnected to the parent after \d+ failed attempts")
+    assert c.child.log().count("Parent unreachable") == 1
+    assert_each_result_recorded_once(c, 4)
+
+
+def test_results_in_the_outbox_of_a_killed_child_reach_the_parent_once(cluster):
+    c = cluster(3, max_concurrent_jobs=2, max_backoff_seconds=0.5,
+                evaluator={"demo_seconds": 1.5})
+    start_both(c)
+    wait_until(lambda: len(c.child_rows()) == 2, what="the child holding two jobs")
+    c.parent.kill()  # so that no result can be reported
+    wait_until(lambda: outbox_filled(c), what="results waiting in the child's outbox")
+    c.child.kill()
+    assert c.child.proc.returncode == -signal.SIGKILL
+    c.start("parent")
+    c.start("child")
+    wait_until(lambda: c.parent_status() == {1: "completed", 2: "completed", 3: "completed"},
+               60, "all three jobs completed at the parent")
+    assert_each_result_recorded_once(c, 3)
+    assert "Evaluating job 1 " not in c.child.log()  # it was not run again
+
+
+# -- reconnection -------------------------------------------------------------------------------
+
+def test_a_child_registers_again_by_itself_when_the_parent_restarts(cluster, tmp_path):
+    c = cluster(0, max_backoff_seconds=0.5)
+    start_both(c)
+    c.parent.kill()
+    c.child.wait_for_log(r"Parent unreachable \(will retry\)")
+    c.start("parent").wait_for_log("Child c1 registered from 127.0.0.1:")
+    wait_until(lambda: c.child.log().count(
+        "Successfully registered with parent validator as c1") == 2, what="a second registration")
+    c.child.wait_for_log(r"Reconnected to the parent after \d+ failed attempts")
+    assert c.child.log().count("Parent unreachable") == 1
+    # The new registration is good for work.
+    write_chain(tmp_path / "chain.json", 101, [commitment(1)])
+    c.parent.wait_for_log("Child c1 completed job 1")
+
+
+def test_a_lost_database_connection_is_logged_once_and_the_child_carries_on(
+        cluster, tmp_path, pg_admin_dsn):
+    c = cluster(0, max_backoff_seconds=0.5, worker_heartbeat_seconds=3.0)
+    start_both(c)
+    database = psycopg.conninfo.conninfo_to_dict(c.dsn["child"])["dbname"]
+    with common.connect(pg_admin_dsn) as admin:
+        terminated = admin.execute(
+            "select pg_terminate_backend(pid) as ok from pg_stat_activity "
+            "where datname = %s and pid <> pg_backend_pid()", (database,)).fetchall()
+    assert len(terminated) >= 2  # the loop's connection and the job worker's
+    c.child.wait_for_log(r"Database unavailable \(will retry\)")
+    c.child.wait_for_log(r"Database available again after \d+ failed attempts")
+    c.child.wait_for_log(r"The job worker lost its database connection \(will retry\)")
+    c.child.wait_for_log(r"The job worker reconnected after \d+ failed attempts")
+    write_chain(tmp_path / "chain.json", 101, [commitment(1)])
+    c.parent.wait_for_log("Child c1 completed job 1")
+    assert c.child.proc.poll() is None
+    assert c.child.log().count("Database unavailable") == 1
+
+
+# -- attempts -----------------------------------------------------------------------------------
+
+def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(cluster):
+    # The evaluator runs in its own session, but its parent process is the child validator.
+    killer = [sys.executable, "-c", "import os; os.kill(os.getppid(), 9)"]
+    c = cluster(1, max_attempts=2, worker_heartbeat_seconds=2.0, max_backoff_seconds=0.5,
+                evaluator={"command": killer})
+    c.start("parent").wait_for_log("Parent validator serving")
+    for attempt in (1, 2):
+        proc = c.start("child")
+        wait_until(lambda: proc.proc.poll() is not None, 60,
+                   f"attempt {attempt} to kill the child validator")
+        assert proc.proc.returncode == -signal.SIGKILL
+        assert f"Evaluating job 1 with the evaluator (attempt {attempt})" in proc.log()
+    c.start("child")
+    c.parent.wait_for_log("Child c1 completed job 1")
+    error = {"error": "evaluation killed its worker 2 times"}
+    [job] = c.query("parent", "select status, result from jobs")
+    assert (job["status"], json.loads(job["result"])) == ("failed", error)
+    [row] = c.child_rows()
+    assert (row["status"], row["attempts"], json.loads(row["result"])) == ("failed", 3, error)
+    assert row["reported_at"] is not None
+    assert "Evaluating job 1" not in c.child.log()
+    assert c.child.proc.poll() is None
+
+
+# -- retention and schema -----------------------------------------------------------------------
+
+def test_old_reported_jobs_and_queue_log_rows_are_pruned_at_start(tmp_path, child_config,
+                                                                    processes):
+    config = child_config("c1", free_port())  # no parent: pruning does not need one
+    cfg = common.load_config(config)
+    child.ChildStore(cfg.pg_database, cfg).db.close()  # the schema
+    days_ago = "now() - make_interval(days => %s)"
+    with common.connect(cfg.pg_database) as db:
+        for job_id, finished, reported in ((1, 10, 9), (2, 2, 1), (3, 10, None)):
+            db.execute(f"insert into child_jobs (job_id, job, status, finished_at, reported_at) "
+                       f"values (%s, '{{}}', 'completed', {days_ago}, {days_ago})",
+                       (job_id, finished, reported))
+        for job_id, age in ((901, 8), (902, 1)):
+            db.execute("insert into pgqueuer_log (job_id, status, priority, entrypoint, created) "
+                       f"values (%s, 'successful', 0, 'evaluate', {days_ago})", (job_id, age))
+    proc = processes(["child.py", "--config", config], tmp_path / "child.log")
+    proc.wait_for_log("Pruned 1 reported jobs and 1 queue log rows older than 7 days")
+    with common.connect(cfg.pg_database) as db:
+        jobs = db.execute("select job_id from child_jobs order by job_id").fetchall()
+        logs = db.execute("select job_id from pgqueuer_log where job_id > 900").fetchall()
+    # A result never reported stays whatever its age: it is the outbox.
+    assert [r["job_id"] for r in jobs] == [2, 3]
+    assert [r["job_id"] for r in logs] == [902]
+
+
+def test_a_limit_out_of_range_is_refused_at_start(child_config):
+    config = child_config("c1", free_port(), max_attempts=0)
+    run = subprocess.run([sys.executable, ROOT / "child.py", "--config", config],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == f"error: {config}: key 'max_attempts' must be at least 1\n"
+
+
+def test_the_schema_is_idempotent_and_upgrades_an_older_jobs_table(make_dsn):
+    dsn = make_dsn()
+    with common.connect(dsn) as db:
+        db.execute("create table child_jobs (job_id bigint primary key, job jsonb not null, "
+                   "status text not null default 'queued', received_at timestamptz not null "
+                   "default now(), started_at timestamptz, finished_at timestamptz, "
+                   "result text, reported_at timestamptz)")
+        db.execute("insert into child_jobs (job_id, job) values (1, '{}')")
+    cfg = types.SimpleNamespace(max_concurrent_jobs=1)
+    for _ in range(2):
+        child.ChildStore(dsn, cfg).db.close()
+    with common.connect(dsn) as db:
+        assert db.execute("select attempts from child_jobs").fetchall() == [{"attempts": 0}]
+
+
+def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
+    """The parent sends a job only while it has no result of ours for it (an operator's
+    requeue, an expired lease, a report it did not record); a copy of a job we hold and have
+    not reported is a duplicate."""
+    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    job = {"jobId": 4, "hfRepoId": "org/m", "hfRepoCommit": "abc"}
+    assert store.add_job(job) is True
+    assert store.add_job(job) is False
+    assert store.start(4) == (job, 1)
+    store.finish(4, True, "{}")
+    assert store.add_job(job) is False and store.holds(4)
+    store.mark_reported(4)
+    assert not store.holds(4)
+    assert store.add_job(job) is True
+    [row] = store.db.query("select status, attempts, result, reported_at from child_jobs")
+    assert row == {"status": "queued", "attempts": 0, "result": None, "reported_at": None}
+    queued = store.db.query("select payload from pgqueuer where status = 'queued'")
+    assert [bytes(r["payload"]) for r in queued] == [b"4"]
+    store.db.close()
+
+
+# -- staged shutdown ----------------------------------------------------------------------------
+
+def test_sigterm_lets_the_running_evaluation_finish_and_report_before_exit(cluster):
+    c = cluster(2, max_concurrent_jobs=1, evaluator={"demo_seconds": 2.0})
+    start_both(c)
+    c.child.wait_for_log("Evaluating job 1 ")
+    c.child.proc.send_signal(signal.SIGTERM)
+    assert c.child.proc.wait(30) == 0
+    # Reported before the exit; and no new job was taken on the way out.
+    assert c.parent_status() == {1: "completed", 2: "pending"}
+    [row] = c.child_rows()
+    assert row["status"] == "completed" and row["reported_at"] is not None
+    assert "Job 1 succeeded" in c.child.log()
+
+
+SLOW_EVALUATOR = """
+    import json, os, subprocess, sys, time
+    from pathlib import Path
+    job = json.load(sys.stdin)
+    here = Path(sys.argv[1])
+    sleeper = subprocess.Popen(["sleep", "60"])  # in its process group: killed with it
+    (here / "pids.tmp").write_text(f"{os.getpid()} {sleeper.pid}")
+    os.replace(here / "pids.tmp", here / "pids")
+    time.sleep(float((here / "seconds").read_text()))
+    sleeper.kill()
+    print(json.dumps({"score": 1.0}))
+"""
+
+
+def alive(pid):
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        return False
+    return stat.read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def test_after_the_grace_running_evaluations_are_killed_and_their_jobs_run_after_restart(
+        cluster, tmp_path):
+    (tmp_path / "evaluator.py").write_text(textwrap.dedent(SLOW_EVALUATOR))
+    (tmp_path / "seconds").write_text("60")
+    c = cluster(1, shutdown_grace_seconds=1.0, evaluator={
+        "command": [sys.executable, str(tmp_path / "evaluator.py"), str(tmp_path)]})
+    start_both(c)
+    pids = wait_until(lambda: (tmp_path / "pids").exists() and
+                      (tmp_path / "pids").read_text().split(), what="the evaluator running")
+    began = time.monotonic()
+    c.child.proc.send_signal(signal.SIGTERM)
+    assert c.child.proc.wait(30) == 0
+    assert time.monotonic() - began < 1.0 + 10  # the grace, plus a few seconds at most
+    c.child.wait_for_log(r"Shutdown grace of 1s expired: stopped the running evaluations "
+                         r"\(1 evaluator process groups killed\)")
+    for pid in map(int, pids):
+        wait_until(lambda: not alive(pid), 10, f"process {pid} of the evaluator's group gone")
+    # The job is queued again, its start not counted, and the parent was told nothing.
+    [row] = c.child_rows()
+    assert (row["status"], row["attempts"], row["finished_at"], row["reported_at"]) == \
+        ("queued", 0, None, None)
+    assert [r["status"] for r in c.query("child", "select status from pgqueuer")] == ["queued"]
+    assert c.parent_status() == {1: "assigned"}
+
+    (tmp_path / "seconds").write_text("0")
+    c.start("child")
+    c.parent.wait_for_log("Child c1 completed job 1")
+    assert_each_result_recorded_once(c, 1)
+    assert c.child_rows()[0]["attempts"] == 1
