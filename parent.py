@@ -120,28 +120,77 @@ class FileChain:
 
 
 class BittensorChain:
-    """The real chain through the bittensor SDK: one metagraph read per sync (neurons, stakes
-    and commitments at one block) on one reused connection. The only code importing bittensor."""
+    """The real chain through the bittensor SDK (v11): one metagraph read per sync (neurons,
+    stakes and commitments pinned to one block) on one reused connection. The only code
+    importing bittensor. `substrate` is the SDK's test seam, an in-memory bittensor.Substrate;
+    without it the SDK connects to `network` (a name or a ws:// URL)."""
 
-    def __init__(self, network, netuid):
-        self.network, self.netuid = network, netuid
-        self.subtensor = None
+    def __init__(self, network, netuid, timeout=60.0, substrate=None):
+        import asyncio
+
+        import bittensor
+        self.sdk, self.network, self.netuid = bittensor, network, netuid
+        self.timeout, self.substrate = timeout, substrate
+        self.client = None  # connected bittensor.Client; None: the next read connects
+        # The SDK is async. Its connection lives on this loop, run by a thread of its own so
+        # that the websocket is kept alive between syncs, not only while the parent reads.
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bittensor",
+                                       daemon=True)
+        self.thread.start()
 
     def read(self):
-        import bittensor
         try:
-            if self.subtensor is None:
-                self.subtensor = bittensor.Subtensor(self.network)
-            graph = self.subtensor.subnets.metagraph(self.netuid)
+            graph = self._run(self._metagraph(), self.timeout)
         except Exception as e:  # the SDK raises many types for a node that is down or slow
-            self.subtensor = None
-            raise ChainUnavailable(f"chain {self.network}: {type(e).__name__}: {e}") from None
+            self._disconnect()
+            raise ChainUnavailable(f"chain {self.network}: {self._describe(e)}") from None
         if graph is None:
             raise ChainUnavailable(f"subnet {self.netuid} does not exist on {self.network}")
         return ChainSnapshot(graph.block, [
             Commitment(n.hotkey, n.uid, n.commitment.block, n.total_stake.amount,
                        n.commitment.value)
+            # value is None while a timelocked commitment is sealed: nothing to evaluate yet.
             for n in graph.neurons if n.commitment is not None and n.commitment.value])
+
+    async def _metagraph(self):
+        if self.client is None:
+            # Kept before connecting, so that a connection failing half-way is closed too.
+            self.client = self.sdk.Client(self.network, substrate=self.substrate)
+            await self.client.connect()
+        return await self.client.subnets.metagraph(self.netuid)
+
+    def _run(self, coro, timeout):
+        import asyncio
+        # The SDK sets no deadline per call (its transport waits 60 s for each frame, then
+        # retries and rotates endpoints), so each read gets one here. wait_for cancels the
+        # SDK's pending requests; the wait on this thread covers a cancellation that hangs.
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
+        try:
+            return future.result(timeout + 1.0)
+        finally:
+            future.cancel()
+
+    def _disconnect(self):
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                self._run(client.close(), 5.0)
+            except Exception:  # best effort: it already failed; the next read opens another
+                pass
+
+    def _describe(self, error):
+        if isinstance(error, TimeoutError) and not str(error):
+            return f"no answer within {self.timeout:g}s"
+        lines = str(error).strip().splitlines() or ["no detail"]
+        return f"{type(error).__name__}: {lines[0][:200]}"
+
+    def close(self):
+        self._disconnect()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5.0)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def open_chain(cfg):
@@ -455,6 +504,10 @@ class ParentState:
     def report_completion(self, child_id, job_id, success, result):
         """Record a child's result; returns (acknowledged, message). Only the child holding the
         job can record it; a repeated report of a recorded result is acknowledged again."""
+        size = len(result.encode())
+        if size > self.cfg.max_result_bytes:
+            raise Refused(f"result of job {job_id} is {size} bytes; the limit is "
+                          f"{self.cfg.max_result_bytes} (max_result_bytes)")
         status = "completed" if success else "failed"
         with self.db.transaction() as conn:
             self._seen(conn, child_id)
@@ -620,27 +673,22 @@ class ParentService(common.ServiceBase):
     role = "parent"
 
     def __init__(self, state):
+        super().__init__()
         self.state = state
 
-    async def registerChild(self, childId, endpoint, _context, **kwargs):
-        message, error = await common.answer(self.state.register_child, childId, endpoint)
-        return not error, error or message
+    def register_child(self, childId, endpoint):
+        return {"success": True, "message": self.state.register_child(childId, endpoint)}
 
-    async def requestJobs(self, childId, maxJobs, heldJobs, _context, **kwargs):
+    def request_jobs(self, childId, maxJobs, heldJobs=None):
         # A client built from the seed's schema does not send heldJobs: no redelivery then.
-        held = list(heldJobs) if _context.params._has("heldJobs") else None
-        jobs, error = await common.answer(self.state.request_jobs, childId, maxJobs, held)
-        _context.results.jobs = jobs or []
-        _context.results.error = error
+        return {"jobs": self.state.request_jobs(childId, maxJobs, heldJobs)}
 
-    async def reportJobCompletion(self, childId, jobId, success, result, _context, **kwargs):
-        outcome, error = await common.answer(
-            self.state.report_completion, childId, jobId, success, result)
-        return outcome or (False, error)
+    def report_job_completion(self, childId, jobId, success, result):
+        acknowledged, message = self.state.report_completion(childId, jobId, success, result)
+        return {"acknowledged": acknowledged, "message": message}
 
-    async def getStats(self, _context, **kwargs):
-        stats, error = await common.answer(self.state.stats)
-        return json.dumps(stats if not error else {"error": error})
+    def get_stats(self):
+        return {"json": json.dumps(self.state.stats())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,10 +698,11 @@ class ParentService(common.ServiceBase):
 def run(cfg, stop):
     common.setup_logging(cfg)
     chain = open_chain(cfg)
-    db = common.Database(common.database_dsn(cfg), SCHEMA_SQL)
+    db = common.Database(common.database_dsn(cfg, stop), SCHEMA_SQL)
     state = ParentState(db, cfg)
     rpc = common.RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state))
+    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
+                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)
     log.info("Parent validator serving on %s:%d", cfg.listen_host, port)
     pusher = Pusher(state, rpc) if cfg.push_jobs else None
     sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
