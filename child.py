@@ -48,6 +48,8 @@ create index if not exists child_jobs_outbox on child_jobs (finished_at)
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
+UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
+                             "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 
 
@@ -70,6 +72,7 @@ class ChildStore:
         did not record). A job we hold and have not reported yet is ignored."""
         from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
         from pgqueuer.queries import SyncQueries
+        job = {**UNSENT_TEXT, **job}  # a sender may leave text fields out; they read as ""
         with self.db.transaction() as conn:
             again = conn.execute(
                 "update child_jobs set job = %s, status = 'queued', received_at = now(), "
@@ -383,26 +386,24 @@ class ChildService(common.ServiceBase):
     role = "child"
 
     def __init__(self, store, wake, stop):
+        super().__init__()
         self.store, self.wake, self.stop = store, wake, stop
 
-    def _receive(self, job):
+    def receive_job(self, job):
         if self.stop.is_set():
             raise Refused("the child is stopping")
+        if not job.get("jobId") or not job.get("hfRepoId"):
+            raise Refused("job has no jobId or hfRepoId")
         if self.store.holds(job["jobId"]):
-            return "already have this job"
+            return {"accepted": True, "message": "already have this job"}
         if self.store.free_slots() < 1:
             raise Refused("no free slot")
         accepted = self.store.add_job(job)
         self.wake.set()
-        return "queued" if accepted else "already have this job"
+        return {"accepted": True, "message": "queued" if accepted else "already have this job"}
 
-    async def receiveJob(self, job, _context, **kwargs):
-        message, error = await common.answer(self._receive, job.to_dict())
-        return not error, error or message
-
-    async def getStats(self, _context, **kwargs):
-        counts, error = await common.answer(self.store.counts)
-        return json.dumps(counts if not error else {"error": error})
+    def get_stats(self):
+        return {"json": json.dumps(self.store.counts())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def run(cfg, stop):
     child_id = cfg.validator_id
     logs_dir = common.data_dir(cfg) / "logs"
     logs_dir.mkdir(exist_ok=True)
-    dsn = common.database_dsn(cfg)
+    dsn = common.database_dsn(cfg, stop)
     store = ChildStore(dsn, cfg)
     wake = threading.Event()
     # The signal handler only sets `stop`; this also ends the loop's wait for the next poll.
@@ -459,7 +460,8 @@ def run(cfg, stop):
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
     rpc = common.RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.child_port, lambda: ChildService(store, wake, stop))
+    port = rpc.serve(cfg.listen_host, cfg.child_port, lambda: ChildService(store, wake, stop),
+                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
@@ -487,6 +489,10 @@ def work(cfg, stop, wake, parent, store):
                                 cfg.max_backoff_seconds)
     database_down = common.Outage("Database unavailable", "Database available again",
                                   cfg.max_backoff_seconds)
+    # A refused registration is retried too: the cause may pass (the parent's database is
+    # down) or need the operator (a bad child_host), and the log says which.
+    refused = common.Outage("Registration refused", "Registered after all",
+                            cfg.max_backoff_seconds)
     next_prune = time.monotonic()
     while not stop.is_set():
         try:
@@ -501,8 +507,12 @@ def work(cfg, stop, wake, parent, store):
         except common.DatabaseUnavailable as e:
             stop.wait(database_down.failed(e))
             continue
+        except Refused as e:
+            stop.wait(refused.failed(e))
+            continue
         parent_down.succeeded()
         database_down.succeeded()
+        refused.succeeded()
         wake.wait(cfg.poll_interval)
         wake.clear()
 

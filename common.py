@@ -8,12 +8,14 @@ pycapnp's RPC runs on an asyncio event loop; callers hand it coroutines and get 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import re
 import signal
 import sys
 import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -49,8 +51,12 @@ CONFIG_KEYS = {
     "hotkey_name": (str, "default"),
     "pg_database": (str, REQUIRED),
     "data_dir": (str, ""),
+    "wait_for_db": (bool, False),
     "is_parent_validator": (bool, False),
     "listen_host": (str, "0.0.0.0"),
+    "rpc_idle_timeout_seconds": (float, 120.0),
+    "rpc_max_connections": (int, 256),
+    "max_result_bytes": (int, 1 << 20),
     "parent_host": (str, "localhost"),
     "parent_port": (int, 8001),
     "child_timeout_seconds": (float, 300.0),
@@ -179,6 +185,8 @@ def role_arguments(description):
     p.add_argument("--child-port", type=int, help="this child's RPC port (default 8002)")
     p.add_argument("--pg-database", help='PostgreSQL DSN, or "embedded"')
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--wait-for-db", action="store_true", default=None,
+                   help="wait for PostgreSQL at start instead of exiting")
     return p
 
 
@@ -267,10 +275,21 @@ def create_database(admin_dsn, database, template=None):
             conn.execute(sql)
 
 
-def database_dsn(cfg):
+def database_dsn(cfg, stop):
+    """The validator's DSN, its embedded server started if need be. With wait_for_db, wait
+    (until `stop`) for PostgreSQL to answer instead of failing at once."""
     if cfg.pg_database == "embedded":
         return embedded_dsn(data_dir(cfg), re.sub(r"\W", "_", validator_name(cfg)))
-    return cfg.pg_database
+    outage = Outage("PostgreSQL unavailable", "PostgreSQL is up", 30.0)
+    while True:
+        try:
+            connect(cfg.pg_database).close()
+            outage.succeeded()
+            return cfg.pg_database
+        except DatabaseUnavailable as e:
+            if not cfg.wait_for_db or stop.is_set():
+                raise
+            stop.wait(outage.failed(e))
 
 
 class Database:
@@ -376,12 +395,35 @@ class RpcThread:
     def run(self, coroutine, timeout=None):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def serve(self, host, port, service_factory):
+    def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0):
         """Listen on host:port; each connection gets service_factory() as its bootstrap object.
+        A connection that makes no call for idle_timeout seconds (one that never sends, or
+        sends half a message) is closed; past max_connections a new one is closed at once.
         Returns the bound port (useful with port 0)."""
+        connections = set()
+
         async def on_connection(stream):
-            with contextlib.suppress(asyncio.CancelledError):  # cancelled = we are stopping
-                await capnp.TwoPartyServer(stream, bootstrap=service_factory()).on_disconnect()
+            if len(connections) >= max_connections:
+                log.warning("Refused a connection: %d open already", max_connections)
+                stream.close()
+                return
+            service = service_factory()
+            server = capnp.TwoPartyServer(stream, bootstrap=service)
+            disconnected = asyncio.ensure_future(server.on_disconnect())
+            connections.add(disconnected)
+            try:
+                while not disconnected.done():
+                    idle = time.monotonic() - service.last_call
+                    if idle >= idle_timeout:
+                        log.debug("Closing a connection idle for %.0fs", idle)
+                        stream.close()
+                        break
+                    await asyncio.wait({disconnected}, timeout=idle_timeout - idle)
+            except asyncio.CancelledError:  # we are stopping
+                pass
+            finally:
+                connections.discard(disconnected)
+                disconnected.cancel()
 
         async def start():
             return await capnp.AsyncIoStream.create_server(on_connection, host, port)
@@ -396,44 +438,90 @@ class RpcThread:
             self.thread.join(timeout=5)
 
 
-async def answer(method, *args):
-    """Run a blocking handler off the event loop and turn any failure into a message.
-    Returns (result, error_text); error_text is "" on success."""
-    try:
-        return await asyncio.to_thread(method, *args), ""
-    except Refused as e:
-        return None, str(e)
-    except Exception:
-        log.exception("RPC handler %s failed", method.__name__)
-        return None, "internal error in the validator; see its log"
+# For each method: the results that say "refused", and the field that carries the reason.
+REFUSALS = {
+    "registerChild": ({"success": False}, "message"),
+    "requestJobs": ({"jobs": []}, "error"),
+    "reportJobCompletion": ({"acknowledged": False}, "message"),
+    "receiveJob": ({"accepted": False}, "message"),
+    "ping": ({}, "pong"),
+    "getStats": ({}, "json"),
+}
 
 
 class ServiceBase(SCHEMA.ValidatorJobsService.Server):
-    """Both roles serve one interface; each overrides the methods it implements. The others
-    answer with a refusal that says which role serves them."""
+    """One object per connection. Each RPC method is answered by a plain method of the role's
+    subclass with the snake_case name (request_jobs for requestJobs), which gets the call's
+    parameters by their wire names and returns the results as a dict, or raises Refused. It
+    runs on a worker thread, off the event loop. A method the role does not serve, a text
+    parameter that is not UTF-8, or any failure is answered with a message, never with an
+    exception: pycapnp would send the client our traceback."""
 
     role = "validator"
 
-    def _wrong_role(self, method):
-        return f"{method} is not served by a {self.role} validator"
+    def __init__(self):
+        self.last_call = time.monotonic()  # for the idle timeout of this connection
 
-    async def registerChild(self, childId, endpoint, _context, **kwargs):
-        return False, self._wrong_role("registerChild")
+    def ping(self):
+        return {"pong": f"pong from {self.role}"}
 
-    async def requestJobs(self, childId, maxJobs, heldJobs, _context, **kwargs):
-        _context.results.error = self._wrong_role("requestJobs")
+    async def _serve(self, method, context):
+        self.last_call = time.monotonic()
+        handler = getattr(self, re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), method), None)
+        try:
+            if handler is None:
+                raise Refused(f"{method} is not served by a {self.role} validator")
+            try:
+                params = context.params.to_dict()
+            except UnicodeDecodeError:
+                raise Refused("a text parameter is not valid UTF-8") from None
+            if contains_nul(params):  # PostgreSQL text cannot hold one
+                raise Refused("a text parameter contains a NUL character")
+            # The reason field is always set: an unset text field is absent from to_dict().
+            results = {REFUSALS[method][1]: "", **await asyncio.to_thread(handler, **params)}
+        except Refused as e:
+            results = refusal(method, str(e))
+        except DatabaseUnavailable as e:
+            log.debug("RPC method %s: %s", method, e)  # the main loop logs the outage
+            results = refusal(method, f"the {self.role}'s database is unavailable; "
+                                      "try again later")
+        except Exception:
+            log.exception("RPC method %s failed", method)
+            results = refusal(method, "internal error in the validator; see its log")
+        for field, value in results.items():
+            setattr(context.results, field, value)
 
-    async def reportJobCompletion(self, childId, jobId, success, result, _context, **kwargs):
-        return False, self._wrong_role("reportJobCompletion")
+    # pycapnp calls <method>_context with the raw call, so that parameters are decoded here.
+    async def registerChild_context(self, context):
+        await self._serve("registerChild", context)
 
-    async def receiveJob(self, job, _context, **kwargs):
-        return False, self._wrong_role("receiveJob")
+    async def requestJobs_context(self, context):
+        await self._serve("requestJobs", context)
 
-    async def ping(self, _context, **kwargs):
-        return f"pong from {self.role}"
+    async def reportJobCompletion_context(self, context):
+        await self._serve("reportJobCompletion", context)
 
-    async def getStats(self, _context, **kwargs):
-        return "{}"
+    async def receiveJob_context(self, context):
+        await self._serve("receiveJob", context)
+
+    async def ping_context(self, context):
+        await self._serve("ping", context)
+
+    async def getStats_context(self, context):
+        await self._serve("getStats", context)
+
+
+def contains_nul(value):
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, (dict, list)):
+        return any(map(contains_nul, value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def refusal(method, reason):
+    results, field = REFUSALS[method]
+    return {**results, field: json.dumps({"error": reason}) if method == "getStats" else reason}
 
 
 class RpcClient:
@@ -460,12 +548,17 @@ class RpcClient:
         return self._cap
 
     async def _call(self, method, params):
+        reused = self._cap is not None
         try:
             cap = await asyncio.wait_for(self._capability(), self.timeout)
             response = await asyncio.wait_for(getattr(cap, method)(**params), self.timeout)
             return response.to_dict()
         except (OSError, asyncio.TimeoutError, capnp.KjException) as e:
             self._cap = self._client = None
+            if reused and isinstance(e, capnp.KjException):
+                # The peer closed a connection we had not used for a while (its idle timeout,
+                # or a restart): try once on a new one. Every call here is safe to repeat.
+                return await self._call(method, params)
             raise PeerUnavailable(f"{self.host}:{self.port}: {describe(e)}") from None
 
     def call(self, method, **params):
@@ -489,7 +582,8 @@ def describe(error):
 def split_endpoint(endpoint):
     """'host:port' -> (host, port); raises ValueError with a message for anything else."""
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not (sep and re.fullmatch(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", host)
+            and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError(f"endpoint {endpoint!r} is not host:port")
     return host.strip("[]"), int(port)
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def status(argv):
 def parent_database(config):
     import parent
     cfg = common.load_config(config, {"is_parent_validator": True})
-    return common.Database(common.database_dsn(cfg), parent.SCHEMA_SQL)
+    return common.Database(common.database_dsn(cfg, threading.Event()), parent.SCHEMA_SQL)
 
 
 def format_jobs(rows):

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,22 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.05):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_foreign_client(schema_path, port, body):
+    """Run `body` (the lines of an async function, `svc` bound to the service) in a separate
+    process whose schema is `schema_path`: one process cannot load two schemas with one id.
+    Returns the finished process, its output as text."""
+    script = "\n".join([
+        "import asyncio, capnp",
+        f"schema = capnp.load({str(schema_path)!r})",
+        "async def main():",
+        f"    stream = await capnp.AsyncIoStream.create_connection(host='127.0.0.1', port={port})",
+        "    svc = capnp.TwoPartyClient(stream).bootstrap().cast_as(schema.ValidatorJobsService)",
+        *("    " + line for line in textwrap.dedent(body).strip().splitlines()),
+        "asyncio.run(capnp.run(main()))"])
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
 
 
 def free_port():

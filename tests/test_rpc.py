@@ -3,10 +3,9 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
-from conftest import ROOT, commitment, free_port, write_chain
+from conftest import ROOT, commitment, free_port, run_foreign_client, write_chain
 
 import common
 
@@ -134,26 +133,17 @@ def test_a_child_accepts_a_pushed_job_once_and_runs_it(tmp_path, parent, child_c
 
 
 def test_a_client_built_from_the_seed_interface_text_talks_to_the_parent(tmp_path, parent):
-    """The seed's IDL, without our added fields, compiled separately (in another process: one
-    process cannot load two schemas with the same id)."""
+    """The seed's IDL, without our added fields, compiled separately."""
     (tmp_path / "seed.capnp").write_text(SEED_SCHEMA)
-    script = textwrap.dedent(f"""
-        import asyncio, capnp
-        seed = capnp.load({str(tmp_path / 'seed.capnp')!r})
-        async def main():
-            stream = await capnp.AsyncIoStream.create_connection(host="127.0.0.1", port={parent.port})
-            svc = capnp.TwoPartyClient(stream).bootstrap().cast_as(seed.ValidatorJobsService)
-            print((await svc.ping()).pong)
-            r = await svc.registerChild(childId="seedling", endpoint="127.0.0.1:1")
-            print(r.success, r.message)
-            r = await svc.requestJobs(childId="seedling", maxJobs=2)
-            print([(j.jobId, j.hfRepoId) for j in r.jobs])
-            r = await svc.reportJobCompletion(childId="seedling", jobId=1, success=True, result="{{}}")
-            print(r.acknowledged)
-        asyncio.run(capnp.run(main()))
+    run = run_foreign_client(tmp_path / "seed.capnp", parent.port, """
+        print((await svc.ping()).pong)
+        r = await svc.registerChild(childId="seedling", endpoint="127.0.0.1:1")
+        print(r.success, r.message)
+        r = await svc.requestJobs(childId="seedling", maxJobs=2)
+        print([(j.jobId, j.hfRepoId) for j in r.jobs])
+        r = await svc.reportJobCompletion(childId="seedling", jobId=1, success=True, result="{}")
+        print(r.acknowledged)
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
         "pong from parent", "True registered as seedling",

