@@ -230,6 +230,9 @@ def evaluate(cfg, job, logs_dir, running=None):
         if running.abandoned.is_set():
             raise Abandoned()
         return failure(f"evaluator exited with code {proc.returncode}")
+    if len(out) > cfg.max_result_bytes:  # the parent would refuse it forever
+        return failure(f"evaluator printed {len(out)} bytes; max_result_bytes is "
+                       f"{cfg.max_result_bytes}")
     try:
         result = json.loads(out)
     except ValueError:

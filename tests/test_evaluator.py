@@ -13,7 +13,7 @@ JOB = {"jobId": 5, "hfRepoId": "org/model", "hfRepoCommit": "abc", "randomSeed":
 
 
 def config(command=(), timeout=10.0):
-    return types.SimpleNamespace(evaluator=types.SimpleNamespace(
+    return types.SimpleNamespace(max_result_bytes=1000, evaluator=types.SimpleNamespace(
         command=list(command), timeout_seconds=timeout, demo_seconds=0.0))
 
 
@@ -37,6 +37,8 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
     ("print('not json')", "evaluator did not print one JSON object on stdout"),
     ("print('[1, 2]')", "evaluator did not print one JSON object on stdout"),
     ("import time; time.sleep(30)", "evaluator timed out after 0.5s"),
+    ("print('{\"x\": \"' + 'y' * 2000 + '\"}')",
+     "evaluator printed 2010 bytes; max_result_bytes is 1000"),
 ])
 def test_a_failing_evaluator_is_a_failed_job_with_the_reason(tmp_path, code, reason):
     success, result = child.evaluate(config(python(code), timeout=0.5), JOB, tmp_path)
