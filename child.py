@@ -388,11 +388,18 @@ class Worker:
 class ChildService(common.ServiceBase):
     role = "child"
 
-    def __init__(self, store, wake, stop):
+    def __init__(self, cfg, store, wake, stop, verifier):
         super().__init__()
-        self.store, self.wake, self.stop = store, wake, stop
+        self.cfg, self.store, self.wake, self.stop = cfg, store, wake, stop
+        self.verifier = verifier  # None: auth is off
 
-    def receive_job(self, job):
+    def receive_job(self, job, timestamp=0, nonce="", signature=b""):
+        if self.verifier:  # only our parent may push, proven by its hotkey's signature
+            reason = self.verifier.check(
+                self.cfg.parent_hotkey, ["receiveJob", self.cfg.validator_id, job.get("jobId")],
+                timestamp, nonce, signature)
+            if reason:
+                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason)
         if self.stop.is_set():
             raise Refused("the child is stopping")
         if not job.get("jobId") or not job.get("hfRepoId"):
@@ -463,13 +470,19 @@ def run(cfg, stop):
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
     rpc = common.RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.child_port, lambda: ChildService(store, wake, stop),
+    identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
+    port = rpc.serve(cfg.listen_host, cfg.child_port,
+                     lambda: ChildService(cfg, store, wake, stop, verifier),
                      cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
     async def register(capability):
-        reply = await capability.registerChild(childId=child_id, endpoint=endpoint)
+        signed = {}
+        if identity:  # a fresh signature each time: the parent refuses a replayed one
+            signed = dict(zip(("timestamp", "nonce", "signature"), identity.sign(
+                "registerChild", child_id, endpoint, cfg.parent_hotkey)), hotkey=identity.hotkey)
+        reply = await capability.registerChild(childId=child_id, endpoint=endpoint, **signed)
         if not reply.success:
             raise Refused(f"the parent refused the registration: {reply.message}")
         log.info("Successfully registered with parent validator as %s", child_id)

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -52,6 +53,13 @@ CONFIG_KEYS = {
     "pg_database": (str, REQUIRED),
     "data_dir": (str, ""),
     "wait_for_db": (bool, False),
+    "auth": (str, "on"),
+    "auth_window_seconds": (float, 60.0),
+    "allowed_child_hotkeys": (list, []),
+    "parent_hotkey": (str, ""),
+    "tls_cert": (str, ""),
+    "tls_key": (str, ""),
+    "tls_ca": (str, ""),
     "is_parent_validator": (bool, False),
     "listen_host": (str, "0.0.0.0"),
     "rpc_idle_timeout_seconds": (float, 120.0),
@@ -162,6 +170,9 @@ def load_config(path, overrides=None):
     for key in ("parent_port", "child_port"):
         if not 0 < getattr(cfg, key) < 65536:
             raise ConfigError(f"{path}: key '{key}' must be a TCP port (1-65535)")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_ca and not cfg.tls_cert):
+        raise ConfigError(f"{path}: keys 'tls_cert' and 'tls_key' go together, and 'tls_ca' "
+                          "needs them")
     if not 0 <= cfg.jobs.max_retries <= 255:
         raise ConfigError(f"{path}: key 'jobs.max_retries' must be between 0 and 255")
     if not cfg.is_parent_validator:
@@ -170,6 +181,11 @@ def load_config(path, overrides=None):
                               "(1-64 letters, digits, '_', '.', '-')")
         if cfg.max_concurrent_jobs < 1:
             raise ConfigError(f"{path}: key 'max_concurrent_jobs' must be at least 1")
+        if cfg.auth == "on" and not cfg.parent_hotkey:
+            raise ConfigError(f"{path}: key 'parent_hotkey' (the parent's ss58 hotkey) is "
+                              'required for a child validator unless auth = "off"')
+    if cfg.auth not in ("on", "off"):
+        raise ConfigError(f"{path}: key 'auth' must be \"on\" or \"off\"")
     return cfg
 
 
@@ -348,6 +364,89 @@ class Outage:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hotkeys: validators prove who they are as Bittensor operators already do, by sr25519 signatures
+# ---------------------------------------------------------------------------------------------
+
+def signed_message(*fields):
+    """The bytes a signature covers: the fields as a compact JSON list, so no two differ."""
+    return json.dumps(list(fields), separators=(",", ":")).encode()
+
+
+class Identity:
+    """This validator's wallet hotkey (wallet_path, wallet_name, hotkey_name), which signs."""
+
+    def __init__(self, cfg):
+        import bittensor
+        path = Path(cfg.wallet_path).expanduser()
+        try:
+            self.keypair = bittensor.Wallet(name=cfg.wallet_name, hotkey=cfg.hotkey_name,
+                                            path=str(path)).hotkey
+        except Exception as e:
+            raise ConfigError(f"{cfg.config_path}: cannot load hotkey '{cfg.hotkey_name}' of "
+                              f"wallet '{cfg.wallet_name}' under {path}: {e}") from None
+        self.hotkey = self.keypair.ss58_address
+
+    def sign(self, *fields):
+        """(timestamp in unix ms, nonce, signature) over the fields, the time and the nonce."""
+        timestamp, nonce = int(time.time() * 1000), secrets.token_hex(16)
+        return timestamp, nonce, self.keypair.sign(signed_message(*fields, timestamp, nonce))
+
+
+class Verifier:
+    """Checks signed calls: the signature, a timestamp within `window` seconds of ours, and a
+    nonce not seen before (each is remembered past the window, so a replay is refused).
+    Refusals are counted, and logged at most once every ten seconds."""
+
+    def __init__(self, window):
+        self.window, self.seen, self.lock = window, {}, threading.Lock()
+        self.failures, self.last_log = 0, 0.0
+
+    def check(self, hotkey, fields, timestamp, nonce, signature):
+        """None if the call is good, else the reason (for our log, not for the caller)."""
+        from bittensor.sp_core import Keypair
+        if abs(time.time() * 1000 - timestamp) > self.window * 1000:
+            return f"timestamp {timestamp} is outside the {self.window:g}s window"
+        if not 8 <= len(nonce) <= 64:
+            return "no nonce"
+        try:
+            good = Keypair(ss58_address=hotkey).verify(
+                signed_message(*fields, timestamp, nonce), bytes(signature))
+        except Exception:  # not an ss58 address, a signature of the wrong length...
+            good = False
+        if not good:
+            return f"bad signature for hotkey {hotkey!r}"
+        with self.lock:
+            now = time.monotonic()
+            if len(self.seen) > 10000:
+                self.seen = {n: t for n, t in self.seen.items() if t > now}
+            if self.seen.get(nonce, 0) > now:
+                return "nonce already used (a replay)"
+            self.seen[nonce] = now + 2 * self.window
+        return None
+
+    def refuse(self, what, reason):
+        """Count and log a refused call, then raise the one answer an attacker gets."""
+        with self.lock:
+            self.failures += 1
+            log_it = time.monotonic() - self.last_log >= 10.0
+            if log_it:
+                self.last_log = time.monotonic()
+        if log_it:
+            log.warning("Refused %s: %s (%d refused so far)", what, reason, self.failures)
+        raise Refused("not allowed")
+
+
+def hotkey_auth(cfg, port):
+    """(identity, verifier) for this validator, or (None, None) with auth = "off"."""
+    if cfg.auth == "off":
+        log.warning('AUTH IS OFF (auth = "off"): anyone who reaches port %d can %s', port,
+                    "register, take jobs and report results" if cfg.is_parent_validator
+                    else "push jobs to this child")
+        return None, None
+    return Identity(cfg), Verifier(cfg.auth_window_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
 # RPC: one thread owns the asyncio loop and pycapnp's KJ loop; everything else calls into it.
 # ---------------------------------------------------------------------------------------------
 
@@ -393,7 +492,22 @@ class RpcThread:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def run(self, coroutine, timeout=None):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+        result, error = asyncio.run_coroutine_threadsafe(
+            self._contained(coroutine), self.loop).result(timeout)
+        if error:
+            raise error
+        return result
+
+    @staticmethod
+    async def _contained(coroutine):
+        # A failure's traceback holds the coroutine's frames, and their capnp objects with
+        # them. Freed on the caller's thread, one of those aborts the process, so the error
+        # crosses over bare.
+        try:
+            return await coroutine, None
+        except Exception as e:
+            e.__traceback__ = e.__context__ = e.__cause__ = None
+            return None, e
 
     def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0):
         """Listen on host:port; each connection gets service_factory() as its bootstrap object.

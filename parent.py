@@ -55,6 +55,8 @@ create table if not exists children (
     registered_at timestamptz not null default now(),
     last_seen     double precision not null  -- unix seconds
 );
+-- The hotkey that registered the child id: no other hotkey may take the id over.
+alter table children add column if not exists hotkey text not null default '';
 
 -- One row per hand-over of a job to a child; the per-child counters are counted from here.
 create table if not exists assignments (
@@ -293,8 +295,9 @@ class PendingQueue:
 
 
 class ParentState:
-    def __init__(self, db, cfg):
+    def __init__(self, db, cfg, identity=None, verifier=None):
         self.db, self.cfg = db, cfg
+        self.identity, self.verifier = identity, verifier  # None, None: auth is off
         self.lock = threading.Lock()  # guards the queue; the database serializes itself
         self.started = time.time()
         self.skipped = set()  # bad commitments already logged, so each is logged once
@@ -420,18 +423,24 @@ class ParentState:
 
     # -- RPC side (each call runs on a worker thread of the RPC loop) --------------------------
 
-    def register_child(self, child_id, endpoint):
+    def register_child(self, child_id, endpoint, hotkey=""):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", child_id):
             raise Refused("childId must be 1-64 letters, digits, '_', '.' or '-'")
         try:
             common.split_endpoint(endpoint)
         except ValueError as e:
             raise Refused(str(e)) from None
-        # A child that registers again keeps its id, its counters and the jobs it holds.
-        self.db.query(
-            """insert into children (child_id, endpoint, last_seen) values (%s, %s, %s)
-               on conflict (child_id) do update set endpoint = excluded.endpoint,
-                   last_seen = excluded.last_seen""", (child_id, endpoint, time.time()))
+        # A child that registers again keeps its id, its counters and the jobs it holds; an id
+        # first registered with a hotkey stays with that hotkey.
+        if not self.db.query(
+                """insert into children (child_id, endpoint, last_seen, hotkey)
+                   values (%s, %s, %s, %s)
+                   on conflict (child_id) do update set endpoint = excluded.endpoint,
+                       last_seen = excluded.last_seen, hotkey = excluded.hotkey
+                   where children.hotkey in ('', excluded.hotkey) returning 1""",
+                (child_id, endpoint, time.time(), hotkey)):
+            self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
+                                 f"the id belongs to another hotkey than {hotkey}")
         log.info("Child %s registered from %s", child_id, endpoint)
         return f"registered as {child_id}"
 
@@ -568,6 +577,7 @@ class ParentState:
                                     sorted(queue, key=lambda r: -r["priority"])},
             "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
             "failed_jobs": failed,
+            "auth_failures": self.verifier.failures if self.verifier else 0,
         }
 
 
@@ -599,8 +609,12 @@ class Pusher:
             if not rows:
                 continue
             job = rows[0]
+            signed = {}
+            if self.state.identity:
+                signed = dict(zip(("timestamp", "nonce", "signature"), self.state.identity.sign(
+                    "receiveJob", child_id, job["job_id"])))
             try:
-                reply = self.client(endpoint).call("receiveJob", job=job_message(job))
+                reply = self.client(endpoint).call("receiveJob", job=job_message(job), **signed)
                 accepted, message = reply["accepted"], reply["message"]
             except common.PeerUnavailable as e:
                 accepted, message = False, str(e)
@@ -670,20 +684,43 @@ def _close_assignment(conn, job_id):
 # ---------------------------------------------------------------------------------------------
 
 class ParentService(common.ServiceBase):
+    """One per connection. With auth on, a connection serves only the child that registered
+    on it, with a hotkey in allowed_child_hotkeys and a fresh signature."""
+
     role = "parent"
 
     def __init__(self, state):
         super().__init__()
-        self.state = state
+        self.state, self.child_id = state, None
 
-    def register_child(self, childId, endpoint):
-        return {"success": True, "message": self.state.register_child(childId, endpoint)}
+    def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
+                       signature=b""):
+        verifier = self.state.verifier
+        if verifier:
+            if hotkey not in self.state.cfg.allowed_child_hotkeys:
+                verifier.refuse(f"registration of {childId!r}",
+                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys")
+            reason = verifier.check(hotkey, ["registerChild", childId, endpoint,
+                                             self.state.identity.hotkey], timestamp, nonce,
+                                    signature)
+            if reason:
+                verifier.refuse(f"registration of {childId!r}", reason)
+        message = self.state.register_child(childId, endpoint, hotkey if verifier else "")
+        self.child_id = childId
+        return {"success": True, "message": message}
+
+    def _check_bound(self, method, child_id):
+        if self.state.verifier and child_id != self.child_id:
+            self.state.verifier.refuse(f"{method} for {child_id!r}",
+                                       f"the connection is registered as {self.child_id!r}")
 
     def request_jobs(self, childId, maxJobs, heldJobs=None):
+        self._check_bound("requestJobs", childId)
         # A client built from the seed's schema does not send heldJobs: no redelivery then.
         return {"jobs": self.state.request_jobs(childId, maxJobs, heldJobs)}
 
     def report_job_completion(self, childId, jobId, success, result):
+        self._check_bound("reportJobCompletion", childId)
         acknowledged, message = self.state.report_completion(childId, jobId, success, result)
         return {"acknowledged": acknowledged, "message": message}
 
@@ -699,7 +736,8 @@ def run(cfg, stop):
     common.setup_logging(cfg)
     chain = open_chain(cfg)
     db = common.Database(common.database_dsn(cfg, stop), SCHEMA_SQL)
-    state = ParentState(db, cfg)
+    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
+    state = ParentState(db, cfg, identity, verifier)
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
                      cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)

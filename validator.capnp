@@ -20,8 +20,11 @@ struct EvaluationJobData {
 }
 
 interface ValidatorJobsService {
-  # Child calls this to register with parent
-  registerChild @0 (childId :Text, endpoint :Text) -> (success :Bool, message :Text);
+  # Child calls this to register with parent. Added: the child's hotkey (ss58), and its sr25519
+  # signature over [childId, endpoint, parent's hotkey, timestamp (unix ms), nonce]; the parent
+  # checks them unless its auth is "off". A registration binds the connection to the child.
+  registerChild @0 (childId :Text, endpoint :Text, hotkey :Text, timestamp :UInt64, nonce :Text,
+                    signature :Data) -> (success :Bool, message :Text);
 
   # Child calls this to request jobs. Added: `heldJobs`, the ids of the jobs the child holds and
   # has not reported yet; when it is set, the parent sends again any job it assigned to the child
@@ -34,8 +37,10 @@ interface ValidatorJobsService {
   reportJobCompletion @2 (childId :Text, jobId :UInt64, success :Bool, result :Text)
       -> (acknowledged :Bool, message :Text);
 
-  # Parent calls this on child to send a job directly
-  receiveJob @3 (job :EvaluationJobData) -> (accepted :Bool, message :Text);
+  # Parent calls this on child to send a job directly. Added: the parent's signature over
+  # [child id, jobId, timestamp, nonce], which the child checks unless its auth is "off".
+  receiveJob @3 (job :EvaluationJobData, timestamp :UInt64, nonce :Text, signature :Data)
+      -> (accepted :Bool, message :Text);
 
   # Health check
   ping @4 () -> (pong :Text);

@@ -176,9 +176,25 @@ class SimulatedChain:
         write_json(self.path, {"block": self.block, "commitments": self.commitments})
 
 
+def demo_hotkeys(wallets, names):
+    """A hotkey per validator, made with the bittensor SDK (no password: a demo)."""
+    import bittensor
+    hotkeys = {}
+    for name in names:
+        wallet = bittensor.Wallet(name="demo", hotkey=name, path=str(wallets))
+        wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+        hotkeys[name] = wallet.hotkey.ss58_address
+    return hotkeys
+
+
 def demo_configs(workdir, dsns, chain_path, children, eval_seconds):
     parent_port = free_port()
+    wallets = workdir / "wallets"
+    hotkeys = demo_hotkeys(wallets, list(dsns))
+    identity = 'wallet_path = "{}"\nwallet_name = "demo"\nhotkey_name = "{}"'
     (workdir / "parent.toml").write_text(f"""
+{identity.format(wallets, "parent")}
+allowed_child_hotkeys = {json.dumps([hotkeys[f"child_{k}"] for k in range(1, children + 1)])}
 pg_database = "{dsns['parent']}"
 is_parent_validator = true
 listen_host = "127.0.0.1"
@@ -191,6 +207,8 @@ sync_frequency = 0.5
 """)
     for k in range(1, children + 1):
         (workdir / f"child_{k}.toml").write_text(f"""
+{identity.format(wallets, f"child_{k}")}
+parent_hotkey = "{hotkeys['parent']}"
 pg_database = "{dsns[f'child_{k}']}"
 data_dir = "{workdir / f'child_{k}'}"
 validator_id = "child_validator_{k}"

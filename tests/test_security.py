@@ -1,0 +1,132 @@
+"""Hotkey authentication: only allowed child validators register, each connection serves only
+the child that registered on it, and a child takes pushed jobs only from its parent."""
+
+import json
+import time
+
+import pytest
+from conftest import commitment, write_chain
+
+import common
+
+
+@pytest.fixture(scope="module")
+def wallets(tmp_path_factory):
+    """Hotkeys made with the bittensor SDK, without passwords: name -> keypair."""
+    import bittensor
+    path = tmp_path_factory.mktemp("wallets")
+    keys = {}
+    for name in ("parent", "c1", "c2", "stranger"):
+        wallet = bittensor.Wallet(name="test", hotkey=name, path=str(path))
+        wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+        keys[name] = wallet.hotkey
+    keys["path"] = str(path)
+    return keys
+
+
+def identity(wallets, name):
+    return {"wallet_path": wallets["path"], "wallet_name": "test", "hotkey_name": name}
+
+
+@pytest.fixture
+def parent(tmp_path, parent_config, processes, rpc, wallets):
+    write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in (1, 2, 3)])
+    config = parent_config(auth="on", auth_window_seconds=30.0, **identity(wallets, "parent"),
+                           allowed_child_hotkeys=[wallets["c1"].ss58_address,
+                                                  wallets["c2"].ss58_address])
+    proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    proc.wait_for_log("New job 3 ")
+    proc.port = common.load_config(config).parent_port
+    proc.connect = lambda: common.RpcClient(rpc, "127.0.0.1", proc.port)
+    return proc
+
+
+def signed_registration(wallets, signer, child_id, claimed=None, timestamp=None, nonce=None):
+    """registerChild's parameters, signed by `signer` (claiming `claimed`'s hotkey)."""
+    endpoint = "127.0.0.1:9000"
+    timestamp = timestamp or int(time.time() * 1000)
+    nonce = nonce or f"nonce-{time.monotonic_ns()}"
+    message = common.signed_message("registerChild", child_id, endpoint,
+                                    wallets["parent"].ss58_address, timestamp, nonce)
+    return {"childId": child_id, "endpoint": endpoint, "timestamp": timestamp, "nonce": nonce,
+            "hotkey": wallets[claimed or signer].ss58_address,
+            "signature": wallets[signer].sign(message)}
+
+
+REFUSED = {"success": False, "message": "not allowed"}
+
+
+def test_only_allowed_hotkeys_with_good_fresh_signatures_register(parent, wallets):
+    client = parent.connect()
+    assert client.call("registerChild", **signed_registration(wallets, "stranger", "x")) == REFUSED
+    # c2 signs but claims to be c1
+    assert client.call("registerChild",
+                       **signed_registration(wallets, "c2", "x", claimed="c1")) == REFUSED
+    stale = int(time.time() * 1000) - 60_000
+    assert client.call("registerChild",
+                       **signed_registration(wallets, "c1", "x", timestamp=stale)) == REFUSED
+    unsigned = {"childId": "x", "endpoint": "127.0.0.1:1"}
+    assert client.call("registerChild", **unsigned) == REFUSED
+    good = signed_registration(wallets, "c1", "c1")
+    assert client.call("registerChild", **good) == {"success": True, "message": "registered as c1"}
+    assert parent.connect().call("registerChild", **good) == REFUSED  # a replay
+    stats = json.loads(client.call("getStats")["json"])
+    assert stats["auth_failures"] == 5 and [c["child_id"] for c in stats["children"]] == ["c1"]
+    log = parent.log()
+    assert "Refused registration of 'x': hotkey" in log  # logged, then rate-limited
+    assert log.count("Refused ") == 1
+
+
+def test_a_connection_serves_only_the_child_registered_on_it(parent, wallets):
+    first, second = parent.connect(), parent.connect()
+    assert first.call("registerChild", **signed_registration(wallets, "c1", "c1"))["success"]
+    assert len(first.call("requestJobs", childId="c1", maxJobs=1)["jobs"]) == 1
+    # Another connection, not registered, or registered as another child, cannot act as c1.
+    assert second.call("requestJobs", childId="c1", maxJobs=5) == {"jobs": [],
+                                                                   "error": "not allowed"}
+    assert second.call("registerChild", **signed_registration(wallets, "c2", "c2"))["success"]
+    assert second.call("requestJobs", childId="c1", maxJobs=5)["error"] == "not allowed"
+    assert second.call("reportJobCompletion", childId="c1", jobId=1, success=True,
+                       result="{}") == {"acknowledged": False, "message": "not allowed"}
+    # c2's hotkey cannot take over the id c1 registered with.
+    assert second.call("registerChild",
+                       **signed_registration(wallets, "c2", "c1")) == REFUSED
+    assert first.call("reportJobCompletion", childId="c1", jobId=1, success=True,
+                      result="{}")["message"] == "recorded"
+
+
+def test_signed_children_run_the_whole_job_flow_and_take_pushes_only_from_the_parent(
+        tmp_path, parent, child_config, processes, rpc, wallets):
+    config = child_config("c1", parent.port, auth="on", **identity(wallets, "c1"),
+                          parent_hotkey=wallets["parent"].ss58_address)
+    child = processes(["child.py", "--config", config], tmp_path / "c1.log")
+    child.wait_for_log("Successfully registered with parent validator as c1")
+    for job_id in (1, 2, 3):
+        parent.wait_for_log(f"Child c1 completed job {job_id}")
+    # receiveJob: unsigned, or signed by another hotkey, is refused; the parent's is taken.
+    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    job = {"jobId": 50, "hfRepoId": "org/pushed", "hfRepoCommit": "abc"}
+    assert client.call("receiveJob", job=job) == {"accepted": False, "message": "not allowed"}
+
+    def signed(signer):
+        timestamp, nonce = int(time.time() * 1000), f"n-{time.monotonic_ns()}"
+        message = common.signed_message("receiveJob", "c1", 50, timestamp, nonce)
+        return {"timestamp": timestamp, "nonce": nonce, "signature": wallets[signer].sign(message)}
+
+    assert client.call("receiveJob", job=job, **signed("stranger"))["accepted"] is False
+    assert client.call("receiveJob", job=job, **signed("parent")) == {"accepted": True,
+                                                                      "message": "queued"}
+    child.wait_for_log("Refused receiveJob of job 50")
+
+
+def test_auth_off_is_announced_loudly(tmp_path, parent_config, processes):
+    write_chain(tmp_path / "chain.json", 100, [])
+    proc = processes(["parent.py", "--config", parent_config(auth="off")], tmp_path / "p.log")
+    proc.wait_for_log(r'AUTH IS OFF \(auth = "off"\): anyone who reaches port \d+ can register')
+
+
+def test_a_child_needs_its_parents_hotkey_unless_auth_is_off(tmp_path):
+    from conftest import write_toml
+    path = write_toml(tmp_path / "c.toml", {"pg_database": "x", "validator_id": "c1"})
+    with pytest.raises(common.ConfigError, match="key 'parent_hotkey'"):
+        common.load_config(path)
