@@ -471,9 +471,10 @@ def run(cfg, stop):
     worker.start()
     rpc = common.RpcThread()
     identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
+    tls_server, tls_client = common.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
                      lambda: ChildService(cfg, store, wake, stop, verifier),
-                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)
+                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
@@ -487,7 +488,8 @@ def run(cfg, stop):
             raise Refused(f"the parent refused the registration: {reply.message}")
         log.info("Successfully registered with parent validator as %s", child_id)
 
-    parent = common.RpcClient(rpc, cfg.parent_host, cfg.parent_port, on_connect=register)
+    parent = common.RpcClient(rpc, cfg.parent_host, cfg.parent_port, on_connect=register,
+                              tls=tls_client)
     try:
         work(cfg, stop, wake, parent, store)
     finally:

@@ -14,6 +14,7 @@ import random
 import re
 import secrets
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -436,6 +437,29 @@ class Verifier:
         raise Refused("not allowed")
 
 
+def tls_contexts(cfg):
+    """(server context, client context) for TLS 1.3 from tls_cert and tls_key, or (None, None)
+    without them. With tls_ca both sides must show a certificate that CA signed (mutual TLS);
+    without it, a client checks the server against the system's CAs."""
+    if not cfg.tls_cert:
+        return None, None
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # checks the certificate and host name
+    try:
+        for context in (server, client):
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            if cfg.tls_ca:
+                context.load_verify_locations(cfg.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{cfg.config_path}: keys 'tls_cert', 'tls_key', 'tls_ca': {e}") from None
+    if cfg.tls_ca:
+        server.verify_mode = ssl.CERT_REQUIRED
+    else:
+        client.load_default_certs()
+    return server, client
+
+
 def hotkey_auth(cfg, port):
     """(identity, verifier) for this validator, or (None, None) with auth = "off"."""
     if cfg.auth == "off":
@@ -509,10 +533,12 @@ class RpcThread:
             e.__traceback__ = e.__context__ = e.__cause__ = None
             return None, e
 
-    def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0):
+    def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0,
+              tls=None):
         """Listen on host:port; each connection gets service_factory() as its bootstrap object.
         A connection that makes no call for idle_timeout seconds (one that never sends, or
         sends half a message) is closed; past max_connections a new one is closed at once.
+        With `tls` (an ssl.SSLContext) only TLS connections are taken.
         Returns the bound port (useful with port 0)."""
         connections = set()
 
@@ -540,7 +566,7 @@ class RpcThread:
                 disconnected.cancel()
 
         async def start():
-            return await capnp.AsyncIoStream.create_server(on_connection, host, port)
+            return await capnp.AsyncIoStream.create_server(on_connection, host, port, ssl=tls)
 
         server = self.run(start(), timeout=10)
         self.servers.append(server)
@@ -643,8 +669,8 @@ class RpcClient:
     connection, opened on first use and again after it breaks. `on_connect(capability)` is an
     optional coroutine run on every new connection before any other call (a child registers)."""
 
-    def __init__(self, rpc, host, port, timeout=10.0, on_connect=None):
-        self.rpc, self.host, self.port = rpc, host, port
+    def __init__(self, rpc, host, port, timeout=10.0, on_connect=None, tls=None):
+        self.rpc, self.host, self.port, self.tls = rpc, host, port, tls
         self.timeout = timeout
         self.on_connect = on_connect
         self._cap = None
@@ -653,7 +679,9 @@ class RpcClient:
 
     async def _capability(self):
         if self._cap is None:
-            stream = await capnp.AsyncIoStream.create_connection(host=self.host, port=self.port)
+            stream = await capnp.AsyncIoStream.create_connection(
+                host=self.host, port=self.port, ssl=self.tls,
+                server_hostname=self.host if self.tls else None)
             self._client = capnp.TwoPartyClient(stream)
             cap = self._client.bootstrap().cast_as(SCHEMA.ValidatorJobsService)
             if self.on_connect:

@@ -586,14 +586,15 @@ class Pusher:
     free capacity (receiveJob, the seed's direct send). A refused or failed push leaves the job
     pending for the next pull, and that child is left alone until the next round."""
 
-    def __init__(self, state, rpc):
-        self.state, self.rpc = state, rpc
+    def __init__(self, state, rpc, tls=None):
+        self.state, self.rpc, self.tls = state, rpc, tls
         self.clients = {}  # endpoint -> RpcClient
 
     def client(self, endpoint):
         if endpoint not in self.clients:
             host, port = common.split_endpoint(endpoint)
-            self.clients[endpoint] = common.RpcClient(self.rpc, host, port, timeout=2.0)
+            self.clients[endpoint] = common.RpcClient(self.rpc, host, port, timeout=2.0,
+                                                      tls=self.tls)
         return self.clients[endpoint]
 
     def push(self):
@@ -737,12 +738,14 @@ def run(cfg, stop):
     chain = open_chain(cfg)
     db = common.Database(common.database_dsn(cfg, stop), SCHEMA_SQL)
     identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
+    tls_server, tls_client = common.tls_contexts(cfg)
     state = ParentState(db, cfg, identity, verifier)
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
-                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds)
-    log.info("Parent validator serving on %s:%d", cfg.listen_host, port)
-    pusher = Pusher(state, rpc) if cfg.push_jobs else None
+                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
+    log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,
+             " (TLS 1.3)" if tls_server else "")
+    pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
     sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
     upkeep = common.Outage("Queue upkeep failed", "Queue upkeep recovered", 30.0)
     next_sync = next_upkeep = time.monotonic()

@@ -45,10 +45,10 @@ def run_role(argv):
 # status: ask a running parent for its statistics
 # ---------------------------------------------------------------------------------------------
 
-def fetch_stats(host, port):
+def fetch_stats(host, port, tls=None):
     rpc = common.RpcThread()
     try:
-        reply = common.RpcClient(rpc, host, port, timeout=5).call("getStats")
+        reply = common.RpcClient(rpc, host, port, timeout=5, tls=tls).call("getStats")
     finally:
         rpc.stop()
     return json.loads(reply["json"])
@@ -79,9 +79,14 @@ def status(argv):
     p.add_argument("--parent-host", default="localhost")
     p.add_argument("--parent-port", type=int, default=8001)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--config", help="a config whose TLS keys to use (tls_cert, tls_key, tls_ca)")
     args = p.parse_args(argv)
     try:
-        stats = fetch_stats(args.parent_host, args.parent_port)
+        tls = common.tls_contexts(common.load_config(args.config))[1] if args.config else None
+        stats = fetch_stats(args.parent_host, args.parent_port, tls)
+    except common.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except common.PeerUnavailable as e:
         print(f"error: parent validator unreachable: {e}", file=sys.stderr)
         return 1

@@ -2,10 +2,14 @@
 the child that registered on it, and a child takes pushed jobs only from its parent."""
 
 import json
+import shutil
+import subprocess
+import sys
 import time
+import types
 
 import pytest
-from conftest import commitment, write_chain
+from conftest import ROOT, commitment, write_chain
 
 import common
 
@@ -130,3 +134,80 @@ def test_a_child_needs_its_parents_hotkey_unless_auth_is_off(tmp_path):
     path = write_toml(tmp_path / "c.toml", {"pg_database": "x", "validator_id": "c1"})
     with pytest.raises(common.ConfigError, match="key 'parent_hotkey'"):
         common.load_config(path)
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(directory, name):
+    """A CA and one certificate it signs, valid for localhost and 127.0.0.1."""
+    directory.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", f"/CN={name}-ca", cwd=directory)
+    openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=localhost",
+            cwd=directory)
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "node.crt", "-days", "1", "-extfile", "san.ext",
+            cwd=directory)
+    return {"tls_cert": str(directory / "node.crt"), "tls_key": str(directory / "node.key"),
+            "tls_ca": str(directory / "ca.crt")}
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make test certificates")
+    directory = tmp_path_factory.mktemp("tls")
+    return {"good": make_ca(directory / "good", "good"),
+            "rogue": make_ca(directory / "rogue", "rogue")}
+
+
+def tls_client(rpc, port, keys):
+    cfg = types.SimpleNamespace(config_path="test", **keys)
+    return common.RpcClient(rpc, "127.0.0.1", port, tls=common.tls_contexts(cfg)[1])
+
+
+def test_signed_children_over_mutual_tls_run_the_job_flow_and_others_are_refused(
+        tmp_path, parent_config, child_config, processes, rpc, wallets, certificates):
+    write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in (1, 2, 3)])
+    good = certificates["good"]
+    config = parent_config(auth="on", **identity(wallets, "parent"), **good, push_jobs=True,
+                           allowed_child_hotkeys=[wallets["c1"].ss58_address])
+    port = common.load_config(config).parent_port
+    parent = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    parent.wait_for_log(r"Parent validator serving on 127.0.0.1:\d+ \(TLS 1.3\)")
+    child = processes(["child.py", "--config", child_config(
+        "c1", port, auth="on", **identity(wallets, "c1"), **good, parent_host="localhost",
+        parent_hotkey=wallets["parent"].ss58_address)], tmp_path / "c1.log")
+    child.wait_for_log("Successfully registered with parent validator as c1")
+    for job_id in (1, 2, 3):
+        parent.wait_for_log(f"Child c1 completed job {job_id}")
+    write_chain(tmp_path / "chain.json", 101, [commitment(i) for i in (1, 2, 3, 4)])
+    parent.wait_for_log("Pushed job 4 to child c1")  # the parent's client side of TLS too
+    parent.wait_for_log("Child c1 completed job 4")
+
+    plaintext = common.RpcClient(rpc, "127.0.0.1", port, timeout=5)
+    with pytest.raises(common.PeerUnavailable):
+        plaintext.call("ping")
+    # A client certificate from another CA is refused; so is a server the client cannot trust.
+    with pytest.raises(common.PeerUnavailable):
+        tls_client(rpc, port, dict(good, tls_cert=certificates["rogue"]["tls_cert"],
+                                   tls_key=certificates["rogue"]["tls_key"])).call("ping")
+    with pytest.raises(common.PeerUnavailable):
+        tls_client(rpc, port, certificates["rogue"]).call("ping")
+    assert tls_client(rpc, port, good).call("ping") == {"pong": "pong from parent"}
+    status = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parent-port",
+                             str(port), "--config", config, "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["children"][0]["child_id"] == "c1"
+
+
+def test_unreadable_tls_files_name_the_keys(tmp_path):
+    cfg = types.SimpleNamespace(config_path="x.toml", tls_cert=str(tmp_path / "none.crt"),
+                                tls_key=str(tmp_path / "none.key"), tls_ca="")
+    with pytest.raises(common.ConfigError, match="x.toml: keys 'tls_cert', 'tls_key', 'tls_ca'"):
+        common.tls_contexts(cfg)
