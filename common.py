@@ -1,5 +1,6 @@
 """What the parent and child validators share: configuration, logging, the database connection,
-the Cap'n Proto schema, and the RPC thread with its synchronous client.
+hotkey signatures and TLS, the Cap'n Proto schema, and the RPC thread with its service base and
+its synchronous client.
 
 Everything here is synchronous to its callers. The only asyncio is inside RpcThread, because
 pycapnp's RPC runs on an asyncio event loop; callers hand it coroutines and get plain values back.
@@ -281,13 +282,11 @@ def embedded_dsn(directory, database):
     return server.get_uri(database)
 
 
-def create_database(admin_dsn, database, template=None):
+def create_database(admin_dsn, database):
     with connect(admin_dsn) as conn:
         if conn.execute("select 1 from pg_database where datname = %s", (database,)).fetchone():
             return
         sql = psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(database))
-        if template:
-            sql += psycopg.sql.SQL(" template {}").format(psycopg.sql.Identifier(template))
         with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent creator won
             conn.execute(sql)
 
