@@ -23,12 +23,14 @@ import threading
 import time
 from pathlib import Path
 
+import prometheus_client
 import psycopg
 
 import common
 from common import PeerUnavailable, Refused, log
 
-SCHEMA_SQL = """
+# The schema, step by step (common.Database applies the steps a database lacks).
+SCHEMA = ["""
 create table if not exists child_jobs (
     job_id      bigint primary key,          -- the parent's job id
     job         jsonb not null,              -- the EvaluationJobData as received
@@ -44,13 +46,16 @@ create table if not exists child_jobs (
 alter table child_jobs add column if not exists attempts integer not null default 0;
 create index if not exists child_jobs_outbox on child_jobs (finished_at)
     where finished_at is not null and reported_at is null;
-"""
+"""]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
-PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
+PRUNE_EVERY = 3600.0
+EVALUATIONS = prometheus_client.Histogram(
+    "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
+    buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))  # seconds between deletions of what is older than retention_days
 
 
 class ChildStore:
@@ -59,7 +64,7 @@ class ChildStore:
     def __init__(self, dsn, cfg):
         from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
         self.cfg = cfg
-        self.db = common.Database(dsn, SCHEMA_SQL)
+        self.db = common.Database(dsn, SCHEMA)
         with self.db.transaction() as conn:
             conn.execute("select pg_advisory_xact_lock(7340512)")
             if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
@@ -272,6 +277,7 @@ def run_job(cfg, store, evaluations, logs_dir, wake, job_id):
         return
     kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
     log.info("Evaluating job %d with %s (attempt %d)", job_id, kind, attempts)
+    started_at = time.monotonic()
     try:
         success, result = evaluate(cfg, job, logs_dir, evaluations)
     except Abandoned:
@@ -279,6 +285,8 @@ def run_job(cfg, store, evaluations, logs_dir, wake, job_id):
         log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
         raise
     store.finish(job_id, success, result)
+    EVALUATIONS.labels("succeeded" if success else "failed").observe(
+        time.monotonic() - started_at)
     log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
     wake.set()
 
@@ -466,6 +474,7 @@ def run(cfg, stop):
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
     evaluations = Evaluations()
 
+    common.serve_metrics(cfg)
     worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()

