@@ -101,7 +101,7 @@ def status(argv):
 def parent_database(config):
     import parent
     cfg = common.load_config(config, {"is_parent_validator": True})
-    return common.Database(common.database_dsn(cfg, threading.Event()), parent.SCHEMA_SQL)
+    return common.Database(common.database_dsn(cfg, threading.Event()), parent.SCHEMA)
 
 
 def format_jobs(rows):

@@ -234,6 +234,6 @@ def make_state(tmp_path, make_dsn):
         path = write_toml(tmp_path / "state.toml", {
             "pg_database": dsn, "is_parent_validator": True, "auth": "off",
             "subtensor": {"network": "file", "commitments_file": "unused.json"}, **keys})
-        return parent.ParentState(common.Database(dsn, parent.SCHEMA_SQL),
+        return parent.ParentState(common.Database(dsn, parent.SCHEMA),
                                   common.load_config(path))
     return make
