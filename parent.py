@@ -20,6 +20,7 @@ import time
 
 import prometheus_client
 from prometheus_client.core import GaugeMetricFamily
+from psycopg.rows import tuple_row
 
 import common
 from common import Refused, log
@@ -78,6 +79,9 @@ create table if not exists chain_state (
     key   text primary key,
     value bigint not null
 );
+""", """
+-- Heartbeats, reports, leases and the statistics look up the jobs a child holds.
+create index if not exists jobs_assigned on jobs (child_id) where status = 'assigned';
 """]
 
 
@@ -289,8 +293,8 @@ class PendingQueue:
     job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
     because a job is handed out only if the database still says it is pending."""
 
-    def __init__(self, rows=()):
-        self.heap = [queue_entry(row) for row in rows]
+    def __init__(self, entries=()):
+        self.heap = list(entries)  # (-priority, position, job_id), as queue_entry() makes
         heapq.heapify(self.heap)
 
     def push(self, entries):
@@ -324,12 +328,13 @@ class ParentState:
         version = rows[0]["value"] if rows else 0
         if version == self.queue_version:
             return
-        with self.lock:
-            rows = self.db.query(
-                "select job_id, priority, position from jobs where status = 'pending'")
-            self.queue = PendingQueue(rows)
-        if rows or self.queue_version is not None:
-            log.info("Loaded %d pending jobs from the database", len(rows))
+        with self.lock, self.db.transaction() as conn:
+            # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
+            cursor = conn.cursor(row_factory=tuple_row)
+            self.queue = PendingQueue(cursor.execute(
+                "select -priority, position, job_id from jobs where status = 'pending'"))
+        if self.queue or self.queue_version is not None:
+            log.info("Loaded %d pending jobs from the database", len(self.queue))
         self.queue_version = version
 
     # -- chain side --------------------------------------------------------------------------
