@@ -70,37 +70,47 @@ class ChildStore:
             if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
                 conn.execute(QueryBuilderEnvironment().build_install_query())
 
-    def add_job(self, job):
-        """Store a job and put it on the pgqueuer queue in one transaction. Returns True if the
-        job is to run: a new one, or one we already reported that the parent sends again (it
-        has no result of ours for this assignment: a requeue, an expired lease, a report it
-        did not record). A job we hold and have not reported yet is ignored."""
+    def add_jobs(self, jobs):
+        """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
+        ones that are to run: new jobs, and jobs we already reported that the parent sends
+        again (it has no result of ours for this assignment: a requeue, an expired lease, a
+        report it did not record). A job we hold and have not reported yet is ignored."""
         from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
         from pgqueuer.queries import SyncQueries
-        job = {**UNSENT_TEXT, **job}  # a sender may leave text fields out; they read as ""
+        queued = []
         with self.db.transaction() as conn:
-            again = conn.execute(
-                "update child_jobs set job = %s, status = 'queued', received_at = now(), "
-                "started_at = null, finished_at = null, result = null, reported_at = null, "
-                "attempts = 0 where job_id = %s and reported_at is not null returning 1",
-                (json.dumps(job), job["jobId"])).fetchone()
-            if not again and not conn.execute(
-                    "insert into child_jobs (job_id, job) values (%s, %s) "
-                    "on conflict (job_id) do nothing returning 1",
-                    (job["jobId"], json.dumps(job))).fetchone():
-                return False
-            SyncQueries(SyncPsycopgDriver(conn)).enqueue(
-                EVALUATE, str(job["jobId"]).encode(), dedupe_key=str(job["jobId"]),
-                on_conflict="skip")
-        log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
-                 job["hfRepoCommit"] or "default", " again" if again else "")
-        return True
+            for job in jobs:
+                job = {**UNSENT_TEXT, **job}  # a sender may leave text fields out: ""
+                text = json.dumps(job)
+                if conn.execute("insert into child_jobs (job_id, job) values (%s, %s) "
+                                "on conflict (job_id) do nothing returning 1",
+                                (job["jobId"], text)).fetchone():
+                    queued.append((job, False))
+                elif conn.execute(
+                        "update child_jobs set job = %s, status = 'queued', received_at = now(), "
+                        "started_at = null, finished_at = null, result = null, "
+                        "reported_at = null, attempts = 0 "
+                        "where job_id = %s and reported_at is not null returning 1",
+                        (text, job["jobId"])).fetchone():
+                    queued.append((job, True))
+            if queued:
+                keys = [str(job["jobId"]) for job, _ in queued]
+                SyncQueries(SyncPsycopgDriver(conn)).enqueue(
+                    [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
+                    dedupe_key=keys, on_conflict="skip")
+        for job, again in queued:
+            log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
+                     job["hfRepoCommit"] or "default", " again" if again else "")
+        return [job for job, _ in queued]
 
-    def held_ids(self):
-        """The jobs we hold and have not reported: the parent sends again any it gave us
-        that is missing (its answer was lost)."""
-        return [row["job_id"] for row in self.db.query(
-            "select job_id from child_jobs where reported_at is null")]
+    def holdings(self):
+        """(free slots, ids of the jobs we hold and have not reported): what a poll tells the
+        parent, which sends again any job it gave us that is missing (its answer was lost)."""
+        row = self.db.query(
+            "select count(*) filter (where status in ('queued', 'running')) as busy, "
+            "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
+            "from child_jobs where reported_at is null")[0]
+        return max(0, self.cfg.max_concurrent_jobs - row["busy"]), row["held"]
 
     def holds(self, job_id):
         """True if we have the job and have not reported it: a copy of it needs no slot."""
@@ -108,9 +118,7 @@ class ChildStore:
                                   "and reported_at is null", (job_id,)))
 
     def free_slots(self):
-        busy = self.db.query("select count(*) as n from child_jobs "
-                             "where status in ('queued', 'running')")[0]["n"]
-        return max(0, self.cfg.max_concurrent_jobs - busy)
+        return self.holdings()[0]
 
     def start(self, job_id):
         """Mark a job running, count the start, and return (job, starts so far); None if it
@@ -137,8 +145,9 @@ class ChildStore:
             "select job_id, status, result from child_jobs where finished_at is not null "
             "and reported_at is null order by finished_at, job_id limit %s", (limit,))
 
-    def mark_reported(self, job_id):
-        self.db.query("update child_jobs set reported_at = now() where job_id = %s", (job_id,))
+    def mark_reported(self, job_ids):
+        self.db.query("update child_jobs set reported_at = now() where job_id = any(%s)",
+                      (list(job_ids),))
 
     def prune(self, days):
         """Delete reported jobs and pgqueuer's log and statistics older than `days`. A result
@@ -416,7 +425,7 @@ class ChildService(common.ServiceBase):
             return {"accepted": True, "message": "already have this job"}
         if self.store.free_slots() < 1:
             raise Refused("no free slot")
-        accepted = self.store.add_job(job)
+        accepted = self.store.add_jobs([job])
         self.wake.set()
         return {"accepted": True, "message": "queued" if accepted else "already have this job"}
 
@@ -429,27 +438,42 @@ class ChildService(common.ServiceBase):
 # ---------------------------------------------------------------------------------------------
 
 def report_results(parent, store, child_id):
-    """Send every finished, unreported result, oldest first; a result is marked reported only
-    once the parent acknowledged it, so a crash or an outage at any point resends it later."""
-    for row in store.unreported():
-        reply = parent.call("reportJobCompletion", childId=child_id, jobId=row["job_id"],
-                            success=row["status"] == "completed", result=row["result"] or "")
-        if reply["acknowledged"]:
-            store.mark_reported(row["job_id"])
+    """Send every finished, unreported result, oldest first, in calls of up to 100; a result is
+    marked reported only once the parent acknowledged it, so a crash or an outage at any point
+    resends it later."""
+    while rows := store.unreported(limit=100):
+        try:
+            reply = parent.call("reportJobCompletions", childId=child_id, results=[
+                {"jobId": row["job_id"], "success": row["status"] == "completed",
+                 "result": row["result"] or ""} for row in rows])
+        except common.Unimplemented:  # a parent of an older version: one call per result
+            replies = [parent.call("reportJobCompletion", childId=child_id, jobId=row["job_id"],
+                                   success=row["status"] == "completed",
+                                   result=row["result"] or "") for row in rows]
         else:
-            log.warning("Parent did not take the result of job %d: %s",
-                        row["job_id"], reply["message"])
+            if reply["error"]:
+                log.warning("Parent refused the results: %s; registering again", reply["error"])
+                parent.close()
+                return
+            replies = reply["replies"]
+        for row, answer in zip(rows, replies):
+            if not answer["acknowledged"]:
+                log.warning("Parent did not take the result of job %d: %s",
+                            row["job_id"], answer.get("message", ""))
+        done = [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+        store.mark_reported(done)
+        if len(done) < len(rows):
+            return  # the rest waits for the next round, not a tight loop
 
 
 def request_jobs(parent, store, child_id):
     """Ask for as many jobs as there are free slots (0 is a heartbeat) and queue them."""
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=store.free_slots(),
-                        heldJobs=store.held_ids())
+    free, held = store.holdings()
+    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, heldJobs=held)
     if reply["error"]:
         log.warning("Parent refused the job request: %s; registering again", reply["error"])
         parent.close()
-    for job in reply["jobs"]:
-        store.add_job(job)
+    store.add_jobs(reply["jobs"])
 
 
 def check_limits(cfg):

@@ -539,6 +539,11 @@ class PeerUnavailable(Exception):
     """The other validator could not be reached, or the connection broke during a call."""
 
 
+class Unimplemented(Exception):
+    """The other validator does not serve this method (an older version): the connection is
+    fine, and the caller may fall back to a method it does serve."""
+
+
 class RpcThread:
     """A daemon thread running the event loop that pycapnp needs, for servers and clients alike.
     There must be only one per process: a second KJ loop on one thread aborts the process."""
@@ -640,6 +645,7 @@ REFUSALS = {
     "registerChild": ({"success": False}, "message"),
     "requestJobs": ({"jobs": []}, "error"),
     "reportJobCompletion": ({"acknowledged": False}, "message"),
+    "reportJobCompletions": ({"replies": []}, "error"),
     "receiveJob": ({"accepted": False}, "message"),
     "ping": ({}, "pong"),
     "getStats": ({}, "json"),
@@ -702,6 +708,9 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
     async def reportJobCompletion_context(self, context):
         await self._serve("reportJobCompletion", context)
 
+    async def reportJobCompletions_context(self, context):
+        await self._serve("reportJobCompletions", context)
+
     async def receiveJob_context(self, context):
         await self._serve("receiveJob", context)
 
@@ -757,6 +766,8 @@ class RpcClient:
             response = await asyncio.wait_for(getattr(cap, method)(**params), self.timeout)
             return response.to_dict()
         except (OSError, asyncio.TimeoutError, capnp.KjException) as e:
+            if isinstance(e, capnp.KjException) and str(e.type) == "UNIMPLEMENTED":
+                raise Unimplemented(f"{self.host}:{self.port} does not serve {method}") from None
             self._cap = self._client = None
             if reused and isinstance(e, capnp.KjException):
                 # The peer closed a connection we had not used for a while (its idle timeout,
@@ -765,7 +776,8 @@ class RpcClient:
             raise PeerUnavailable(f"{self.host}:{self.port}: {describe(e)}") from None
 
     def call(self, method, **params):
-        """Call `method` and return its results as a dict. Raises PeerUnavailable."""
+        """Call `method` and return its results as a dict. Raises PeerUnavailable, or
+        Unimplemented for a method the peer does not serve."""
         return self.rpc.run(self._call(method, params))
 
     def close(self):

@@ -266,6 +266,7 @@ def job_message(row):
 
 
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
+MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
 
 JOBS_FINISHED = prometheus_client.Counter(
     "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
@@ -532,40 +533,73 @@ class ParentState:
             self.queue.push([queue_entry(row)])
 
     def report_completion(self, child_id, job_id, success, result):
-        """Record a child's result; returns (acknowledged, message). Only the child holding the
-        job can record it; a repeated report of a recorded result is acknowledged again."""
-        size = len(result.encode())
-        if size > self.cfg.max_result_bytes:
-            raise Refused(f"result of job {job_id} is {size} bytes; the limit is "
-                          f"{self.cfg.max_result_bytes} (max_result_bytes)")
-        status = "completed" if success else "failed"
+        """One result: see report_completions."""
+        return self.report_completions(child_id, [(job_id, success, result)])[0]
+
+    def report_completions(self, child_id, results):
+        """Record a child's results, [(job_id, success, result)], in one transaction; returns
+        one (acknowledged, message) per result. Only the child holding a job records its
+        result; a repeated report of a recorded result is acknowledged again."""
+        sizes = [len(result.encode()) for _, _, result in results]
+        # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
+        fits = [r for r, size in zip(results, sizes)
+                if size <= self.cfg.max_result_bytes and r[0] < 2**63]
         with self.db.transaction() as conn:
             self._seen(conn, child_id)
-            row = conn.execute(
-                """update jobs set status = %s, success = %s, result = %s, finished_at = now()
-                   where job_id = %s and status = 'assigned' and child_id = %s
-                   returning attempts""", (status, success, result, job_id, child_id)).fetchone()
-            if row:
-                conn.execute("update assignments set finished_at = now(), outcome = %s "
-                             "where job_id = %s and attempt = %s",
-                             (status, job_id, row["attempts"]))
+            recorded = {row["job_id"] for row in conn.execute(
+                """with reported as (
+                       select * from unnest(%s::bigint[], %s::boolean[], %s::text[])
+                           as r(job_id, success, result)),
+                   finished as (
+                       update jobs set status = case when reported.success then 'completed'
+                                                else 'failed' end,
+                           success = reported.success, result = reported.result,
+                           finished_at = now()
+                       from reported where jobs.job_id = reported.job_id
+                           and jobs.status = 'assigned' and jobs.child_id = %s
+                       returning jobs.job_id, jobs.attempts, jobs.status),
+                   closed as (
+                       update assignments set finished_at = now(), outcome = finished.status
+                       from finished where assignments.job_id = finished.job_id
+                           and assignments.attempt = finished.attempts)
+                   select job_id from finished""",
+                ([job_id for job_id, _, _ in fits], [success for _, success, _ in fits],
+                 [result for _, _, result in fits], child_id))}
+            others = {row["job_id"]: row for row in conn.execute(
+                "select job_id, status, child_id from jobs where job_id = any(%s)",
+                ([job_id for job_id, _, _ in results if job_id < 2**63],))}
+        # Logged only once committed: the log never shows a result the database lacks.
+        answers = []
+        for (job_id, success, result), size in zip(results, sizes):
+            if size > self.cfg.max_result_bytes:
+                outcome = "too big", size
+            elif job_id in recorded:
+                outcome = "recorded", None
+                recorded.discard(job_id)  # the same result twice in one call: once recorded
             else:
-                job = conn.execute("select status, child_id from jobs where job_id = %s",
-                                   (job_id,)).fetchone()
-        if row:
-            JOBS_FINISHED.labels(status).inc()
+                outcome = "not held", others.get(job_id)
+            answers.append(self._answer(child_id, job_id, success, result, *outcome))
+        return answers
+
+    def _answer(self, child_id, job_id, success, result, outcome, detail):
+        if outcome == "too big":
+            return False, (f"result of job {job_id} is {detail} bytes; the limit is "
+                           f"{self.cfg.max_result_bytes} (max_result_bytes)")
+        if outcome == "recorded":
+            JOBS_FINISHED.labels("completed" if success else "failed").inc()
             log.info("Child %s completed job %s", child_id, job_id)
             if not success:
                 log.warning("Job %s failed on child %s: %s", job_id, child_id, result[:300])
             return True, "recorded"
-        if job is None:
+        if detail is None:
             return False, f"unknown job {job_id}"
-        if job["child_id"] == child_id and job["status"] in ("completed", "failed"):
+        if detail["child_id"] == child_id and detail["status"] in ("completed", "failed"):
             return True, "already recorded"
         REPORTS_IGNORED.inc()
         log.warning("Ignored a report of job %s from child %s: the job is %s (holder %s)",
-                    job_id, child_id, job["status"], job["child_id"])
-        return True, f"not recorded: job {job_id} is {job['status']} and not held by {child_id}"
+                    job_id, child_id, detail["status"], detail["child_id"])
+        return True, (f"not recorded: job {job_id} is {detail['status']} "
+                      f"and not held by {child_id}")
 
     def children(self):
         now = time.time()
@@ -776,6 +810,15 @@ class ParentService(common.ServiceBase):
         self._check_bound("reportJobCompletion", childId)
         acknowledged, message = self.state.report_completion(childId, jobId, success, result)
         return {"acknowledged": acknowledged, "message": message}
+
+    def report_job_completions(self, childId, results=()):
+        self._check_bound("reportJobCompletions", childId)
+        if len(results) > MAX_RESULTS_PER_REPORT:
+            raise Refused(f"{len(results)} results in one call; the limit is "
+                          f"{MAX_RESULTS_PER_REPORT}")
+        replies = self.state.report_completions(childId, [
+            (r.get("jobId", 0), r.get("success", False), r.get("result", "")) for r in results])
+        return {"replies": [{"acknowledged": a, "message": m} for a, m in replies]}
 
     def get_stats(self):
         return {"json": json.dumps(self.state.stats())}

@@ -19,6 +19,18 @@ struct EvaluationJobData {
   createdAt @11 :UInt64;        # unix milliseconds
 }
 
+# Added: one result in a reportJobCompletions call, and the parent's answer to it.
+struct JobResult {
+  jobId @0 :UInt64;
+  success @1 :Bool;
+  result @2 :Text;
+}
+
+struct ReportReply {
+  acknowledged @0 :Bool;        # as in reportJobCompletion
+  message @1 :Text;
+}
+
 interface ValidatorJobsService {
   # Child calls this to register with parent. Added: the child's hotkey (ss58), and its sr25519
   # signature over [childId, endpoint, parent's hotkey, timestamp (unix ms), nonce]; the parent
@@ -47,4 +59,11 @@ interface ValidatorJobsService {
 
   # Statistics as JSON (the seed's format on a parent; queue counts on a child)
   getStats @5 () -> (json :Text);
+
+  # Added: child calls this to report several results at once; the parent records them in one
+  # transaction. replies[i] answers results[i]; `error` says why the whole call was refused (then
+  # `replies` is empty). A parent without this method answers "unimplemented": the child then
+  # reports one by one with reportJobCompletion.
+  reportJobCompletions @6 (childId :Text, results :List(JobResult))
+      -> (replies :List(ReportReply), error :Text);
 }

@@ -247,19 +247,26 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     not reported is a duplicate."""
     store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
     job = {"jobId": 4, "hfRepoId": "org/m", "hfRepoCommit": "abc"}
-    assert store.add_job(job) is True
-    assert store.add_job(job) is False
-    # Text fields the sender left out are stored as "".
-    assert store.start(4) == ({**child.UNSENT_TEXT, **job}, 1)
+    full = {**child.UNSENT_TEXT, **job}  # text fields the sender left out are stored as ""
+    assert store.add_jobs([job]) == [full]
+    assert store.add_jobs([job]) == []
+    assert store.holdings() == (1, [4])
+    assert store.start(4) == (full, 1)
     store.finish(4, True, "{}")
-    assert store.add_job(job) is False and store.holds(4)
-    store.mark_reported(4)
-    assert not store.holds(4)
-    assert store.add_job(job) is True
-    [row] = store.db.query("select status, attempts, result, reported_at from child_jobs")
+    assert store.add_jobs([job]) == [] and store.holds(4)
+    assert store.holdings() == (2, [4])  # finished, not reported: no slot, still held
+    store.mark_reported([4])
+    assert not store.holds(4) and store.holdings() == (2, [])
+    # One batch: the job sent again, a new one, and a copy of that new one.
+    other = {"jobId": 5, "hfRepoId": "org/n"}
+    assert [j["jobId"] for j in store.add_jobs([job, other, other])] == [4, 5]
+    store.finish(5, True, "{}")
+    store.mark_reported([5])
+    [row] = store.db.query("select status, attempts, result, reported_at from child_jobs "
+                           "where job_id = 4")
     assert row == {"status": "queued", "attempts": 0, "result": None, "reported_at": None}
-    queued = store.db.query("select payload from pgqueuer where status = 'queued'")
-    assert [bytes(r["payload"]) for r in queued] == [b"4"]
+    queued = store.db.query("select payload from pgqueuer where status = 'queued' order by id")
+    assert [bytes(r["payload"]) for r in queued] == [b"4", b"5"]
     store.db.close()
 
 

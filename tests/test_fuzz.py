@@ -21,6 +21,10 @@ CALLS = st.one_of(
     st.tuples(st.just("reportJobCompletion"), st.fixed_dictionaries(
         {"childId": TEXT, "jobId": st.one_of(U64, st.integers(0, 20)), "success": st.booleans(),
          "result": st.one_of(st.text(max_size=200), st.just("a\0b"))})),
+    st.tuples(st.just("reportJobCompletions"), st.fixed_dictionaries(
+        {"childId": TEXT, "results": st.lists(st.fixed_dictionaries(
+            {"jobId": st.one_of(U64, st.integers(0, 20)), "success": st.booleans(),
+             "result": st.one_of(st.text(max_size=200), st.just("a\0b"))}), max_size=4)})),
     st.tuples(st.just("receiveJob"), st.fixed_dictionaries({"job": st.fixed_dictionaries(
         {"jobId": U64, "hfRepoId": TEXT, "randomSeed": U32})})),
     st.tuples(st.just("ping"), st.just({})),

@@ -3,10 +3,13 @@
 import json
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
 from conftest import ROOT, commitment, free_port, run_foreign_client, write_chain
 
+import child
 import common
 
 
@@ -72,6 +75,72 @@ def test_report_job_completion_records_only_the_holders_result(parent):
     assert report("c1") == {"acknowledged": True, "message": "already recorded"}
     assert report("c1", job_id=999) == {"acknowledged": False, "message": "unknown job 999"}
     assert parent.log().count("completed job 1") == 1
+
+
+def test_report_job_completions_answers_each_result_of_one_call(parent):
+    register(parent.client, "c1")
+    register(parent.client, "c2")
+    parent.client.call("requestJobs", childId="c1", maxJobs=2)
+    parent.client.call("requestJobs", childId="c2", maxJobs=1)
+
+    def report(child_id, *job_ids, result="{}"):
+        return parent.client.call("reportJobCompletions", childId=child_id, results=[
+            {"jobId": job_id, "success": job_id != 2, "result": result} for job_id in job_ids])
+
+    assert report("c1", 1, 2, 3, 999) == {"error": "", "replies": [
+        {"acknowledged": True, "message": "recorded"},
+        {"acknowledged": True, "message": "recorded"},
+        {"acknowledged": True, "message": "not recorded: job 3 is assigned and not held by c1"},
+        {"acknowledged": False, "message": "unknown job 999"}]}
+    assert report("c1", 1)["replies"] == [{"acknowledged": True, "message": "already recorded"}]
+    big = "x" * ((1 << 20) + 1)
+    assert report("c2", 3, result=big)["replies"] == [{"acknowledged": False, "message": (
+        "result of job 3 is 1048577 bytes; the limit is 1048576 (max_result_bytes)")}]
+    assert report("c2")["replies"] == []  # a heartbeat, in effect
+    assert report("stranger", 3) == {
+        "replies": [], "error": "unknown child 'stranger': call registerChild first"}
+    parent.wait_for_log("Job 2 failed on child c1")
+    stats = json.loads(parent.client.call("getStats")["json"])
+    assert (stats["failed_jobs"], stats["children"][0]["total_jobs_completed"]) == (1, 2)
+    assert parent.log().count("completed job 1\n") == 1
+
+
+def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_path, make_dsn,
+                                                                          rpc):
+    """A parent of an older version, built from the seed's interface text, has no
+    reportJobCompletions: the child falls back to the seed's reportJobCompletion."""
+    (tmp_path / "seed.capnp").write_text(SEED_SCHEMA)
+    port = free_port()
+    older_parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import asyncio, capnp
+        schema = capnp.load({str(tmp_path / "seed.capnp")!r})
+        class OlderParent(schema.ValidatorJobsService.Server):
+            async def reportJobCompletion(self, childId, jobId, success, result, **_):
+                print(jobId, result, flush=True)
+                return jobId != 8
+        async def main():
+            server = await capnp.AsyncIoStream.create_server(
+                lambda stream: capnp.TwoPartyServer(stream, bootstrap=OlderParent())
+                .on_disconnect(), "127.0.0.1", {port})
+            print("serving", flush=True)
+            await server.serve_forever()
+        asyncio.run(capnp.run(main()))
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert older_parent.stdout.readline() == "serving\n"
+        store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=4))
+        store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in (7, 8)])
+        for n in (7, 8):
+            store.start(n)
+            store.finish(n, True, f'{{"score": {n}}}')
+        child.report_results(common.RpcClient(rpc, "127.0.0.1", port), store, "c1")
+        assert [older_parent.stdout.readline() for _ in range(2)] == [
+            '7 {"score": 7}\n', '8 {"score": 8}\n']
+        assert store.holdings() == (4, [8])  # 7 is reported; 8 was not taken, and is kept
+        store.db.close()
+    finally:
+        older_parent.kill()
+        older_parent.wait()
 
 
 def test_get_stats_uses_the_seed_format(parent):
