@@ -6,6 +6,7 @@
     python validator.py status --parent-host H --parent-port P [--json]
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
+    python validator.py bench [--json] [--quick]   the figures of the README's Benchmark
 """
 
 import argparse
@@ -295,8 +296,13 @@ def print_jobs(parent_dsn):
               f"{r['child_id']:<18} {r['result']}")
 
 
+def bench(argv):
+    """python validator.py bench [--json] [--quick]: the figures of the README's Benchmark."""
+    return subprocess.call([sys.executable, str(HERE / "tests" / "bench.py"), *argv])
+
+
 COMMANDS = {"demo": demo, "status": status, "jobs": operator_command,
-            "requeue": operator_command, "cancel": operator_command}
+            "requeue": operator_command, "cancel": operator_command, "bench": bench}
 
 
 def main(argv=None):

