@@ -9,6 +9,7 @@ pycapnp's RPC runs on an asyncio event loop; callers hand it coroutines and get 
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import random
@@ -814,6 +815,8 @@ def role_main(run, description, is_parent, argv=None):
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        # For a validator that seems stuck: `kill -USR1 PID` prints every thread's stack.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         run(cfg, stop)
         return 0
     except (ConfigError, DatabaseUnavailable, Refused) as e:

@@ -191,6 +191,8 @@ class Validator:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+                time.sleep(1.0)
                 self.proc.kill()
                 self.proc.wait()
                 STOP_FAILURES.append(self.name)

@@ -290,6 +290,8 @@ class Validator:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+            time.sleep(1.0)
             self.kill9()
             return None
 

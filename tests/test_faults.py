@@ -1,6 +1,7 @@
 """Faults around the validators: PostgreSQL late or restarted, a registration refused."""
 
 import os
+import signal
 import uuid
 
 import psycopg
@@ -68,3 +69,18 @@ def test_a_restart_of_the_parents_postgresql_loses_no_job(
                               "where outcome = 'completed'").fetchone()["n"]
     assert recorded == 12
     assert "Traceback" not in parent.log()
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_validator_goes_on(
+        tmp_path, parent_config, processes, rpc):
+    """How an operator sees where a validator that seems stuck is waiting."""
+    write_chain(tmp_path / "chain.json", 100, [commitment(1)])
+    config = parent_config()
+    proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    proc.wait_for_log("New job 1 ")
+    proc.proc.send_signal(signal.SIGUSR1)
+    proc.wait_for_log(r"Thread 0x[0-9a-f]+ \(most recent call first\)")
+    proc.wait_for_log(r'File ".*parent.py", line \d+ in run')
+    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    assert client.call("ping") == {"pong": "pong from parent"}
+    assert proc.stop() == 0
