@@ -416,7 +416,8 @@ class ChildService(common.ServiceBase):
                 self.cfg.parent_hotkey, ["receiveJob", self.cfg.validator_id, job.get("jobId")],
                 timestamp, nonce, signature)
             if reason:
-                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason)
+                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
+                                     self.peer)
         if self.stop.is_set():
             raise Refused("the child is stopping")
         if not job.get("jobId") or not job.get("hfRepoId"):

@@ -482,8 +482,9 @@ class Verifier:
             self.seen[nonce] = now + 2 * self.window
         return None
 
-    def refuse(self, what, reason):
-        """Count and log a refused call, then raise the one answer an attacker gets."""
+    def refuse(self, what, reason, peer):
+        """Count and log a refused call from `peer`, then raise the one answer an attacker
+        gets."""
         AUTH_FAILURES.inc()
         with self.lock:
             self.failures += 1
@@ -491,7 +492,8 @@ class Verifier:
             if log_it:
                 self.last_log = time.monotonic()
         if log_it:
-            log.warning("Refused %s: %s (%d refused so far)", what, reason, self.failures)
+            log.warning("Refused %s from %s: %s (%d refused so far)", what, peer, reason,
+                        self.failures)
         raise Refused("not allowed")
 
 
@@ -605,12 +607,14 @@ class RpcThread:
         Returns the bound port (useful with port 0)."""
         connections = set()
 
-        async def on_connection(stream):
+        async def on_connection(stream, peer):
             if len(connections) >= max_connections:
-                log.warning("Refused a connection: %d open already", max_connections)
+                log.warning("Refused a connection from %s: %d open already", peer,
+                            max_connections)
                 stream.close()
                 return
             service = service_factory()
+            service.peer = peer
             server = capnp.TwoPartyServer(stream, bootstrap=service)
             disconnected = asyncio.ensure_future(server.on_disconnect())
             connections.add(disconnected)
@@ -618,7 +622,7 @@ class RpcThread:
                 while not disconnected.done():
                     idle = time.monotonic() - service.last_call
                     if idle >= idle_timeout:
-                        log.debug("Closing a connection idle for %.0fs", idle)
+                        log.debug("Closing the connection from %s, idle for %.0fs", peer, idle)
                         stream.close()
                         break
                     await asyncio.wait({disconnected}, timeout=idle_timeout - idle)
@@ -628,8 +632,15 @@ class RpcThread:
                 connections.discard(disconnected)
                 disconnected.cancel()
 
+        def accept():
+            # What capnp.AsyncIoStream.create_server does for each connection, keeping hold of
+            # the protocol: its transport knows the peer's address, which the stream hides.
+            protocol = capnp.AsyncIoStream._connect(
+                lambda stream: on_connection(stream, peer_address(protocol.transport)))
+            return protocol
+
         async def start():
-            return await capnp.AsyncIoStream.create_server(on_connection, host, port, ssl=tls)
+            return await asyncio.get_running_loop().create_server(accept, host, port, ssl=tls)
 
         server = self.run(start(), timeout=10)
         self.servers.append(server)
@@ -665,6 +676,7 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
 
     def __init__(self):
         self.last_call = time.monotonic()  # for the idle timeout of this connection
+        self.peer = "an unknown address"  # RpcThread.serve sets host:port
 
     def ping(self):
         return {"pong": f"pong from {self.role}"}
@@ -720,6 +732,13 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
 
     async def getStats_context(self, context):
         await self._serve("getStats", context)
+
+
+def peer_address(transport):
+    peer = transport.get_extra_info("peername") if transport else None
+    if not peer:
+        return "an unknown address"
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
 def contains_nul(value):

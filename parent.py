@@ -445,7 +445,7 @@ class ParentState:
 
     # -- RPC side (each call runs on a worker thread of the RPC loop) --------------------------
 
-    def register_child(self, child_id, endpoint, hotkey=""):
+    def register_child(self, child_id, endpoint, hotkey="", peer="an unknown address"):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", child_id):
             raise Refused("childId must be 1-64 letters, digits, '_', '.' or '-'")
         try:
@@ -462,7 +462,7 @@ class ParentState:
                    where children.hotkey in ('', excluded.hotkey) returning 1""",
                 (child_id, endpoint, time.time(), hotkey)):
             self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
-                                 f"the id belongs to another hotkey than {hotkey}")
+                                 f"the id belongs to another hotkey than {hotkey}", peer)
         log.info("Child %s registered from %s", child_id, endpoint)
         return f"registered as {child_id}"
 
@@ -786,20 +786,22 @@ class ParentService(common.ServiceBase):
         if verifier:
             if hotkey not in self.state.cfg.allowed_child_hotkeys:
                 verifier.refuse(f"registration of {childId!r}",
-                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys")
+                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys", self.peer)
             reason = verifier.check(hotkey, ["registerChild", childId, endpoint,
                                              self.state.identity.hotkey], timestamp, nonce,
                                     signature)
             if reason:
-                verifier.refuse(f"registration of {childId!r}", reason)
-        message = self.state.register_child(childId, endpoint, hotkey if verifier else "")
+                verifier.refuse(f"registration of {childId!r}", reason, self.peer)
+        message = self.state.register_child(childId, endpoint, hotkey if verifier else "",
+                                            self.peer)
         self.child_id = childId
         return {"success": True, "message": message}
 
     def _check_bound(self, method, child_id):
         if self.state.verifier and child_id != self.child_id:
             self.state.verifier.refuse(f"{method} for {child_id!r}",
-                                       f"the connection is registered as {self.child_id!r}")
+                                       f"the connection is registered as {self.child_id!r}",
+                                       self.peer)
 
     def request_jobs(self, childId, maxJobs, heldJobs=None):
         self._check_bound("requestJobs", childId)

@@ -2,6 +2,7 @@
 the child that registered on it, and a child takes pushed jobs only from its parent."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def test_only_allowed_hotkeys_with_good_fresh_signatures_register(parent, wallet
     stats = json.loads(client.call("getStats")["json"])
     assert stats["auth_failures"] == 5 and [c["child_id"] for c in stats["children"]] == ["c1"]
     log = parent.log()
-    assert "Refused registration of 'x': hotkey" in log  # logged, then rate-limited
+    # Logged with the caller's address (our client's side of its connection), then
+    # rate-limited.
+    assert re.search(r"Refused registration of 'x' from 127\.0\.0\.1:\d+: hotkey", log)
     assert log.count("Refused ") == 1
 
 
