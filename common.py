@@ -711,27 +711,13 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
         for field, value in results.items():
             setattr(context.results, field, value)
 
-    # pycapnp calls <method>_context with the raw call, so that parameters are decoded here.
-    async def registerChild_context(self, context):
-        await self._serve("registerChild", context)
-
-    async def requestJobs_context(self, context):
-        await self._serve("requestJobs", context)
-
-    async def reportJobCompletion_context(self, context):
-        await self._serve("reportJobCompletion", context)
-
-    async def reportJobCompletions_context(self, context):
-        await self._serve("reportJobCompletions", context)
-
-    async def receiveJob_context(self, context):
-        await self._serve("receiveJob", context)
-
-    async def ping_context(self, context):
-        await self._serve("ping", context)
-
-    async def getStats_context(self, context):
-        await self._serve("getStats", context)
+    def __getattr__(self, name):
+        # pycapnp answers a call of method M with <M>_context(context) if there is one: every
+        # method in REFUSALS goes through _serve, which decodes the parameters itself.
+        method = name.removesuffix("_context")
+        if method != name and method in REFUSALS:
+            return lambda context: self._serve(method, context)
+        raise AttributeError(name)
 
 
 def peer_address(transport):
@@ -765,6 +751,7 @@ class RpcClient:
         self.on_connect = on_connect
         self._cap = None
         self._client = None
+        self._unimplemented = set()  # methods the peer on this connection does not serve
         rpc.clients.append(self)
 
     async def _capability(self):
@@ -774,6 +761,7 @@ class RpcClient:
                 server_hostname=self.host if self.tls else None)
             self._client = capnp.TwoPartyClient(stream)
             cap = self._client.bootstrap().cast_as(SCHEMA.ValidatorJobsService)
+            self._unimplemented.clear()  # the peer may have been upgraded meanwhile
             if self.on_connect:
                 await self.on_connect(cap)
             self._cap = cap
@@ -781,12 +769,15 @@ class RpcClient:
 
     async def _call(self, method, params):
         reused = self._cap is not None
+        if reused and method in self._unimplemented:  # learned on this connection
+            raise Unimplemented(f"{self.host}:{self.port} does not serve {method}")
         try:
             cap = await asyncio.wait_for(self._capability(), self.timeout)
             response = await asyncio.wait_for(getattr(cap, method)(**params), self.timeout)
             return response.to_dict()
         except (OSError, asyncio.TimeoutError, capnp.KjException) as e:
             if isinstance(e, capnp.KjException) and str(e.type) == "UNIMPLEMENTED":
+                self._unimplemented.add(method)
                 raise Unimplemented(f"{self.host}:{self.port} does not serve {method}") from None
             self._cap = self._client = None
             if reused and isinstance(e, capnp.KjException):

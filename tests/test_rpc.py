@@ -133,11 +133,18 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
         for n in (7, 8):
             store.start(n)
             store.finish(n, True, f'{{"score": {n}}}')
-        child.report_results(common.RpcClient(rpc, "127.0.0.1", port), store, "c1")
+        client = common.RpcClient(rpc, "127.0.0.1", port)
+        child.report_results(client, store, "c1")
         assert [older_parent.stdout.readline() for _ in range(2)] == [
             '7 {"score": 7}\n', '8 {"score": 8}\n']
         assert store.holdings() == (4, [8])  # 7 is reported; 8 was not taken, and is kept
         store.db.close()
+        # The client remembers the answer for this connection: the next round asks no more
+        # (with the peer gone, asking would fail with PeerUnavailable).
+        older_parent.kill()
+        older_parent.wait()
+        with pytest.raises(common.Unimplemented):
+            client.call("reportJobCompletions", childId="c1", results=[])
     finally:
         older_parent.kill()
         older_parent.wait()
