@@ -46,16 +46,32 @@ create table if not exists child_jobs (
 alter table child_jobs add column if not exists attempts integer not null default 0;
 create index if not exists child_jobs_outbox on child_jobs (finished_at)
     where finished_at is not null and reported_at is null;
+""", """
+-- Each time the parent sends a job again after our report, the job goes on pgqueuer's queue
+-- under a new key (job_id/deliveries): the earlier entry may still be finishing, and an entry
+-- of an earlier delivery must not run the job.
+alter table child_jobs add column if not exists deliveries integer not null default 1;
 """]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
-PRUNE_EVERY = 3600.0
+PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
-    buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))  # seconds between deletions of what is older than retention_days
+    buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))
+
+
+def queue_key(job_id, delivery):
+    """A job's key and payload on pgqueuer's queue."""
+    return f"{job_id}/{delivery}"
+
+
+def parse_queue_key(key):
+    """(job id, delivery); delivery is None for a key written before deliveries were counted."""
+    job_id, _, delivery = key.partition("/")
+    return int(job_id), int(delivery) if delivery else None
 
 
 class ChildStore:
@@ -65,42 +81,62 @@ class ChildStore:
         from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
         self.cfg = cfg
         self.db = common.Database(dsn, SCHEMA)
+        self.lost_to_outage = set()  # jobs whose last start ended as the database went away
         with self.db.transaction() as conn:
             conn.execute("select pg_advisory_xact_lock(7340512)")
             if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
                 conn.execute(QueryBuilderEnvironment().build_install_query())
+            self._requeue_orphans(conn)
+
+    def _requeue_orphans(self, conn):
+        """Put back on the queue the unfinished jobs that have no queue entry (pgqueuer drops
+        the entry of a job whose run raised an error we did not expect): else they would hold
+        a slot forever."""
+        orphans = conn.execute(
+            "select job_id, deliveries from child_jobs c where finished_at is null "
+            "and not exists (select 1 from pgqueuer q where q.entrypoint = %s "
+            "and split_part(q.dedupe_key, '/', 1) = c.job_id::text) order by job_id",
+            (EVALUATE,)).fetchall()
+        if orphans:
+            self._enqueue(conn, [(row["job_id"], row["deliveries"]) for row in orphans])
+            log.warning("Queued again %d unfinished jobs that were missing from the queue: %s",
+                        len(orphans), ", ".join(str(row["job_id"]) for row in orphans))
+
+    @staticmethod
+    def _enqueue(conn, deliveries):
+        from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+        from pgqueuer.queries import SyncQueries
+        keys = [queue_key(job_id, delivery) for job_id, delivery in deliveries]
+        SyncQueries(SyncPsycopgDriver(conn)).enqueue(
+            [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
+            dedupe_key=keys, on_conflict="skip")
 
     def add_jobs(self, jobs):
         """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
         ones that are to run: new jobs, and jobs we already reported that the parent sends
         again (it has no result of ours for this assignment: a requeue, an expired lease, a
         report it did not record). A job we hold and have not reported yet is ignored."""
-        from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
-        from pgqueuer.queries import SyncQueries
         queued = []
         with self.db.transaction() as conn:
             for job in jobs:
                 job = {**UNSENT_TEXT, **job}  # a sender may leave text fields out: ""
                 text = json.dumps(job)
-                if conn.execute("insert into child_jobs (job_id, job) values (%s, %s) "
-                                "on conflict (job_id) do nothing returning 1",
-                                (job["jobId"], text)).fetchone():
-                    queued.append((job, False))
-                elif conn.execute(
-                        "update child_jobs set job = %s, status = 'queued', received_at = now(), "
-                        "started_at = null, finished_at = null, result = null, "
-                        "reported_at = null, attempts = 0 "
-                        "where job_id = %s and reported_at is not null returning 1",
-                        (text, job["jobId"])).fetchone():
-                    queued.append((job, True))
+                row = conn.execute(
+                    "insert into child_jobs (job_id, job) values (%s, %s) "
+                    "on conflict (job_id) do nothing returning deliveries",
+                    (job["jobId"], text)).fetchone() or conn.execute(
+                    "update child_jobs set job = %s, status = 'queued', received_at = now(), "
+                    "started_at = null, finished_at = null, result = null, "
+                    "reported_at = null, attempts = 0, deliveries = deliveries + 1 "
+                    "where job_id = %s and reported_at is not null returning deliveries",
+                    (text, job["jobId"])).fetchone()
+                if row:
+                    queued.append((job, row["deliveries"]))
             if queued:
-                keys = [str(job["jobId"]) for job, _ in queued]
-                SyncQueries(SyncPsycopgDriver(conn)).enqueue(
-                    [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
-                    dedupe_key=keys, on_conflict="skip")
-        for job, again in queued:
+                self._enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
+        for job, delivery in queued:
             log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
-                     job["hfRepoCommit"] or "default", " again" if again else "")
+                     job["hfRepoCommit"] or "default", " again" if delivery > 1 else "")
         return [job for job, _ in queued]
 
     def holdings(self):
@@ -120,13 +156,18 @@ class ChildStore:
     def free_slots(self):
         return self.holdings()[0]
 
-    def start(self, job_id):
-        """Mark a job running, count the start, and return (job, starts so far); None if it
-        already has a result (pgqueuer handed it out again after a crash that came after the
-        result was stored)."""
+    def start(self, job_id, delivery=None):
+        """Mark a job running, count the start, and return (job, starts so far). None if this
+        queue entry has nothing to run: the job has a result (pgqueuer handed the entry out
+        again after a crash that came after the result was stored), or the parent has sent
+        the job again since and the entry of that delivery runs it. A start that ended because
+        the database went away did not kill this process: it is not counted."""
+        counted = 0 if job_id in self.lost_to_outage else 1
         row = self.db.query("update child_jobs set status = 'running', started_at = now(), "
-                            "attempts = attempts + 1 where job_id = %s and finished_at is null "
-                            "returning job, attempts", (job_id,))
+                            "attempts = attempts + %s where job_id = %s and finished_at is null "
+                            "and deliveries = coalesce(%s::integer, deliveries) "
+                            "returning job, attempts", (counted, job_id, delivery))
+        self.lost_to_outage.discard(job_id)
         return (row[0]["job"], row[0]["attempts"]) if row else None
 
     def put_back(self, job_id):
@@ -136,9 +177,13 @@ class ChildStore:
                       (job_id,))
 
     def finish(self, job_id, success, result):
-        self.db.query("update child_jobs set status = %s, result = %s, finished_at = now() "
-                      "where job_id = %s and finished_at is null",
-                      ("completed" if success else "failed", result, job_id))
+        try:
+            self.db.query("update child_jobs set status = %s, result = %s, finished_at = now() "
+                          "where job_id = %s and finished_at is null",
+                          ("completed" if success else "failed", result, job_id))
+        except common.DatabaseUnavailable:
+            self.lost_to_outage.add(job_id)
+            raise
 
     def unreported(self, limit=100):
         return self.db.query(
@@ -271,9 +316,11 @@ def demo_evaluate(cfg, job, running):
 # The worker: a pgqueuer consumer on its own thread and event loop, and the job it runs
 # ---------------------------------------------------------------------------------------------
 
-def run_job(cfg, store, evaluations, logs_dir, wake, job_id):
-    """Run one job that pgqueuer handed out (on a worker thread) and store its result."""
-    started = store.start(job_id)
+def run_job(cfg, store, evaluations, logs_dir, wake, key):
+    """Run the job of a queue entry that pgqueuer handed out (on a worker thread) and store
+    its result."""
+    job_id, delivery = parse_queue_key(key)
+    started = store.start(job_id, delivery)
     if started is None:
         return
     job, attempts = started
@@ -358,11 +405,12 @@ class Worker:
         @pgq.entrypoint(EVALUATE, concurrency_limit=self.slots)
         async def run(job):
             try:
-                await loop.run_in_executor(self.pool, self.run_job, int(job.payload))
+                await loop.run_in_executor(self.pool, self.run_job, job.payload.decode())
             except Abandoned:
                 raise RetryRequested(reason="the child stopped during the evaluation") from None
             except common.DatabaseUnavailable as e:
-                log.warning("Job %s: %s; it runs again in 5s", job.payload.decode(), e)
+                log.warning("Job %d: %s; it runs again in 5s",
+                            parse_queue_key(job.payload.decode())[0], e)
                 raise RetryRequested(datetime.timedelta(seconds=5), str(e)) from None
 
         async def stop_when_asked():

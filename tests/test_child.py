@@ -3,6 +3,7 @@ reconnection, the cap on evaluations that kill it, retention, and the staged shu
 parent and child processes, real ports, real PostgreSQL."""
 
 import json
+import queue
 import signal
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     assert store.add_jobs([job]) == [full]
     assert store.add_jobs([job]) == []
     assert store.holdings() == (1, [4])
-    assert store.start(4) == (full, 1)
+    assert store.start(4, 1) == (full, 1)
     store.finish(4, True, "{}")
     assert store.add_jobs([job]) == [] and store.holds(4)
     assert store.holdings() == (2, [4])  # finished, not reported: no slot, still held
@@ -260,13 +261,75 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     # One batch: the job sent again, a new one, and a copy of that new one.
     other = {"jobId": 5, "hfRepoId": "org/n"}
     assert [j["jobId"] for j in store.add_jobs([job, other, other])] == [4, 5]
-    store.finish(5, True, "{}")
-    store.mark_reported([5])
     [row] = store.db.query("select status, attempts, result, reported_at from child_jobs "
                            "where job_id = 4")
     assert row == {"status": "queued", "attempts": 0, "result": None, "reported_at": None}
     queued = store.db.query("select payload from pgqueuer where status = 'queued' order by id")
-    assert [bytes(r["payload"]) for r in queued] == [b"4", b"5"]
+    assert [bytes(r["payload"]) for r in queued] == [b"4/1", b"4/2", b"5/1"]
+    # The entry of the first delivery, handed out again (say after a crash), runs nothing.
+    assert store.start(4, 1) is None
+    assert store.start(4, 2) == (full, 1)
+    store.db.close()
+
+
+def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
+    """The parent may send a job again (it took it back while we ran it) as soon as we report
+    it, while pgqueuer has not yet let go of the queue entry that ran it."""
+    dsn = make_dsn()
+    store = child.ChildStore(dsn, types.SimpleNamespace(max_concurrent_jobs=2))
+    job = {"jobId": 4, "hfRepoId": "org/m"}
+    runs = queue.Queue()
+
+    def run_job(key):
+        job_id, delivery = child.parse_queue_key(key)
+        started = store.start(job_id, delivery)
+        if started and runs.empty():
+            store.finish(job_id, False, "{}")
+            store.mark_reported([job_id])
+            store.add_jobs([job])  # its entry is still picked: this one is handling it
+        runs.put(started is not None)
+
+    store.add_jobs([job])
+    worker = child.Worker(dsn, 2, 3.0, run_job)
+    worker.start()
+    try:
+        assert runs.get(timeout=30) is True
+        assert runs.get(timeout=30) is True  # the second delivery ran
+    finally:
+        worker.stop_taking()
+        assert worker.wait(30)
+    assert store.holdings() == (1, [4])
+    store.db.close()
+
+
+def test_unfinished_jobs_missing_from_the_queue_are_queued_again_at_start(make_dsn):
+    dsn = make_dsn()
+    cfg = types.SimpleNamespace(max_concurrent_jobs=3)
+    store = child.ChildStore(dsn, cfg)
+    store.add_jobs([{"jobId": n} for n in (1, 2, 3)])
+    store.finish(3, True, "{}")
+    # pgqueuer drops the entry of a run that raised an error we did not foresee.
+    store.db.query("delete from pgqueuer where payload in ('1/1', '3/1')")
+    store.db.close()
+    store = child.ChildStore(dsn, cfg)
+    queued = store.db.query("select payload from pgqueuer order by payload")
+    assert [bytes(r["payload"]) for r in queued] == [b"1/1", b"2/1"]
+    store.db.close()
+
+
+def test_a_start_cut_short_by_a_database_outage_is_not_counted(make_dsn, pg_admin_dsn):
+    """max_attempts guards against a job whose evaluation kills the child; a result lost to a
+    database outage is no such thing."""
+    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=1))
+    store.add_jobs([{"jobId": 9}])
+    assert store.start(9, 1)[1] == 1
+    pid = store.db.query("select pg_backend_pid() as pid")[0]["pid"]
+    with common.connect(pg_admin_dsn) as admin:
+        admin.execute("select pg_terminate_backend(%s, 10000)", (pid,))  # waits for it
+    with pytest.raises(common.DatabaseUnavailable):
+        store.finish(9, True, "{}")
+    assert store.start(9, 1)[1] == 1  # the same count: the start was not the job's fault
+    assert store.start(9, 1)[1] == 2  # a start that ended otherwise counts
     store.db.close()
 
 
