@@ -543,7 +543,7 @@ def run(cfg, stop):
     dsn = common.database_dsn(cfg, stop)
     store = ChildStore(dsn, cfg)
     wake = threading.Event()
-    # The signal handler only sets `stop`; this also ends the loop's wait for the next poll.
+    # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
     evaluations = Evaluations()
 

@@ -12,6 +12,7 @@ import contextlib
 import faulthandler
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -814,6 +815,29 @@ def split_endpoint(endpoint):
     return host.strip("[]"), int(port)
 
 
+def stop_on_signals():
+    """An Event that SIGTERM or SIGINT sets. Not in the signal handler itself: Event.set takes a
+    lock, and a second signal arriving while the first one's handler holds it runs the handler
+    again in the same thread, which then waits for that lock forever. The handler only writes
+    to a pipe; a thread reads it and sets the Event."""
+    stop = threading.Event()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def handler(signum, frame):
+        with contextlib.suppress(BlockingIOError):  # full: the thread has enough to read
+            os.write(write_end, b"!")
+
+    def relay():
+        os.read(read_end, 1)
+        stop.set()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
 def role_main(run, description, is_parent, argv=None):
     """A role's command line: parse it, load the config, run(cfg, stop) until SIGTERM or
     SIGINT sets `stop`. The errors an operator can fix (a bad config, no database, a refused
@@ -822,12 +846,12 @@ def role_main(run, description, is_parent, argv=None):
     args.is_parent_validator = is_parent
     try:
         cfg = config_from_arguments(args)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        stop = stop_on_signals()
         # For a validator that seems stuck: `kill -USR1 PID` prints every thread's stack.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         run(cfg, stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # repeated during the exit: still exit 0
+            signal.signal(sig, signal.SIG_IGN)
         return 0
     except (ConfigError, DatabaseUnavailable, Refused) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -84,3 +84,15 @@ def test_sigusr1_prints_every_threads_stack_and_the_validator_goes_on(
     client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
     assert client.call("ping") == {"pong": "pong from parent"}
     assert proc.stop() == 0
+
+
+def test_a_burst_of_signals_stops_a_validator_cleanly(tmp_path, parent_config, processes):
+    """An operator presses Ctrl-C twice, or systemd and a script both send SIGTERM: a signal
+    that arrives while the handler of the previous one runs must not hang the validator."""
+    write_chain(tmp_path / "chain.json", 100, [commitment(1)])
+    proc = processes(["parent.py", "--config", parent_config()], tmp_path / "parent.log")
+    proc.wait_for_log("Parent validator serving")
+    for n in range(3000):
+        proc.proc.send_signal(signal.SIGINT if n % 2 else signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    assert "Traceback" not in proc.log()
