@@ -325,7 +325,9 @@ def test_a_start_cut_short_by_a_database_outage_is_not_counted(make_dsn, pg_admi
     assert store.start(9, 1)[1] == 1
     pid = store.db.query("select pg_backend_pid() as pid")[0]["pid"]
     with common.connect(pg_admin_dsn) as admin:
-        admin.execute("select pg_terminate_backend(%s, 10000)", (pid,))  # waits for it
+        admin.execute("select pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s",
+                                             (pid,)).fetchone(), 10, "the backend to end")
     with pytest.raises(common.DatabaseUnavailable):
         store.finish(9, True, "{}")
     assert store.start(9, 1)[1] == 1  # the same count: the start was not the job's fault
