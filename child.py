@@ -58,6 +58,7 @@ ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
+REPORT_BATCH = 100  # results per reportJobCompletions call
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
     buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))
@@ -74,6 +75,46 @@ def parse_queue_key(key):
     return int(job_id), int(delivery) if delivery else None
 
 
+class GroupCommit:
+    """What several threads ask for at once runs in one transaction: the first caller runs
+    run_batch(conn, items) (which returns one result per item) for every item waiting, again
+    and again until none is left, while the others wait for their item's result. A result is
+    returned only once its transaction committed; a failure reaches every item of its batch.
+    The evaluations a pgqueuer batch starts together thus share one commit for their starts
+    and one for their ends, instead of queueing for the connection one by one."""
+
+    def __init__(self, db, run_batch):
+        self.db, self.run_batch = db, run_batch
+        self.lock = threading.Lock()
+        self.waiting, self.running = [], False
+
+    def call(self, item):
+        done = concurrent.futures.Future()
+        with self.lock:
+            self.waiting.append((item, done))
+            leader, self.running = not self.running, True
+        if leader:
+            self._run_all()
+        return done.result()
+
+    def _run_all(self):
+        while True:
+            with self.lock:
+                batch, self.waiting = self.waiting, []
+                if not batch:
+                    self.running = False
+                    return
+            try:
+                with self.db.transaction() as conn:
+                    results = self.run_batch(conn, [item for item, _ in batch])
+            except Exception as e:
+                for _, done in batch:
+                    done.set_exception(e)
+            else:
+                for (_, done), result in zip(batch, results):
+                    done.set_result(result)
+
+
 class ChildStore:
     """The child's database: jobs received, their state, and the results to report."""
 
@@ -82,6 +123,8 @@ class ChildStore:
         self.cfg = cfg
         self.db = common.Database(dsn, SCHEMA)
         self.lost_to_outage = set()  # jobs whose last start ended as the database went away
+        self.starts = GroupCommit(self.db, self._start_many)
+        self.finishes = GroupCommit(self.db, self._finish_many)
         with self.db.transaction() as conn:
             conn.execute("select pg_advisory_xact_lock(7340512)")
             if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
@@ -116,22 +159,25 @@ class ChildStore:
         ones that are to run: new jobs, and jobs we already reported that the parent sends
         again (it has no result of ours for this assignment: a requeue, an expired lease, a
         report it did not record). A job we hold and have not reported yet is ignored."""
-        queued = []
+        # A sender may leave text fields out: "". The same job twice in one call is one job.
+        jobs = {job["jobId"]: {**UNSENT_TEXT, **job} for job in jobs}
+        if not jobs:
+            return []
         with self.db.transaction() as conn:
-            for job in jobs:
-                job = {**UNSENT_TEXT, **job}  # a sender may leave text fields out: ""
-                text = json.dumps(job)
-                row = conn.execute(
-                    "insert into child_jobs (job_id, job) values (%s, %s) "
-                    "on conflict (job_id) do nothing returning deliveries",
-                    (job["jobId"], text)).fetchone() or conn.execute(
-                    "update child_jobs set job = %s, status = 'queued', received_at = now(), "
-                    "started_at = null, finished_at = null, result = null, "
-                    "reported_at = null, attempts = 0, deliveries = deliveries + 1 "
-                    "where job_id = %s and reported_at is not null returning deliveries",
-                    (text, job["jobId"])).fetchone()
-                if row:
-                    queued.append((job, row["deliveries"]))
+            columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
+            deliveries = {row["job_id"]: row["deliveries"] for row in conn.execute(
+                "insert into child_jobs (job_id, job) select * from unnest(%s::bigint[], "
+                "%s::jsonb[]) on conflict (job_id) do nothing returning job_id, deliveries",
+                columns)}
+            deliveries.update((row["job_id"], row["deliveries"]) for row in conn.execute(
+                "update child_jobs c set job = s.job, status = 'queued', received_at = now(), "
+                "started_at = null, finished_at = null, result = null, reported_at = null, "
+                "attempts = 0, deliveries = deliveries + 1 "
+                "from unnest(%s::bigint[], %s::jsonb[]) as s(job_id, job) "
+                "where c.job_id = s.job_id and reported_at is not null "
+                "returning c.job_id, deliveries", columns))
+            queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
+                      if job_id in deliveries]
             if queued:
                 self._enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
         for job, delivery in queued:
@@ -163,12 +209,24 @@ class ChildStore:
         the job again since and the entry of that delivery runs it. A start that ended because
         the database went away did not kill this process: it is not counted."""
         counted = 0 if job_id in self.lost_to_outage else 1
-        row = self.db.query("update child_jobs set status = 'running', started_at = now(), "
-                            "attempts = attempts + %s where job_id = %s and finished_at is null "
-                            "and deliveries = coalesce(%s::integer, deliveries) "
-                            "returning job, attempts", (counted, job_id, delivery))
+        row = self.starts.call((job_id, delivery, counted))
         self.lost_to_outage.discard(job_id)
-        return (row[0]["job"], row[0]["attempts"]) if row else None
+        return (row["job"], row["attempts"]) if row else None
+
+    @staticmethod
+    def _start_many(conn, starts):
+        """starts: [(job_id, delivery, 1 to count the start or 0)]; one row or None each."""
+        rows = conn.execute(
+            "update child_jobs c set status = 'running', started_at = now(), "
+            "attempts = attempts + s.counted from unnest(%s::bigint[], %s::integer[], "
+            "%s::integer[]) as s(job_id, delivery, counted) "
+            "where c.job_id = s.job_id and finished_at is null "
+            "and deliveries = coalesce(s.delivery, deliveries) "
+            "returning c.job_id, s.delivery, job, attempts",
+            [list(column) for column in zip(*starts)]).fetchall()
+        # Keyed by delivery too: of two entries of one job, only the current one may run it.
+        started = {(row["job_id"], row["delivery"]): row for row in rows}
+        return [started.get((job_id, delivery)) for job_id, delivery, _ in starts]
 
     def put_back(self, job_id):
         """Undo a start that the shutdown interrupted: it was no fault of the job's."""
@@ -178,14 +236,22 @@ class ChildStore:
 
     def finish(self, job_id, success, result):
         try:
-            self.db.query("update child_jobs set status = %s, result = %s, finished_at = now() "
-                          "where job_id = %s and finished_at is null",
-                          ("completed" if success else "failed", result, job_id))
+            self.finishes.call((job_id, "completed" if success else "failed", result))
         except common.DatabaseUnavailable:
             self.lost_to_outage.add(job_id)
             raise
 
-    def unreported(self, limit=100):
+    @staticmethod
+    def _finish_many(conn, finishes):
+        """finishes: [(job_id, status, result)]."""
+        conn.execute("update child_jobs c set status = s.status, result = s.result, "
+                     "finished_at = now() from unnest(%s::bigint[], %s::text[], %s::text[]) "
+                     "as s(job_id, status, result) "
+                     "where c.job_id = s.job_id and finished_at is null",
+                     [list(column) for column in zip(*finishes)])
+        return [None] * len(finishes)
+
+    def unreported(self, limit=REPORT_BATCH):
         return self.db.query(
             "select job_id, status, result from child_jobs where finished_at is not null "
             "and reported_at is null order by finished_at, job_id limit %s", (limit,))
@@ -487,10 +553,10 @@ class ChildService(common.ServiceBase):
 # ---------------------------------------------------------------------------------------------
 
 def report_results(parent, store, child_id):
-    """Send every finished, unreported result, oldest first, in calls of up to 100; a result is
-    marked reported only once the parent acknowledged it, so a crash or an outage at any point
-    resends it later."""
-    while rows := store.unreported(limit=100):
+    """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH; a
+    result is marked reported only once the parent acknowledged it, so a crash or an outage at
+    any point resends it later."""
+    while rows := store.unreported(limit=REPORT_BATCH):
         try:
             reply = parent.call("reportJobCompletions", childId=child_id, results=[
                 {"jobId": row["job_id"], "success": row["status"] == "completed",
@@ -513,6 +579,8 @@ def report_results(parent, store, child_id):
         store.mark_reported(done)
         if len(done) < len(rows):
             return  # the rest waits for the next round, not a tight loop
+        if len(rows) < REPORT_BATCH:
+            return  # that was all: no need to ask the database again
 
 
 def request_jobs(parent, store, child_id):

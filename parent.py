@@ -317,7 +317,8 @@ class ParentState:
     def __init__(self, db, cfg, identity=None, verifier=None):
         self.db, self.cfg = db, cfg
         self.identity, self.verifier = identity, verifier  # None, None: auth is off
-        self.lock = threading.Lock()  # guards the queue; the database serializes itself
+        # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
+        self.lock = threading.Lock()
         self.started = time.time()
         self.skipped = set()  # bad commitments already logged, so each is logged once
         self.queue, self.queue_version = PendingQueue(), None
@@ -329,7 +330,7 @@ class ParentState:
         version = rows[0]["value"] if rows else 0
         if version == self.queue_version:
             return
-        with self.lock, self.db.transaction() as conn:
+        with self.db.transaction() as conn, self.lock:
             # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
             cursor = conn.cursor(row_factory=tuple_row)
             self.queue = PendingQueue(cursor.execute(
@@ -478,13 +479,17 @@ class ParentState:
 
     def assign(self, child_id, count):
         """Take up to `count` jobs off the queue and record them as the child's, before they
-        leave. If the transaction fails the jobs go back on the queue."""
-        with self.lock:
-            taken = self.queue.pop(count)
-        if not taken:
-            return []
+        leave. If the transaction fails the jobs go back on the queue. `count` may be a
+        function of the transaction's connection, to decide in the same transaction."""
+        taken = []
         try:
             with self.db.transaction() as conn:
+                if callable(count):
+                    count = count(conn)
+                with self.lock:
+                    taken = self.queue.pop(count)
+                if not taken:
+                    return []
                 rows = conn.execute(
                     """update jobs set status = 'assigned', child_id = %s,
                            attempts = attempts + 1, assigned_at = now()
@@ -503,20 +508,24 @@ class ParentState:
     def request_jobs(self, child_id, max_jobs, held_ids=None):
         """A child's poll: up to max_jobs, within max_jobs_per_child. 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
-        (an answer lost when a connection or the parent died) are sent again first."""
-        with self.db.transaction() as conn:
+        (an answer lost when a connection or the parent died) are sent again first. All in
+        one transaction."""
+        lost = []
+
+        def room(conn):
             held = self._seen(conn, child_id)
             # A job assigned moments ago may be a push still on its way to the child.
-            lost = [] if held_ids is None else conn.execute(
+            lost[:] = [] if held_ids is None else conn.execute(
                 """select * from jobs where child_id = %s and status = 'assigned'
                    and not job_id = any(%s) and assigned_at < now() - make_interval(secs => %s)
                    order by job_id""",
                 (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS)).fetchall()
+            return min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
+
+        rows = self.assign(child_id, room)
         if lost:
             log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
-        room = min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
-        rows = self.assign(child_id, max(0, room))
         if rows:
             log.info("Sending %d jobs to child %s", len(rows), child_id)
         return [job_message(row) for row in lost + rows]

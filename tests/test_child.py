@@ -2,12 +2,14 @@
 reconnection, the cap on evaluations that kill it, retention, and the staged shutdown. Real
 parent and child processes, real ports, real PostgreSQL."""
 
+import concurrent.futures
 import json
 import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from pathlib import Path
@@ -299,6 +301,51 @@ def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
         worker.stop_taking()
         assert worker.wait(30)
     assert store.holdings() == (1, [4])
+    store.db.close()
+
+
+def test_calls_made_while_a_transaction_runs_share_the_next_one(make_dsn):
+    """Group commit, as the evaluations' starts and ends use it: each caller gets its own
+    result, only once its transaction committed; a failure reaches the callers of its batch
+    and no other."""
+    db = common.Database(make_dsn(), [])
+    batches, first_running, release = [], threading.Event(), threading.Event()
+
+    def run_batch(conn, items):
+        batches.append(items)
+        if len(batches) == 1:
+            first_running.set()
+            release.wait(30)
+        if "fail" in items:
+            raise common.DatabaseUnavailable("lost the connection")
+        return [conn.execute("select %s::integer * 10 as n", (n,)).fetchone()["n"]
+                for n in items]
+
+    group = child.GroupCommit(db, run_batch)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group.call, 1)
+        assert first_running.wait(30)
+        rest = [pool.submit(group.call, n) for n in range(2, 9)]
+        wait_until(lambda: len(group.waiting) == 7, 30, "the other calls to wait")
+        assert not any(f.done() for f in rest)
+        release.set()
+        assert [f.result(30) for f in [first, *rest]] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert batches == [[1], [2, 3, 4, 5, 6, 7, 8]]
+    with pytest.raises(common.DatabaseUnavailable):
+        group.call("fail")
+    assert group.call(9) == 90 and batches[-1] == [9]
+    db.close()
+
+
+def test_of_two_entries_of_one_job_started_together_only_the_current_one_runs(make_dsn):
+    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    store.add_jobs([{"jobId": 4}])
+    store.finish(4, True, "{}")
+    store.mark_reported([4])
+    store.add_jobs([{"jobId": 4}])  # sent again: delivery 2
+    with store.db.transaction() as conn:
+        stale, current = store._start_many(conn, [(4, 1, 1), (4, 2, 1)])
+    assert stale is None and (current["job_id"], current["attempts"]) == (4, 1)
     store.db.close()
 
 
