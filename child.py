@@ -51,6 +51,10 @@ create index if not exists child_jobs_outbox on child_jobs (finished_at)
 -- under a new key (job_id/deliveries): the earlier entry may still be finishing, and an entry
 -- of an earlier delivery must not run the job.
 alter table child_jobs add column if not exists deliveries integer not null default 1;
+""", """
+-- The jobs held (not reported yet), which every poll counts: a few, among the many reported
+-- jobs kept for retention_days.
+create index if not exists child_jobs_held on child_jobs (job_id) where reported_at is null;
 """]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
