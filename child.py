@@ -1,8 +1,9 @@
 """A child validator: takes evaluation jobs from the parent validator, keeps them in its own
 PostgreSQL through pgqueuer, runs each through the evaluator, and reports every result back.
 
-Its life, top to bottom: the database schema; ChildStore (the jobs table, which is also the
-outbox of results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
+Its life, top to bottom: the database schema; GroupCommit (the starts and ends of jobs that
+run at once share a transaction); ChildStore (the jobs table, which is also the outbox of
+results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
 the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
 reports results and asks the parent for as many jobs as it has free slots, riding out outages of
 the parent and of the database, and that stops in stages on SIGTERM or SIGINT.
