@@ -349,6 +349,17 @@ def test_of_two_entries_of_one_job_started_together_only_the_current_one_runs(ma
     store.db.close()
 
 
+def test_an_entry_queued_before_deliveries_were_counted_runs_its_job(make_dsn):
+    """A queue entry written by an older version has the job id alone as its key."""
+    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    store.add_jobs([{"jobId": 7}, {"jobId": 8}])
+    assert child.parse_queue_key("7") == (7, None)
+    with store.db.transaction() as conn:  # both legacy: the delivery array holds only nulls
+        started = store._start_many(conn, [(7, None, 1), (8, None, 1)])
+    assert [(row["job_id"], row["attempts"]) for row in started] == [(7, 1), (8, 1)]
+    store.db.close()
+
+
 def test_unfinished_jobs_missing_from_the_queue_are_queued_again_at_start(make_dsn):
     dsn = make_dsn()
     cfg = types.SimpleNamespace(max_concurrent_jobs=3)
