@@ -354,7 +354,7 @@ class ParentState:
             else:
                 oldest = (last_block if last_block is not None else snapshot.block) \
                     - neuron.max_commitment_lookback
-            new = []
+            eligible = {}
             for c in snapshot.commitments:
                 if c.hotkey in neuron.allowed_validators or c.stake < neuron.min_stake_threshold:
                     continue
@@ -368,9 +368,9 @@ class ParentState:
                         log.warning("Skipping commitment of %s at block %d: %s",
                                     c.hotkey, c.block, e)
                     continue
-                job = self._insert_job(conn, c, repo_id, revision)
-                if job:
-                    new.append(job)
+                digest = fingerprint(c.hotkey, repo_id, revision)
+                eligible.setdefault(digest, (c, repo_id, revision))
+            new = self._insert_jobs(conn, eligible) if eligible else []
             conn.execute("insert into chain_state values ('last_block', %s) on conflict (key) "
                          "do update set value = greatest(chain_state.value, excluded.value)",
                          (snapshot.block,))
@@ -382,18 +382,28 @@ class ParentState:
                      job["commit_block"])
         return [job["job_id"] for job in new]
 
-    def _insert_job(self, conn, c, repo_id, revision):
-        digest = fingerprint(c.hotkey, repo_id, revision)
+    def _insert_jobs(self, conn, eligible):
+        """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
+        in the snapshot's order, in one statement; returns the new jobs' rows."""
+        jobs = self.cfg.jobs
+        columns = list(zip(*((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision,
+                              c.block, int(digest[16:24], 16))
+                             for digest, (c, repo_id, revision) in eligible.items())))
         return conn.execute(
-            # INSERT ... SELECT: a known fingerprint inserts nothing and takes no job id.
+            # A known fingerprint inserts nothing and takes no job id.
             """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
                    hf_repo_commit, commit_block, env_provider, env_name, random_seed, max_retries)
-               select %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s
-               where not exists (select 1 from jobs where fingerprint = %s)
+               select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id, s.revision,
+                      s.block, %s, %s, s.seed, %s
+               from unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::text[],
+                           %s::text[], %s::bigint[], %s::bigint[]) with ordinality
+                    as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block, seed,
+                         n)
+               where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint)
+               order by s.n
                returning *""",
-            (digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision, c.block,
-             self.cfg.jobs.env_provider, self.cfg.jobs.env_name, int(digest[16:24], 16),
-             self.cfg.jobs.max_retries, digest)).fetchone()
+            (jobs.env_provider, jobs.env_name, jobs.max_retries,
+             *[list(column) for column in columns])).fetchall()
 
     # -- leases: jobs come back from children that vanish or take too long --------------------
 

@@ -66,7 +66,7 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
                                "allowed_validators": ["5Miner002"]})
     caplog.set_level(logging.INFO, logger="validator")
     new = state.add_commitments(snapshot(100, [
-        commitment(1), commitment(2), commitment(3, stake=999.0),
+        commitment(1), commitment(2), commitment(3, stake=999.0), commitment(1),
         commitment(4, data="just some text"), commitment(5, data="org/five@rev5")]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner001", "5Miner005"]
     assert new == [j["job_id"] for j in jobs(state)]
