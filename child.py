@@ -123,9 +123,9 @@ class GroupCommit:
 class ChildStore:
     """The child's database: jobs received, their state, and the results to report."""
 
-    def __init__(self, dsn, cfg):
+    def __init__(self, dsn, capacity):
         from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
-        self.cfg = cfg
+        self.capacity = capacity  # jobs held at most, running or queued
         self.db = common.Database(dsn, SCHEMA)
         self.lost_to_outage = set()  # jobs whose last start ended as the database went away
         self.starts = GroupCommit(self.db, self._start_many)
@@ -191,13 +191,14 @@ class ChildStore:
         return [job for job, _ in queued]
 
     def holdings(self):
-        """(free slots, ids of the jobs we hold and have not reported): what a poll tells the
-        parent, which sends again any job it gave us that is missing (its answer was lost)."""
+        """(room for jobs, ids of the jobs we hold and have not reported): what a poll tells
+        the parent, which sends again any job it gave us that is missing (its answer was
+        lost). The room counts the queued and running jobs against the capacity."""
         row = self.db.query(
             "select count(*) filter (where status in ('queued', 'running')) as busy, "
             "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
             "from child_jobs where reported_at is null")[0]
-        return max(0, self.cfg.max_concurrent_jobs - row["busy"]), row["held"]
+        return max(0, self.capacity - row["busy"]), row["held"]
 
     def holds(self, job_id):
         """True if we have the job and have not reported it: a copy of it needs no slot."""
@@ -600,7 +601,8 @@ def request_jobs(parent, store, child_id):
 
 def check_limits(cfg):
     """The child's own keys, beyond the types that load_config checks."""
-    for key, least in (("max_attempts", 1), ("worker_heartbeat_seconds", 1.0),
+    for key, least in (("max_attempts", 1), ("prefetch_jobs", 0),
+                       ("worker_heartbeat_seconds", 1.0),
                        ("max_backoff_seconds", 0.1), ("retention_days", 0.0),
                        ("shutdown_grace_seconds", 0.0)):
         if getattr(cfg, key) < least:
@@ -614,7 +616,7 @@ def run(cfg, stop):
     logs_dir = common.data_dir(cfg) / "logs"
     logs_dir.mkdir(exist_ok=True)
     dsn = common.database_dsn(cfg, stop)
-    store = ChildStore(dsn, cfg)
+    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs)
     wake = threading.Event()
     # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()

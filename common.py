@@ -83,6 +83,7 @@ CONFIG_KEYS = {
     "child_port": (int, 8002),
     "poll_interval": (float, 2.0),
     "max_concurrent_jobs": (int, 2),
+    "prefetch_jobs": (int, 0),
     "max_backoff_seconds": (float, 30.0),
     "max_attempts": (int, 3),
     "worker_heartbeat_seconds": (float, 30.0),

@@ -63,7 +63,8 @@ import common  # noqa: E402  (conftest put the project on sys.path)
 FULL = dict(
     repeats=5,            # repeats of each throughput, RPC and chain measure
     batch=300,            # no-op jobs per throughput repeat
-    slots=16,             # each child's max_concurrent_jobs (= the parent's max_jobs_per_child)
+    slots=16,             # each child's max_concurrent_jobs
+    prefetch=16,          # each child's prefetch_jobs in figure 1 (max_jobs_per_child: the sum)
     dispatch_samples=40,  # jobs whose dispatch latency is measured, for push and for pull
     rpc_calls=(500, 100),  # calls per repeat: ping, requestJobs(100)
     scale_children=200, scale_seconds=20.0, idle_seconds=10.0,
@@ -71,7 +72,7 @@ FULL = dict(
     chain_miners=256,
 )
 QUICK = dict(
-    repeats=2, batch=40, slots=16, dispatch_samples=5, rpc_calls=(100, 20),
+    repeats=2, batch=40, slots=16, prefetch=16, dispatch_samples=5, rpc_calls=(100, 20),
     scale_children=20, scale_seconds=2.0, idle_seconds=1.0,
     pending_jobs=20_000, restarts=2, heartbeat_calls=10,
     chain_miners=256,
@@ -227,7 +228,7 @@ class Parent:
     restart, on the same database and port."""
 
     def __init__(self, pg, workdir, name, slots, sync_frequency=300.0):
-        self.workdir, self.name, self.slots = workdir, name, slots
+        self.workdir, self.name, self.slots = workdir, name, slots  # max_jobs_per_child
         self.sync_frequency = sync_frequency
         self.port = free_port()
         self.chain = Chain(workdir / f"{name}-chain.json")
@@ -257,9 +258,10 @@ class Fleet:
     """A parent and its children, each a process with its own database, on a file chain that
     the parent reads every 0.1 s (so that a commitment becomes a job at once)."""
 
-    def __init__(self, pg, workdir, slots, name="fleet"):
-        self.pg, self.workdir, self.slots, self.name = pg, workdir, slots, name
-        self.parent = Parent(pg, workdir, name, slots, sync_frequency=0.1)
+    def __init__(self, pg, workdir, slots, prefetch=0, name="fleet"):
+        self.pg, self.workdir, self.name = pg, workdir, name
+        self.slots, self.prefetch = slots, prefetch
+        self.parent = Parent(pg, workdir, name, slots + prefetch, sync_frequency=0.1)
         self.parent.start()
         self.children, self.child_dsns = [], {}
 
@@ -283,6 +285,7 @@ class Fleet:
                 "child_host": "127.0.0.1", "child_port": free_port(),
                 "parent_host": "127.0.0.1", "parent_port": self.parent.port,
                 "poll_interval": POLL_INTERVAL, "max_concurrent_jobs": self.slots,
+                **({"prefetch_jobs": self.prefetch} if self.prefetch else {}),
                 "evaluator": {"demo_seconds": 0},
             })
             self.child_dsns[child_id] = dsn
@@ -829,7 +832,7 @@ def run(size, workdir):
                        dispatch_pgqueuer_p99_ms=percentile(latencies, 99))
         repeats["dispatch_pgqueuer_ms"] = latencies
 
-        fleet = Fleet(pg, workdir, size["slots"])
+        fleet = Fleet(pg, workdir, size["slots"], size["prefetch"])
         try:
             with common.connect(fleet.parent.dsn) as db:
                 for children in (1, 2, 4):
@@ -862,6 +865,18 @@ def run(size, workdir):
                             repeats[f"dispatch_{mode}_ms"] = latencies
                         fleet.restart_parent(push=False)
             figures["end_to_end_ratio"] = figures["end_to_end_2_children_ratio"]
+        finally:
+            fleet.stop()
+        progress("1. end-to-end throughput, 2 children without prefetch_jobs (its default)")
+        fleet = Fleet(pg, workdir, size["slots"], name="default")
+        try:
+            with common.connect(fleet.parent.dsn) as db:
+                fleet.add_children(2)
+                rates, _ = throughput(fleet, db, size, 2)
+            figures["end_to_end_2_children_no_prefetch_jobs_per_s"] = median(rates)
+            figures["end_to_end_2_children_no_prefetch_ratio"] = \
+                median(rates) / figures["pgqueuer_jobs_per_s"]
+            repeats["end_to_end_2_children_no_prefetch_jobs_per_s"] = rates
         finally:
             fleet.stop()
 
@@ -909,6 +924,8 @@ TABLE = [
      "pgqueuer_jobs_per_s", "end_to_end_ratio", "ratio >= 0.5"),
     ("1. end to end, 4 children", "end_to_end_4_children_jobs_per_s", "jobs/s",
      "pgqueuer_jobs_per_s", "end_to_end_4_children_ratio", ""),
+    ("1. end to end, 2 children, no prefetch", "end_to_end_2_children_no_prefetch_jobs_per_s",
+     "jobs/s", "pgqueuer_jobs_per_s", "end_to_end_2_children_no_prefetch_ratio", ""),
     ("1. CPU per job, 2 children: all", "end_to_end_cpu_ms_per_job", "ms",
      "pgqueuer_cpu_ms_per_job", "end_to_end_cpu_ratio", ""),
     ("1. CPU per job: the parent", "end_to_end_cpu_ms_per_job_parent", "ms", "", "", ""),

@@ -299,15 +299,15 @@ class Validator:
 class Cluster:
     """The databases, the evaluator, the configs and the validators, in one work directory."""
 
-    def __init__(self, workdir, children, pg_dsn):
+    def __init__(self, workdir, children, pg_dsn, prefetch=0):
         self.workdir, self.servers, self.parent, self.children = workdir, [], None, {}
         try:
-            self._set_up(workdir, children, pg_dsn)
+            self._set_up(workdir, children, pg_dsn, prefetch)
         except BaseException:
             self.close()
             raise
 
-    def _set_up(self, workdir, children, pg_dsn):
+    def _set_up(self, workdir, children, pg_dsn, prefetch):
         if pg_dsn:
             self.parent_pg = self.children_pg = ExternalPostgres(pg_dsn)
             self.servers.append(self.parent_pg)
@@ -334,6 +334,7 @@ class Cluster:
                 **CHILD_CONFIG, "pg_database": self.child_dsns[name], "validator_id": name,
                 "data_dir": str(workdir / name), "child_port": free_port(),
                 "parent_port": self.parent_port,
+                **({"prefetch_jobs": prefetch} if prefetch else {}),
                 "evaluator": {"command": [sys.executable, "-S", str(evaluator),
                                           str(EVALUATOR_TIMEOUT + 2)],
                               "timeout_seconds": EVALUATOR_TIMEOUT}})
@@ -706,6 +707,8 @@ def main(argv=None):
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds of commits and faults (default 60)")
     p.add_argument("--children", type=int, default=3, help="child validators (default 3)")
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="each child's prefetch_jobs (default 0)")
     p.add_argument("--pg-dsn", help="a superuser DSN of a PostgreSQL server to use instead of "
                                     "our own (then PostgreSQL is not restarted)")
     p.add_argument("--workdir", help="where the files go (default: a new temporary directory, "
@@ -713,21 +716,22 @@ def main(argv=None):
     p.add_argument("--settle-timeout", type=float, default=120.0,
                    help="seconds to wait for the jobs to finish after the commits stop")
     args = p.parse_args(argv)
-    if args.miners < 1 or args.children < 1:
-        p.error("--miners and --children must be at least 1")
+    if args.miners < 1 or args.children < 1 or args.prefetch < 0:
+        p.error("--miners and --children must be at least 1, --prefetch at least 0")
     if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
         p.error(f"--workdir {args.workdir} is not empty")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     again = (f"python tests/chaos.py --seed {args.seed} --miners {args.miners} "
-             f"--duration {args.duration:g} --children {args.children}")
+             f"--duration {args.duration:g} --children {args.children}"
+             + (f" --prefetch {args.prefetch}" if args.prefetch else ""))
     print(f"chaos: seed {args.seed}, {args.miners} miners, {args.duration:g}s, "
-          f"{args.children} children; files in {workdir}", flush=True)
+          f"{args.children} children, prefetch {args.prefetch}; files in {workdir}", flush=True)
     schedule = fault_schedule(args.seed, args.duration, args.children)
     print(f"fault schedule ({len(schedule)} faults):")
     for fault in schedule:
         print(f"  at {fault.at:5.1f}s  {fault}")
-    cluster = Cluster(workdir, args.children, args.pg_dsn)
+    cluster = Cluster(workdir, args.children, args.pg_dsn, args.prefetch)
     try:
         passed = run(args, cluster, schedule)
     except RunFailed as e:

@@ -15,6 +15,7 @@ FIGURES = [
     "end_to_end_1_child_jobs_per_s", "end_to_end_1_child_ratio",
     "end_to_end_2_children_jobs_per_s", "end_to_end_2_children_ratio", "end_to_end_ratio",
     "end_to_end_4_children_jobs_per_s", "end_to_end_4_children_ratio",
+    "end_to_end_2_children_no_prefetch_jobs_per_s", "end_to_end_2_children_no_prefetch_ratio",
     "pgqueuer_cpu_ms_per_job", "end_to_end_cpu_ms_per_job", "end_to_end_cpu_ms_per_job_parent",
     "end_to_end_cpu_ms_per_job_children", "end_to_end_cpu_ms_per_job_postgres",
     "end_to_end_cpu_ratio",

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-import types
 from pathlib import Path
 
 import psycopg
@@ -132,6 +131,26 @@ def test_results_in_the_outbox_of_a_killed_child_reach_the_parent_once(cluster):
     assert "Evaluating job 1 " not in c.child.log()  # it was not run again
 
 
+# -- capacity -----------------------------------------------------------------------------------
+
+def test_prefetch_jobs_wait_queued_at_the_child_while_its_slots_run(cluster):
+    c = cluster(5, max_concurrent_jobs=1, prefetch_jobs=2, shutdown_grace_seconds=0,
+                evaluator={"demo_seconds": 60.0})
+    start_both(c)
+    wait_until(lambda: sorted(r["status"] for r in c.child_rows()) ==
+               ["queued", "queued", "running"], what="one job running and two queued")
+
+    def polls():
+        return c.query("parent", "select last_seen from children")[0]["last_seen"]
+    seen = polls()
+    wait_until(lambda: polls() > seen, what="the next poll")
+    seen = polls()
+    wait_until(lambda: polls() > seen, what="another poll")
+    # Full: the polls asked for nothing more.
+    assert len(c.child_rows()) == 3
+    assert sorted(c.parent_status().values()) == ["assigned"] * 3 + ["pending"] * 2
+
+
 # -- reconnection -------------------------------------------------------------------------------
 
 def test_a_child_registers_again_by_itself_when_the_parent_restarts(cluster, tmp_path):
@@ -201,7 +220,7 @@ def test_old_reported_jobs_and_queue_log_rows_are_pruned_at_start(tmp_path, chil
                                                                     processes):
     config = child_config("c1", free_port())  # no parent: pruning does not need one
     cfg = common.load_config(config)
-    child.ChildStore(cfg.pg_database, cfg).db.close()  # the schema
+    child.ChildStore(cfg.pg_database, 2).db.close()  # the schema
     days_ago = "now() - make_interval(days => %s)"
     with common.connect(cfg.pg_database) as db:
         for job_id, finished, reported in ((1, 10, 9), (2, 2, 1), (3, 10, None)):
@@ -221,12 +240,14 @@ def test_old_reported_jobs_and_queue_log_rows_are_pruned_at_start(tmp_path, chil
     assert [r["job_id"] for r in logs] == [902]
 
 
-def test_a_limit_out_of_range_is_refused_at_start(child_config):
-    config = child_config("c1", free_port(), max_attempts=0)
+@pytest.mark.parametrize("key, value, least", [("max_attempts", 0, "1"),
+                                               ("prefetch_jobs", -1, "0")])
+def test_a_limit_out_of_range_is_refused_at_start(child_config, key, value, least):
+    config = child_config("c1", free_port(), **{key: value})
     run = subprocess.run([sys.executable, ROOT / "child.py", "--config", config],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
-    assert run.stderr == f"error: {config}: key 'max_attempts' must be at least 1\n"
+    assert run.stderr == f"error: {config}: key '{key}' must be at least {least}\n"
 
 
 def test_the_schema_is_idempotent_and_upgrades_an_older_jobs_table(make_dsn):
@@ -237,9 +258,8 @@ def test_the_schema_is_idempotent_and_upgrades_an_older_jobs_table(make_dsn):
                    "default now(), started_at timestamptz, finished_at timestamptz, "
                    "result text, reported_at timestamptz)")
         db.execute("insert into child_jobs (job_id, job) values (1, '{}')")
-    cfg = types.SimpleNamespace(max_concurrent_jobs=1)
     for _ in range(2):
-        child.ChildStore(dsn, cfg).db.close()
+        child.ChildStore(dsn, 1).db.close()
     with common.connect(dsn) as db:
         assert db.execute("select attempts from child_jobs").fetchall() == [{"attempts": 0}]
 
@@ -248,7 +268,7 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     """The parent sends a job only while it has no result of ours for it (an operator's
     requeue, an expired lease, a report it did not record); a copy of a job we hold and have
     not reported is a duplicate."""
-    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    store = child.ChildStore(make_dsn(), 2)
     job = {"jobId": 4, "hfRepoId": "org/m", "hfRepoCommit": "abc"}
     full = {**child.UNSENT_TEXT, **job}  # text fields the sender left out are stored as ""
     assert store.add_jobs([job]) == [full]
@@ -278,7 +298,7 @@ def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
     """The parent may send a job again (it took it back while we ran it) as soon as we report
     it, while pgqueuer has not yet let go of the queue entry that ran it."""
     dsn = make_dsn()
-    store = child.ChildStore(dsn, types.SimpleNamespace(max_concurrent_jobs=2))
+    store = child.ChildStore(dsn, 2)
     job = {"jobId": 4, "hfRepoId": "org/m"}
     runs = queue.Queue()
 
@@ -338,7 +358,7 @@ def test_calls_made_while_a_transaction_runs_share_the_next_one(make_dsn):
 
 
 def test_of_two_entries_of_one_job_started_together_only_the_current_one_runs(make_dsn):
-    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    store = child.ChildStore(make_dsn(), 2)
     store.add_jobs([{"jobId": 4}])
     store.finish(4, True, "{}")
     store.mark_reported([4])
@@ -351,7 +371,7 @@ def test_of_two_entries_of_one_job_started_together_only_the_current_one_runs(ma
 
 def test_an_entry_queued_before_deliveries_were_counted_runs_its_job(make_dsn):
     """A queue entry written by an older version has the job id alone as its key."""
-    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=2))
+    store = child.ChildStore(make_dsn(), 2)
     store.add_jobs([{"jobId": 7}, {"jobId": 8}])
     assert child.parse_queue_key("7") == (7, None)
     with store.db.transaction() as conn:  # both legacy: the delivery array holds only nulls
@@ -362,14 +382,13 @@ def test_an_entry_queued_before_deliveries_were_counted_runs_its_job(make_dsn):
 
 def test_unfinished_jobs_missing_from_the_queue_are_queued_again_at_start(make_dsn):
     dsn = make_dsn()
-    cfg = types.SimpleNamespace(max_concurrent_jobs=3)
-    store = child.ChildStore(dsn, cfg)
+    store = child.ChildStore(dsn, 3)
     store.add_jobs([{"jobId": n} for n in (1, 2, 3)])
     store.finish(3, True, "{}")
     # pgqueuer drops the entry of a run that raised an error we did not foresee.
     store.db.query("delete from pgqueuer where payload in ('1/1', '3/1')")
     store.db.close()
-    store = child.ChildStore(dsn, cfg)
+    store = child.ChildStore(dsn, 3)
     queued = store.db.query("select payload from pgqueuer order by payload")
     assert [bytes(r["payload"]) for r in queued] == [b"1/1", b"2/1"]
     store.db.close()
@@ -378,7 +397,7 @@ def test_unfinished_jobs_missing_from_the_queue_are_queued_again_at_start(make_d
 def test_a_start_cut_short_by_a_database_outage_is_not_counted(make_dsn, pg_admin_dsn):
     """max_attempts guards against a job whose evaluation kills the child; a result lost to a
     database outage is no such thing."""
-    store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=1))
+    store = child.ChildStore(make_dsn(), 1)
     store.add_jobs([{"jobId": 9}])
     assert store.start(9, 1)[1] == 1
     pid = store.db.query("select pg_backend_pid() as pid")[0]["pid"]

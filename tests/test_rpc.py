@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 from conftest import ROOT, commitment, free_port, run_foreign_client, write_chain
@@ -128,7 +127,7 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert older_parent.stdout.readline() == "serving\n"
-        store = child.ChildStore(make_dsn(), types.SimpleNamespace(max_concurrent_jobs=4))
+        store = child.ChildStore(make_dsn(), 4)
         store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in (7, 8)])
         for n in (7, 8):
             store.start(n)
