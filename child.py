@@ -159,46 +159,66 @@ class ChildStore:
             [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
             dedupe_key=keys, on_conflict="skip")
 
-    def add_jobs(self, jobs):
+    def add_jobs(self, jobs, reported=()):
         """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
         ones that are to run: new jobs, and jobs we already reported that the parent sends
         again (it has no result of ours for this assignment: a requeue, an expired lease, a
-        report it did not record). A job we hold and have not reported yet is ignored."""
+        report it did not record). A job we hold and have not reported yet is ignored.
+        `reported`: ids of results the parent acknowledged, marked reported in the same
+        transaction (a poll's answer is one commit)."""
         # A sender may leave text fields out: "". The same job twice in one call is one job.
         jobs = {job["jobId"]: {**UNSENT_TEXT, **job} for job in jobs}
-        if not jobs:
+        if not jobs and not reported:
             return []
         with self.db.transaction() as conn:
-            columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
-            deliveries = {row["job_id"]: row["deliveries"] for row in conn.execute(
-                "insert into child_jobs (job_id, job) select * from unnest(%s::bigint[], "
-                "%s::jsonb[]) on conflict (job_id) do nothing returning job_id, deliveries",
-                columns)}
-            deliveries.update((row["job_id"], row["deliveries"]) for row in conn.execute(
-                "update child_jobs c set job = s.job, status = 'queued', received_at = now(), "
-                "started_at = null, finished_at = null, result = null, reported_at = null, "
-                "attempts = 0, deliveries = deliveries + 1 "
-                "from unnest(%s::bigint[], %s::jsonb[]) as s(job_id, job) "
-                "where c.job_id = s.job_id and reported_at is not null "
-                "returning c.job_id, deliveries", columns))
-            queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
-                      if job_id in deliveries]
-            if queued:
-                self._enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
+            if reported:
+                self._mark_reported(conn, reported)
+            queued = self._store_jobs(conn, jobs) if jobs else []
         for job, delivery in queued:
             log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
                      job["hfRepoCommit"] or "default", " again" if delivery > 1 else "")
         return [job for job, _ in queued]
 
+    def _store_jobs(self, conn, jobs):
+        """jobs: {job id: job}; returns [(job, delivery)] of those to run."""
+        # Binary parameters: psycopg quotes arrays of JSON documents slowly as text.
+        columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
+        deliveries = {row["job_id"]: row["deliveries"] for row in conn.execute(
+            "insert into child_jobs (job_id, job) select * from unnest(%s::bigint[], "
+            "%s::jsonb[]) on conflict (job_id) do nothing returning job_id, deliveries",
+            columns, binary=True)}
+        deliveries.update((row["job_id"], row["deliveries"]) for row in conn.execute(
+            "update child_jobs c set job = s.job, status = 'queued', received_at = now(), "
+            "started_at = null, finished_at = null, result = null, reported_at = null, "
+            "attempts = 0, deliveries = deliveries + 1 "
+            "from unnest(%s::bigint[], %s::jsonb[]) as s(job_id, job) "
+            "where c.job_id = s.job_id and reported_at is not null "
+            "returning c.job_id, deliveries", columns, binary=True))
+        queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
+                  if job_id in deliveries]
+        if queued:
+            self._enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
+        return queued
+
     def holdings(self):
         """(room for jobs, ids of the jobs we hold and have not reported): what a poll tells
         the parent, which sends again any job it gave us that is missing (its answer was
         lost). The room counts the queued and running jobs against the capacity."""
-        row = self.db.query(
+        with self.db.transaction() as conn:
+            return self._holdings(conn)
+
+    def _holdings(self, conn):
+        row = conn.execute(
             "select count(*) filter (where status in ('queued', 'running')) as busy, "
             "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
-            "from child_jobs where reported_at is null")[0]
+            "from child_jobs where reported_at is null").fetchone()
         return max(0, self.capacity - row["busy"]), row["held"]
+
+    def poll_state(self):
+        """What a poll sends, read in one transaction: (the oldest results not reported yet,
+        up to REPORT_BATCH; room; ids of the jobs held)."""
+        with self.db.transaction() as conn:
+            return (self._unreported(conn, REPORT_BATCH), *self._holdings(conn))
 
     def holds(self, job_id):
         """True if we have the job and have not reported it: a copy of it needs no slot."""
@@ -254,17 +274,27 @@ class ChildStore:
                      "finished_at = now() from unnest(%s::bigint[], %s::text[], %s::text[]) "
                      "as s(job_id, status, result) "
                      "where c.job_id = s.job_id and finished_at is null",
-                     [list(column) for column in zip(*finishes)])
+                     [list(column) for column in zip(*finishes)], binary=True)
         return [None] * len(finishes)
 
     def unreported(self, limit=REPORT_BATCH):
-        return self.db.query(
+        with self.db.transaction() as conn:
+            return self._unreported(conn, limit)
+
+    @staticmethod
+    def _unreported(conn, limit):
+        return conn.execute(
             "select job_id, status, result from child_jobs where finished_at is not null "
-            "and reported_at is null order by finished_at, job_id limit %s", (limit,))
+            "and reported_at is null order by finished_at, job_id limit %s", (limit,)).fetchall()
 
     def mark_reported(self, job_ids):
-        self.db.query("update child_jobs set reported_at = now() where job_id = any(%s)",
-                      (list(job_ids),))
+        with self.db.transaction() as conn:
+            self._mark_reported(conn, job_ids)
+
+    @staticmethod
+    def _mark_reported(conn, job_ids):
+        conn.execute("update child_jobs set reported_at = now() where job_id = any(%s)",
+                     (list(job_ids),))
 
     def prune(self, days):
         """Delete reported jobs and pgqueuer's log and statistics older than `days`. A result
@@ -564,24 +594,18 @@ def report_results(parent, store, child_id):
     any point resends it later."""
     while rows := store.unreported(limit=REPORT_BATCH):
         try:
-            reply = parent.call("reportJobCompletions", childId=child_id, results=[
-                {"jobId": row["job_id"], "success": row["status"] == "completed",
-                 "result": row["result"] or ""} for row in rows])
+            reply = parent.call("reportJobCompletions", childId=child_id,
+                                results=[result_message(row) for row in rows])
         except common.Unimplemented:  # a parent of an older version: one call per result
-            replies = [parent.call("reportJobCompletion", childId=child_id, jobId=row["job_id"],
-                                   success=row["status"] == "completed",
-                                   result=row["result"] or "") for row in rows]
+            replies = [parent.call("reportJobCompletion", childId=child_id,
+                                   **result_message(row)) for row in rows]
         else:
             if reply["error"]:
                 log.warning("Parent refused the results: %s; registering again", reply["error"])
                 parent.close()
                 return
             replies = reply["replies"]
-        for row, answer in zip(rows, replies):
-            if not answer["acknowledged"]:
-                log.warning("Parent did not take the result of job %d: %s",
-                            row["job_id"], answer.get("message", ""))
-        done = [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+        done = acknowledged(rows, replies)
         store.mark_reported(done)
         if len(done) < len(rows):
             return  # the rest waits for the next round, not a tight loop
@@ -589,14 +613,41 @@ def report_results(parent, store, child_id):
             return  # that was all: no need to ask the database again
 
 
-def request_jobs(parent, store, child_id):
-    """Ask for as many jobs as there are free slots (0 is a heartbeat) and queue them."""
-    free, held = store.holdings()
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, heldJobs=held)
-    if reply["error"]:
+def result_message(row):
+    return {"jobId": row["job_id"], "success": row["status"] == "completed",
+            "result": row["result"] or ""}
+
+
+def acknowledged(rows, replies):
+    """The ids of the results the parent acknowledged; the others are logged."""
+    for row, answer in zip(rows, replies):
+        if not answer["acknowledged"]:
+            log.warning("Parent did not take the result of job %d: %s",
+                        row["job_id"], answer.get("message", ""))
+    return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+
+
+def poll(parent, store, child_id):
+    """One round with the parent: report finished results and ask for as many jobs as there
+    is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
+    results (after an outage) goes first, in reportJobCompletions calls; so do the results a
+    parent of an older version ignored in requestJobs."""
+    rows, free, held = store.poll_state()
+    if len(rows) == REPORT_BATCH:
+        report_results(parent, store, child_id)
+        rows, free, held = store.poll_state()
+    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, heldJobs=held,
+                        results=[result_message(row) for row in rows])
+    # A parent built from the seed's schema answers neither error nor replies.
+    if reply.get("error"):
         log.warning("Parent refused the job request: %s; registering again", reply["error"])
         parent.close()
-    store.add_jobs(reply["jobs"])
+        return
+    replies = reply.get("replies", [])
+    if rows and not replies:
+        report_results(parent, store, child_id)
+        rows = []
+    store.add_jobs(reply.get("jobs", []), reported=acknowledged(rows, replies))
 
 
 def check_limits(cfg):
@@ -674,8 +725,7 @@ def work(cfg, stop, wake, parent, store):
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
-            report_results(parent, store, cfg.validator_id)
-            request_jobs(parent, store, cfg.validator_id)
+            poll(parent, store, cfg.validator_id)
         except PeerUnavailable as e:
             stop.wait(parent_down.failed(e))
             continue

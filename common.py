@@ -671,7 +671,7 @@ class RpcThread:
 # For each method: the results that say "refused", and the field that carries the reason.
 REFUSALS = {
     "registerChild": ({"success": False}, "message"),
-    "requestJobs": ({"jobs": []}, "error"),
+    "requestJobs": ({"jobs": [], "replies": []}, "error"),
     "reportJobCompletion": ({"acknowledged": False}, "message"),
     "reportJobCompletions": ({"replies": []}, "error"),
     "receiveJob": ({"accepted": False}, "message"),

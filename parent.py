@@ -265,6 +265,11 @@ def job_message(row):
     }
 
 
+def replies_message(answers):
+    """(acknowledged, message) pairs as ReportReply messages."""
+    return [{"acknowledged": a, "message": m} for a, m in answers]
+
+
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
 
@@ -516,13 +521,19 @@ class ParentState:
         return sorted(rows, key=queue_entry)
 
     def request_jobs(self, child_id, max_jobs, held_ids=None):
-        """A child's poll: up to max_jobs, within max_jobs_per_child. 0 is a heartbeat.
+        """A child's poll without results: see poll(); returns the jobs."""
+        return self.poll(child_id, max_jobs, held_ids)[0]
+
+    def poll(self, child_id, max_jobs, held_ids=None, results=()):
+        """A child's poll: its results, [(job_id, success, result)], recorded first (see
+        report_completions), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
         (an answer lost when a connection or the parent died) are sent again first. All in
-        one transaction."""
-        lost = []
+        one transaction. Returns (jobs, one (acknowledged, message) per result)."""
+        lost, recorded = [], []
 
         def room(conn):
+            recorded[:] = [self._record(conn, child_id, results)] if results else []
             held = self._seen(conn, child_id)
             # A job assigned moments ago may be a push still on its way to the child.
             lost[:] = [] if held_ids is None else conn.execute(
@@ -533,12 +544,13 @@ class ParentState:
             return min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
+        answers = self._answers(child_id, results, *recorded[0]) if results else []
         if lost:
             log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
         if rows:
             log.info("Sending %d jobs to child %s", len(rows), child_id)
-        return [job_message(row) for row in lost + rows]
+        return [job_message(row) for row in lost + rows], answers
 
     def withdraw(self, row):
         """Undo an assignment that never reached the child (a refused push)."""
@@ -559,35 +571,43 @@ class ParentState:
         """Record a child's results, [(job_id, success, result)], in one transaction; returns
         one (acknowledged, message) per result. Only the child holding a job records its
         result; a repeated report of a recorded result is acknowledged again."""
+        with self.db.transaction() as conn:
+            self._seen(conn, child_id)
+            outcome = self._record(conn, child_id, results)
+        # Logged only once committed: the log never shows a result the database lacks.
+        return self._answers(child_id, results, *outcome)
+
+    def _record(self, conn, child_id, results):
+        """Write the results that fit; returns what _answers needs to answer each."""
         sizes = [len(result.encode()) for _, _, result in results]
         # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
         fits = [r for r, size in zip(results, sizes)
                 if size <= self.cfg.max_result_bytes and r[0] < 2**63]
-        with self.db.transaction() as conn:
-            self._seen(conn, child_id)
-            recorded = {row["job_id"] for row in conn.execute(
-                """with reported as (
-                       select * from unnest(%s::bigint[], %s::boolean[], %s::text[])
-                           as r(job_id, success, result)),
-                   finished as (
-                       update jobs set status = case when reported.success then 'completed'
-                                                else 'failed' end,
-                           success = reported.success, result = reported.result,
-                           finished_at = now()
-                       from reported where jobs.job_id = reported.job_id
-                           and jobs.status = 'assigned' and jobs.child_id = %s
-                       returning jobs.job_id, jobs.attempts, jobs.status),
-                   closed as (
-                       update assignments set finished_at = now(), outcome = finished.status
-                       from finished where assignments.job_id = finished.job_id
-                           and assignments.attempt = finished.attempts)
-                   select job_id from finished""",
-                ([job_id for job_id, _, _ in fits], [success for _, success, _ in fits],
-                 [result for _, _, result in fits], child_id))}
-            others = {row["job_id"]: row for row in conn.execute(
-                "select job_id, status, child_id from jobs where job_id = any(%s)",
-                ([job_id for job_id, _, _ in results if job_id < 2**63],))}
-        # Logged only once committed: the log never shows a result the database lacks.
+        recorded = {row["job_id"] for row in conn.execute(
+            """with reported as (
+                   select * from unnest(%s::bigint[], %s::boolean[], %s::text[])
+                       as r(job_id, success, result)),
+               finished as (
+                   update jobs set status = case when reported.success then 'completed'
+                                            else 'failed' end,
+                       success = reported.success, result = reported.result,
+                       finished_at = now()
+                   from reported where jobs.job_id = reported.job_id
+                       and jobs.status = 'assigned' and jobs.child_id = %s
+                   returning jobs.job_id, jobs.attempts, jobs.status),
+               closed as (
+                   update assignments set finished_at = now(), outcome = finished.status
+                   from finished where assignments.job_id = finished.job_id
+                       and assignments.attempt = finished.attempts)
+               select job_id from finished""",
+            ([job_id for job_id, _, _ in fits], [success for _, success, _ in fits],
+             [result for _, _, result in fits], child_id), binary=True)}
+        others = {row["job_id"]: row for row in conn.execute(
+            "select job_id, status, child_id from jobs where job_id = any(%s)",
+            ([job_id for job_id, _, _ in results if job_id < 2**63],))}
+        return sizes, recorded, others
+
+    def _answers(self, child_id, results, sizes, recorded, others):
         answers = []
         for (job_id, success, result), size in zip(results, sizes):
             if size > self.cfg.max_result_bytes:
@@ -822,10 +842,12 @@ class ParentService(common.ServiceBase):
                                        f"the connection is registered as {self.child_id!r}",
                                        self.peer)
 
-    def request_jobs(self, childId, maxJobs, heldJobs=None):
+    def request_jobs(self, childId, maxJobs, heldJobs=None, results=()):
         self._check_bound("requestJobs", childId)
-        # A client built from the seed's schema does not send heldJobs: no redelivery then.
-        return {"jobs": self.state.request_jobs(childId, maxJobs, heldJobs)}
+        # A client built from the seed's schema sends neither heldJobs (no redelivery then)
+        # nor results.
+        jobs, replies = self.state.poll(childId, maxJobs, heldJobs, self._results(results))
+        return {"jobs": jobs, "replies": replies_message(replies)}
 
     def report_job_completion(self, childId, jobId, success, result):
         self._check_bound("reportJobCompletion", childId)
@@ -834,12 +856,16 @@ class ParentService(common.ServiceBase):
 
     def report_job_completions(self, childId, results=()):
         self._check_bound("reportJobCompletions", childId)
+        return {"replies": replies_message(
+            self.state.report_completions(childId, self._results(results)))}
+
+    @staticmethod
+    def _results(results):
         if len(results) > MAX_RESULTS_PER_REPORT:
             raise Refused(f"{len(results)} results in one call; the limit is "
                           f"{MAX_RESULTS_PER_REPORT}")
-        replies = self.state.report_completions(childId, [
-            (r.get("jobId", 0), r.get("success", False), r.get("result", "")) for r in results])
-        return {"replies": [{"acknowledged": a, "message": m} for a, m in replies]}
+        return [(r.get("jobId", 0), r.get("success", False), r.get("result", ""))
+                for r in results]
 
     def get_stats(self):
         return {"json": json.dumps(self.state.stats())}

@@ -41,8 +41,12 @@ interface ValidatorJobsService {
   # Child calls this to request jobs. Added: `heldJobs`, the ids of the jobs the child holds and
   # has not reported yet; when it is set, the parent sends again any job it assigned to the child
   # that is missing from it (an answer lost on the way). `error` says why a request was refused.
-  requestJobs @1 (childId :Text, maxJobs :UInt32, heldJobs :List(UInt64))
-      -> (jobs :List(EvaluationJobData), error :Text);
+  # Added: `results`, finished jobs reported in the same call, recorded before any job is
+  # assigned (as with reportJobCompletions); replies[i] answers results[i]. A parent of an older
+  # version ignores `results` and answers no replies: the child then reports them separately.
+  requestJobs @1 (childId :Text, maxJobs :UInt32, heldJobs :List(UInt64),
+                  results :List(JobResult))
+      -> (jobs :List(EvaluationJobData), error :Text, replies :List(ReportReply));
 
   # Child calls this to report job completion. acknowledged = the parent has the outcome and the
   # child may stop resending it; `message` (added) says why a report was not recorded.

@@ -42,6 +42,8 @@ def test_the_metrics_endpoints_show_the_queue_and_what_happened(
     metrics = scrape(parent_metrics)
     assert metrics[("validator_rpc_calls_total", (("method", "registerChild"),))] == 1
     assert metrics[("validator_rpc_calls_total", (("method", "requestJobs"),))] >= 1
+    # The results travel with the polls: no call of their own.
+    assert ("validator_rpc_calls_total", (("method", "reportJobCompletions"),)) not in metrics
     assert metrics[("validator_jobs_assigned", (("child", "m1"),))] == 0
     assert metrics[("validator_active_children", ())] == 1
     assert ("validator_jobs_pending", (("priority", "0"),)) not in metrics

@@ -13,10 +13,19 @@ import common
 
 
 @pytest.fixture
-def parent(tmp_path, parent_config, processes, rpc):
+def parent(start_parent):
     """A running parent with three jobs pending; .client is our RPC client to it."""
+    return start_parent()
+
+
+@pytest.fixture
+def start_parent(tmp_path, parent_config, processes, rpc):
+    """start_parent(**config_keys): the `parent` fixture's parent, with these keys."""
+    return lambda **keys: run_parent(tmp_path, parent_config(**keys), processes, rpc)
+
+
+def run_parent(tmp_path, config, processes, rpc):
     write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in (1, 2, 3)])
-    config = parent_config()
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log(r"New job 3 ")
     port = common.load_config(config).parent_port
@@ -44,7 +53,8 @@ def test_register_child_accepts_a_valid_child_and_refuses_bad_values(parent):
 
 def test_request_jobs_hands_out_each_pending_job_once(parent):
     refused = parent.client.call("requestJobs", childId="stranger", maxJobs=5)
-    assert refused == {"jobs": [], "error": "unknown child 'stranger': call registerChild first"}
+    assert refused == {"jobs": [], "replies": [],
+                       "error": "unknown child 'stranger': call registerChild first"}
     register(parent.client, "c1")
     register(parent.client, "c2")
     assert parent.client.call("requestJobs", childId="c1", maxJobs=0)["jobs"] == []
@@ -56,6 +66,33 @@ def test_request_jobs_hands_out_each_pending_job_once(parent):
     assert first["jobs"][0]["hfRepoId"] == "org/model-1"
     parent.wait_for_log("Sending 2 jobs to child c1")
     assert parent.client.call("requestJobs", childId="c2", maxJobs=5)["jobs"] == []
+
+
+def test_request_jobs_records_the_results_it_carries_before_it_assigns(start_parent):
+    parent = start_parent(max_jobs_per_child=2)
+    register(parent.client, "c1")
+    assert [j["jobId"] for j in parent.client.call(
+        "requestJobs", childId="c1", maxJobs=2)["jobs"]] == [1, 2]
+
+    def poll(*results, max_jobs=2):
+        return parent.client.call("requestJobs", childId="c1", maxJobs=max_jobs,
+                                  heldJobs=[1, 2], results=[
+                                      {"jobId": job_id, "success": job_id != 2, "result": "{}"}
+                                      for job_id in results])
+
+    assert poll(1, 999, max_jobs=0) == {"jobs": [], "error": "", "replies": [
+        {"acknowledged": True, "message": "recorded"},
+        {"acknowledged": False, "message": "unknown job 999"}]}
+    refused = poll(*[2] * 1001)  # nothing of a refused call is recorded
+    assert (refused["jobs"], refused["replies"]) == ([], [])
+    assert refused["error"] == "1001 results in one call; the limit is 1000"
+    # The job its result frees makes room, within max_jobs_per_child, in the same call.
+    reply = poll(2)
+    assert [j["jobId"] for j in reply["jobs"]] == [3]
+    assert reply["replies"] == [{"acknowledged": True, "message": "recorded"}]
+    parent.wait_for_log("Job 2 failed on child c1")
+    stats = json.loads(parent.client.call("getStats")["json"])
+    assert (stats["failed_jobs"], stats["children"][0]["total_jobs_completed"]) == (1, 2)
 
 
 def test_report_job_completion_records_only_the_holders_result(parent):
@@ -106,14 +143,17 @@ def test_report_job_completions_answers_each_result_of_one_call(parent):
 
 def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_path, make_dsn,
                                                                           rpc):
-    """A parent of an older version, built from the seed's interface text, has no
-    reportJobCompletions: the child falls back to the seed's reportJobCompletion."""
+    """A parent of an older version, built from the seed's interface text, ignores the results
+    a poll carries in requestJobs and has no reportJobCompletions: the child falls back to the
+    seed's reportJobCompletion."""
     (tmp_path / "seed.capnp").write_text(SEED_SCHEMA)
     port = free_port()
     older_parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import asyncio, capnp
         schema = capnp.load({str(tmp_path / "seed.capnp")!r})
         class OlderParent(schema.ValidatorJobsService.Server):
+            async def requestJobs(self, childId, maxJobs, **_):
+                return [{{"jobId": 9, "hfRepoId": "org/nine"}}]
             async def reportJobCompletion(self, childId, jobId, success, result, **_):
                 print(jobId, result, flush=True)
                 return jobId != 8
@@ -133,10 +173,11 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
             store.start(n)
             store.finish(n, True, f'{{"score": {n}}}')
         client = common.RpcClient(rpc, "127.0.0.1", port)
-        child.report_results(client, store, "c1")
+        child.poll(client, store, "c1")
         assert [older_parent.stdout.readline() for _ in range(2)] == [
             '7 {"score": 7}\n', '8 {"score": 8}\n']
-        assert store.holdings() == (4, [8])  # 7 is reported; 8 was not taken, and is kept
+        # 7 is reported; 8 was not taken, and is kept; 9 came with the poll.
+        assert store.holdings() == (3, [8, 9])
         store.db.close()
         # The client remembers the answer for this connection: the next round asks no more
         # (with the peer gone, asking would fail with PeerUnavailable).
