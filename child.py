@@ -5,8 +5,8 @@ Its life, top to bottom: the database schema; GroupCommit (the starts and ends o
 run at once share a transaction); ChildStore (the jobs table, which is also the outbox of
 results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
 the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
-reports results and asks the parent for as many jobs as it has free slots, riding out outages of
-the parent and of the database, and that stops in stages on SIGTERM or SIGINT.
+then polls: one requestJobs call reports results and asks for as many jobs as there is room for,
+riding out outages of the parent and of the database; it stops in stages on SIGTERM or SIGINT.
 
     python child.py --config validator_child.toml
 """

@@ -227,8 +227,8 @@ class Parent:
     """A parent validator process on its own database and chain file. start() after stop() is a
     restart, on the same database and port."""
 
-    def __init__(self, pg, workdir, name, slots, sync_frequency=300.0):
-        self.workdir, self.name, self.slots = workdir, name, slots  # max_jobs_per_child
+    def __init__(self, pg, workdir, name, max_jobs, sync_frequency=300.0):
+        self.workdir, self.name, self.max_jobs = workdir, name, max_jobs  # max_jobs_per_child
         self.sync_frequency = sync_frequency
         self.port = free_port()
         self.chain = Chain(workdir / f"{name}-chain.json")
@@ -242,7 +242,7 @@ class Parent:
             "pg_database": self.dsn, "is_parent_validator": True, **AUTH_OFF,
             "listen_host": "127.0.0.1", "parent_port": self.port, "log_level": "INFO",
             "data_dir": str(self.workdir / f"{self.name}-parent"),
-            "push_jobs": push, "max_jobs_per_child": self.slots,
+            "push_jobs": push, "max_jobs_per_child": self.max_jobs,
             "subtensor": {"network": "file", "commitments_file": str(self.chain.path)},
             "neuron": {"sync_frequency": self.sync_frequency},
         })
