@@ -5,8 +5,9 @@ Its life, top to bottom: the database schema; GroupCommit (the starts and ends o
 run at once share a transaction); ChildStore (the jobs table, which is also the outbox of
 results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
 the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
-then polls: one requestJobs call reports results and asks for as many jobs as there is room for,
-riding out outages of the parent and of the database; it stops in stages on SIGTERM or SIGINT.
+then polls: one requestJobs call reports results and asks for as many jobs as there is room for
+(an idle child's call waits at the parent until a job comes), riding out outages of the parent
+and of the database; it stops in stages on SIGTERM or SIGINT.
 
     python child.py --config validator_child.toml
 """
@@ -64,6 +65,7 @@ UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProv
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 REPORT_BATCH = 100  # results per reportJobCompletions call
+MAX_WAIT = 5.0  # seconds an idle poll may wait for a job at the parent: below the call timeout
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
     buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))
@@ -181,19 +183,19 @@ class ChildStore:
 
     def _store_jobs(self, conn, jobs):
         """jobs: {job id: job}; returns [(job, delivery)] of those to run."""
-        # Binary parameters: psycopg quotes arrays of JSON documents slowly as text.
+        # %b: arrays go in binary; psycopg quotes them as text slowly (a regex per element).
         columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
         deliveries = {row["job_id"]: row["deliveries"] for row in conn.execute(
-            "insert into child_jobs (job_id, job) select * from unnest(%s::bigint[], "
-            "%s::jsonb[]) on conflict (job_id) do nothing returning job_id, deliveries",
-            columns, binary=True)}
+            "insert into child_jobs (job_id, job) select * from unnest(%b::bigint[], "
+            "%b::jsonb[]) on conflict (job_id) do nothing returning job_id, deliveries",
+            columns)}
         deliveries.update((row["job_id"], row["deliveries"]) for row in conn.execute(
             "update child_jobs c set job = s.job, status = 'queued', received_at = now(), "
             "started_at = null, finished_at = null, result = null, reported_at = null, "
             "attempts = 0, deliveries = deliveries + 1 "
-            "from unnest(%s::bigint[], %s::jsonb[]) as s(job_id, job) "
+            "from unnest(%b::bigint[], %b::jsonb[]) as s(job_id, job) "
             "where c.job_id = s.job_id and reported_at is not null "
-            "returning c.job_id, deliveries", columns, binary=True))
+            "returning c.job_id, deliveries", columns))
         queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
                   if job_id in deliveries]
         if queued:
@@ -244,8 +246,8 @@ class ChildStore:
         """starts: [(job_id, delivery, 1 to count the start or 0)]; one row or None each."""
         rows = conn.execute(
             "update child_jobs c set status = 'running', started_at = now(), "
-            "attempts = attempts + s.counted from unnest(%s::bigint[], %s::integer[], "
-            "%s::integer[]) as s(job_id, delivery, counted) "
+            "attempts = attempts + s.counted from unnest(%b::bigint[], %b::integer[], "
+            "%b::integer[]) as s(job_id, delivery, counted) "
             "where c.job_id = s.job_id and finished_at is null "
             "and deliveries = coalesce(s.delivery, deliveries) "
             "returning c.job_id, s.delivery, job, attempts",
@@ -271,10 +273,10 @@ class ChildStore:
     def _finish_many(conn, finishes):
         """finishes: [(job_id, status, result)]."""
         conn.execute("update child_jobs c set status = s.status, result = s.result, "
-                     "finished_at = now() from unnest(%s::bigint[], %s::text[], %s::text[]) "
+                     "finished_at = now() from unnest(%b::bigint[], %b::text[], %b::text[]) "
                      "as s(job_id, status, result) "
                      "where c.job_id = s.job_id and finished_at is null",
-                     [list(column) for column in zip(*finishes)], binary=True)
+                     [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)
 
     def unreported(self, limit=REPORT_BATCH):
@@ -293,7 +295,7 @@ class ChildStore:
 
     @staticmethod
     def _mark_reported(conn, job_ids):
-        conn.execute("update child_jobs set reported_at = now() where job_id = any(%s)",
+        conn.execute("update child_jobs set reported_at = now() where job_id = any(%b)",
                      (list(job_ids),))
 
     def prune(self, days):
@@ -627,27 +629,40 @@ def acknowledged(rows, replies):
     return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
 
 
-def poll(parent, store, child_id):
+def poll(parent, store, child_id, interval=0.0):
     """One round with the parent: report finished results and ask for as many jobs as there
     is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
     results (after an outage) goes first, in reportJobCompletions calls; so do the results a
-    parent of an older version ignored in requestJobs."""
+    parent of an older version ignored in requestJobs. Returns the seconds after its start at
+    which the next poll is due (`interval` is the poll_interval).
+
+    A child with nothing queued or running and no result to report lets the parent hold the
+    call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
+    has a request open, and gets a new job at once. Such a child polls again as soon as that
+    call is over; a parent that does not hold calls answers at once, and the child then waits
+    out the rest itself."""
     rows, free, held = store.poll_state()
     if len(rows) == REPORT_BATCH:
         report_results(parent, store, child_id)
         rows, free, held = store.poll_state()
+    idle = free == store.capacity
+    wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
     reply = parent.call("requestJobs", childId=child_id, maxJobs=free, heldJobs=held,
-                        results=[result_message(row) for row in rows])
+                        results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
     # A parent built from the seed's schema answers neither error nor replies.
     if reply.get("error"):
         log.warning("Parent refused the job request: %s; registering again", reply["error"])
         parent.close()
-        return
+        return interval
     replies = reply.get("replies", [])
     if rows and not replies:
         report_results(parent, store, child_id)
         rows = []
-    store.add_jobs(reply.get("jobs", []), reported=acknowledged(rows, replies))
+    reported = acknowledged(rows, replies)
+    store.add_jobs(reply.get("jobs", []), reported=reported)
+    if idle and rows and len(reported) == len(rows):
+        return 0.0  # it reported its last results: its next poll may be held
+    return wait or interval
 
 
 def check_limits(cfg):
@@ -721,13 +736,15 @@ def work(cfg, stop, wake, parent, store):
                             cfg.max_backoff_seconds)
     next_prune = time.monotonic()
     while not stop.is_set():
+        started = time.monotonic()
         try:
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
-            poll(parent, store, cfg.validator_id)
+            due = poll(parent, store, cfg.validator_id, cfg.poll_interval)
         except PeerUnavailable as e:
-            stop.wait(parent_down.failed(e))
+            if not stop.is_set():  # else the parent stopped along with us: nothing to retry
+                stop.wait(parent_down.failed(e))
             continue
         except common.DatabaseUnavailable as e:
             stop.wait(database_down.failed(e))
@@ -738,7 +755,7 @@ def work(cfg, stop, wake, parent, store):
         parent_down.succeeded()
         database_down.succeeded()
         refused.succeeded()
-        wake.wait(cfg.poll_interval)
+        wake.wait(max(0.0, due - (time.monotonic() - started)))
         wake.clear()
 
 

@@ -684,7 +684,8 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
     """One object per connection. Each RPC method is answered by a plain method of the role's
     subclass with the snake_case name (request_jobs for requestJobs), which gets the call's
     parameters by their wire names and returns the results as a dict, or raises Refused. It
-    runs on a worker thread, off the event loop. A method the role does not serve, a text
+    runs on a worker thread, off the event loop; a coroutine method (one that waits, as the
+    parent's held requestJobs does) runs on the loop. A method the role does not serve, a text
     parameter that is not UTF-8, or any failure is answered with a message, never with an
     exception: pycapnp would send the client our traceback."""
 
@@ -710,8 +711,12 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
                 raise Refused("a text parameter is not valid UTF-8") from None
             if contains_nul(params):  # PostgreSQL text cannot hold one
                 raise Refused("a text parameter contains a NUL character")
+            # A plain method runs on a worker thread; a coroutine (one that may wait for a
+            # while, as a held requestJobs does) runs on the loop.
+            answer = (handler(**params) if asyncio.iscoroutinefunction(handler)
+                      else asyncio.to_thread(handler, **params))
             # The reason field is always set: an unset text field is absent from to_dict().
-            results = {REFUSALS[method][1]: "", **await asyncio.to_thread(handler, **params)}
+            results = {REFUSALS[method][1]: "", **await answer}
         except Refused as e:
             RPC_REFUSALS.labels(method).inc()
             results = refusal(method, str(e))
@@ -726,6 +731,7 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
             results = refusal(method, "internal error in the validator; see its log")
         for field, value in results.items():
             setattr(context.results, field, value)
+        self.last_call = time.monotonic()  # a held call is not idleness
 
     def __getattr__(self, name):
         # pycapnp answers a call of method M with <M>_context(context) if there is one: every

@@ -10,6 +10,8 @@ sync_frequency seconds and looks after the leases every second.
     python parent.py --config validator_parent.toml
 """
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -272,6 +274,7 @@ def replies_message(answers):
 
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
+MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 
 JOBS_FINISHED = prometheus_client.Counter(
     "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
@@ -297,15 +300,20 @@ def queue_entry(row):
 class PendingQueue:
     """The pending jobs in serving order: highest priority first, then jobs given back, then by
     job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
-    because a job is handed out only if the database still says it is pending."""
+    because a job is handed out only if the database still says it is pending. on_push() is
+    called after jobs were added."""
 
-    def __init__(self, entries=()):
+    def __init__(self, entries=(), on_push=None):
         self.heap = list(entries)  # (-priority, position, job_id), as queue_entry() makes
         heapq.heapify(self.heap)
+        self.on_push = on_push
 
     def push(self, entries):
+        size = len(self.heap)
         for entry in entries:
             heapq.heappush(self.heap, entry)
+        if len(self.heap) > size and self.on_push:
+            self.on_push()
 
     def pop(self, count):
         return [heapq.heappop(self.heap) for _ in range(min(count, len(self.heap)))]
@@ -318,6 +326,46 @@ class PendingQueue:
         return [job_id for *_, job_id in sorted(self.heap)]
 
 
+class Arrivals:
+    """Wakes the requestJobs calls that the parent holds open (long polling) when jobs become
+    pending. A call watches before it looks at the queue, so a job pushed between its look and
+    its wait still wakes it. notify() may be called from any thread; the watchers wait on
+    the RPC thread's event loop."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.watchers = set()
+
+    @contextlib.contextmanager
+    def watch(self):
+        """An asyncio.Event, set (on the caller's loop) each time jobs become pending."""
+        arrived = asyncio.Event()
+        watcher = (asyncio.get_running_loop(), arrived)
+        with self.lock:
+            self.watchers.add(watcher)
+        try:
+            yield arrived
+        finally:
+            with self.lock:
+                self.watchers.discard(watcher)
+
+    def notify(self):
+        with self.lock:
+            watchers = list(self.watchers)
+        for loop, arrived in watchers:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(arrived.set)
+
+
+async def wait_until(event, deadline):
+    """Wait for the event until the time.monotonic() deadline; True if it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), deadline - time.monotonic())
+    except TimeoutError:
+        return False
+    return True
+
+
 class ParentState:
     def __init__(self, db, cfg, identity=None, verifier=None):
         self.db, self.cfg = db, cfg
@@ -326,6 +374,7 @@ class ParentState:
         self.lock = threading.Lock()
         self.started = time.time()
         self.skipped = set()  # bad commitments already logged, so each is logged once
+        self.arrivals = Arrivals()
         self.queue, self.queue_version = PendingQueue(), None
         self.reload_queue()
 
@@ -339,7 +388,10 @@ class ParentState:
             # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
             cursor = conn.cursor(row_factory=tuple_row)
             self.queue = PendingQueue(cursor.execute(
-                "select -priority, position, job_id from jobs where status = 'pending'"))
+                "select -priority, position, job_id from jobs where status = 'pending'"),
+                self.arrivals.notify)
+        if self.queue:
+            self.arrivals.notify()
         if self.queue or self.queue_version is not None:
             log.info("Loaded %d pending jobs from the database", len(self.queue))
         self.queue_version = version
@@ -400,8 +452,8 @@ class ParentState:
                    hf_repo_commit, commit_block, env_provider, env_name, random_seed, max_retries)
                select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id, s.revision,
                       s.block, %s, %s, s.seed, %s
-               from unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::text[],
-                           %s::text[], %s::bigint[], %s::bigint[]) with ordinality
+               from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
+                           %b::text[], %b::bigint[], %b::bigint[]) with ordinality
                     as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block, seed,
                          n)
                where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint)
@@ -508,10 +560,10 @@ class ParentState:
                 rows = conn.execute(
                     """update jobs set status = 'assigned', child_id = %s,
                            attempts = attempts + 1, assigned_at = now()
-                       where job_id = any(%s) and status = 'pending'
+                       where job_id = any(%b) and status = 'pending'
                        returning *""", (child_id, [job_id for *_, job_id in taken])).fetchall()
                 conn.execute("insert into assignments (job_id, attempt, child_id) "
-                             "select unnest(%s::bigint[]), unnest(%s::integer[]), %s",
+                             "select unnest(%b::bigint[]), unnest(%b::integer[]), %s",
                              ([r["job_id"] for r in rows], [r["attempts"] for r in rows],
                               child_id))
         except BaseException:
@@ -538,7 +590,7 @@ class ParentState:
             # A job assigned moments ago may be a push still on its way to the child.
             lost[:] = [] if held_ids is None else conn.execute(
                 """select * from jobs where child_id = %s and status = 'assigned'
-                   and not job_id = any(%s) and assigned_at < now() - make_interval(secs => %s)
+                   and not job_id = any(%b) and assigned_at < now() - make_interval(secs => %s)
                    order by job_id""",
                 (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS)).fetchall()
             return min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
@@ -585,7 +637,7 @@ class ParentState:
                 if size <= self.cfg.max_result_bytes and r[0] < 2**63]
         recorded = {row["job_id"] for row in conn.execute(
             """with reported as (
-                   select * from unnest(%s::bigint[], %s::boolean[], %s::text[])
+                   select * from unnest(%b::bigint[], %b::boolean[], %b::text[])
                        as r(job_id, success, result)),
                finished as (
                    update jobs set status = case when reported.success then 'completed'
@@ -601,9 +653,9 @@ class ParentState:
                        and assignments.attempt = finished.attempts)
                select job_id from finished""",
             ([job_id for job_id, _, _ in fits], [success for _, success, _ in fits],
-             [result for _, _, result in fits], child_id), binary=True)}
+             [result for _, _, result in fits], child_id))}
         others = {row["job_id"]: row for row in conn.execute(
-            "select job_id, status, child_id from jobs where job_id = any(%s)",
+            "select job_id, status, child_id from jobs where job_id = any(%b)",
             ([job_id for job_id, _, _ in results if job_id < 2**63],))}
         return sizes, recorded, others
 
@@ -842,11 +894,23 @@ class ParentService(common.ServiceBase):
                                        f"the connection is registered as {self.child_id!r}",
                                        self.peer)
 
-    def request_jobs(self, childId, maxJobs, heldJobs=None, results=()):
+    async def request_jobs(self, childId, maxJobs, heldJobs=None, results=(), waitMs=0):
+        """A poll; with waitMs, one that gets no job waits for one (see Arrivals), then
+        polls again, until it gets jobs or the wait is over. pycapnp cancels a call whose
+        connection dropped, so the held call of a child that died takes no job. A client built
+        from the seed's schema sends neither heldJobs (no redelivery then), results nor waitMs."""
         self._check_bound("requestJobs", childId)
-        # A client built from the seed's schema sends neither heldJobs (no redelivery then)
-        # nor results.
-        jobs, replies = self.state.poll(childId, maxJobs, heldJobs, self._results(results))
+        results, cfg = self._results(results), self.state.cfg
+        # With push_jobs the pusher sends the new jobs; a held call would race it.
+        wait = 0 if cfg.push_jobs else min(waitMs / 1000, MAX_WAIT_SECONDS,
+                                           cfg.rpc_idle_timeout_seconds / 2)
+        deadline = time.monotonic() + wait
+        with self.state.arrivals.watch() as arrived:
+            jobs, replies = await asyncio.to_thread(
+                self.state.poll, childId, maxJobs, heldJobs, results)
+            while not jobs and maxJobs and await wait_until(arrived, deadline):
+                arrived.clear()
+                jobs, _ = await asyncio.to_thread(self.state.poll, childId, maxJobs, heldJobs)
         return {"jobs": jobs, "replies": replies_message(replies)}
 
     def report_job_completion(self, childId, jobId, success, result):

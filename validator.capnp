@@ -44,8 +44,11 @@ interface ValidatorJobsService {
   # Added: `results`, finished jobs reported in the same call, recorded before any job is
   # assigned (as with reportJobCompletions); replies[i] answers results[i]. A parent of an older
   # version ignores `results` and answers no replies: the child then reports them separately.
+  # Added: `waitMs`, how long the parent may hold the answer when it has no job for the child
+  # (long polling): it answers as soon as a job for the child becomes pending, and after at most
+  # waitMs or 5 s, whichever is shorter. 0 (a seed-built child sends nothing) answers at once.
   requestJobs @1 (childId :Text, maxJobs :UInt32, heldJobs :List(UInt64),
-                  results :List(JobResult))
+                  results :List(JobResult), waitMs :UInt32)
       -> (jobs :List(EvaluationJobData), error :Text, replies :List(ReportReply));
 
   # Child calls this to report job completion. acknowledged = the parent has the outcome and the

@@ -524,7 +524,7 @@ def serve_canned():
     class Canned(common.ServiceBase):
         role = "parent"
 
-        def request_jobs(self, childId, maxJobs, heldJobs=None):
+        def request_jobs(self, childId, maxJobs, **_):
             return {"jobs": jobs[:maxJobs]}
 
     rpc = common.RpcThread()

@@ -151,6 +151,16 @@ def test_prefetch_jobs_wait_queued_at_the_child_while_its_slots_run(cluster):
     assert sorted(c.parent_status().values()) == ["assigned"] * 3 + ["pending"] * 2
 
 
+def test_an_idle_child_gets_a_new_job_without_waiting_out_its_poll_interval(cluster, tmp_path):
+    c = cluster(1, poll_interval=60.0)
+    start_both(c)
+    wait_until(lambda: c.parent_status() == {1: "completed"}, what="the first job's result")
+    write_chain(tmp_path / "chain.json", 101, [commitment(i) for i in (1, 2)])
+    # The idle child's poll is held open at the parent, which answers it with the new job.
+    wait_until(lambda: c.parent_status() == {1: "completed", 2: "completed"}, 20,
+               "the new job's result, long before the child's next poll_interval (60 s)")
+
+
 # -- reconnection -------------------------------------------------------------------------------
 
 def test_a_child_registers_again_by_itself_when_the_parent_restarts(cluster, tmp_path):

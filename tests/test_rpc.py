@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
-from conftest import ROOT, commitment, free_port, run_foreign_client, write_chain
+from conftest import ROOT, commitment, free_port, run_foreign_client, wait_until, write_chain
 
 import child
 import common
@@ -95,6 +97,50 @@ def test_request_jobs_records_the_results_it_carries_before_it_assigns(start_par
     assert (stats["failed_jobs"], stats["children"][0]["total_jobs_completed"]) == (1, 2)
 
 
+def test_a_request_that_may_wait_is_answered_when_a_job_comes(tmp_path, parent, rpc):
+    """waitMs: with no job for the child, the parent holds the call open until one is created,
+    then answers with it; with none, it answers empty when the wait is over."""
+    register(parent.client, "c1")
+    assert len(parent.client.call("requestJobs", childId="c1", maxJobs=5)["jobs"]) == 3
+    assert parent.client.call("requestJobs", childId="c1", maxJobs=5, waitMs=200) == {
+        "jobs": [], "replies": [], "error": ""}
+
+    def last_seen():
+        return json.loads(parent.client.call("getStats")["json"])["children"][0]["last_seen"]
+
+    seen, answer = last_seen(), {}
+    held = threading.Thread(target=lambda: answer.update(common.RpcClient(
+        rpc, "127.0.0.1", parent.port).call("requestJobs", childId="c1", maxJobs=5,
+                                            waitMs=5000)))
+    held.start()
+    wait_until(lambda: last_seen() > seen, 10, "the held call to reach the parent")
+    write_chain(tmp_path / "chain.json", 101, [commitment(i) for i in (1, 2, 3, 4)])
+    held.join(10)
+    assert [job["jobId"] for job in answer["jobs"]] == [4]
+
+
+def test_a_child_polls_again_at_once_only_when_its_next_poll_is_held(parent, make_dsn):
+    """child.poll returns when the next poll is due: an idle child that reported all its
+    results polls again at once, since that poll is held; one whose result was refused does
+    not (it would ask again and again)."""
+    register(parent.client, "c1")
+    store = child.ChildStore(make_dsn(), 4)
+    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # idle: held, answered with jobs
+    assert store.holdings() == (1, [1, 2, 3])
+    for job_id in (1, 2, 3):
+        store.start(job_id)
+        store.finish(job_id, True, "{}")
+    assert child.poll(parent.client, store, "c1", 0.5) == 0.0  # the last results, taken
+    assert store.unreported() == []
+    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # held; no job came
+    store.add_jobs([{"jobId": 999}])
+    store.start(999)
+    store.finish(999, True, "{}")
+    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # unknown job 999: refused
+    assert [row["job_id"] for row in store.unreported()] == [999]
+    store.db.close()
+
+
 def test_report_job_completion_records_only_the_holders_result(parent):
     register(parent.client, "c1")
     register(parent.client, "c2")
@@ -141,19 +187,21 @@ def test_report_job_completions_answers_each_result_of_one_call(parent):
     assert parent.log().count("completed job 1\n") == 1
 
 
-def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_path, make_dsn,
-                                                                          rpc):
-    """A parent of an older version, built from the seed's interface text, ignores the results
-    a poll carries in requestJobs and has no reportJobCompletions: the child falls back to the
-    seed's reportJobCompletion."""
+def start_older_parent(tmp_path, jobs):
+    """A parent of an older version, built from the seed's interface text: it ignores what the
+    seed lacks (the results a poll carries, waitMs) and has no reportJobCompletions. Each
+    requestJobs answers `jobs`; it prints each call, and "serving" once it listens."""
     (tmp_path / "seed.capnp").write_text(SEED_SCHEMA)
     port = free_port()
-    older_parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import asyncio, capnp
         schema = capnp.load({str(tmp_path / "seed.capnp")!r})
         class OlderParent(schema.ValidatorJobsService.Server):
+            async def registerChild(self, childId, endpoint, **_):
+                return True, "registered"
             async def requestJobs(self, childId, maxJobs, **_):
-                return [{{"jobId": 9, "hfRepoId": "org/nine"}}]
+                print("requestJobs", maxJobs, flush=True)
+                return {jobs!r}
             async def reportJobCompletion(self, childId, jobId, success, result, **_):
                 print(jobId, result, flush=True)
                 return jobId != 8
@@ -165,17 +213,27 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
             await server.serve_forever()
         asyncio.run(capnp.run(main()))
     """)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "serving\n"
+    proc.port = port
+    return proc
+
+
+def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_path, make_dsn,
+                                                                          rpc):
+    """The child falls back to the seed's reportJobCompletion for the results an older parent
+    ignored in requestJobs."""
+    older_parent = start_older_parent(tmp_path, [{"jobId": 9, "hfRepoId": "org/nine"}])
     try:
-        assert older_parent.stdout.readline() == "serving\n"
         store = child.ChildStore(make_dsn(), 4)
         store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in (7, 8)])
         for n in (7, 8):
             store.start(n)
             store.finish(n, True, f'{{"score": {n}}}')
-        client = common.RpcClient(rpc, "127.0.0.1", port)
-        child.poll(client, store, "c1")
-        assert [older_parent.stdout.readline() for _ in range(2)] == [
-            '7 {"score": 7}\n', '8 {"score": 8}\n']
+        client = common.RpcClient(rpc, "127.0.0.1", older_parent.port)
+        # Reported apart, and one not taken: the next poll is due after the interval.
+        assert child.poll(client, store, "c1", interval=2.0) == 2.0
+        assert [older_parent.stdout.readline() for _ in range(3)] == [
+            "requestJobs 4\n", '7 {"score": 7}\n', '8 {"score": 8}\n']
         # 7 is reported; 8 was not taken, and is kept; 9 came with the poll.
         assert store.holdings() == (3, [8, 9])
         store.db.close()
@@ -186,6 +244,32 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
         with pytest.raises(common.Unimplemented):
             client.call("reportJobCompletions", childId="c1", results=[])
     finally:
+        older_parent.kill()
+        older_parent.wait()
+
+
+def test_an_idle_child_polls_an_older_parent_once_per_interval(tmp_path, make_dsn, rpc,
+                                                               child_config):
+    """An older parent answers a poll that may wait at once: the idle child then waits out its
+    poll_interval itself, instead of asking again and again."""
+    older_parent = start_older_parent(tmp_path, [])
+    cfg = common.load_config(child_config("c1", older_parent.port, poll_interval=0.5))
+    store = child.ChildStore(cfg.pg_database, 4)
+    stop = threading.Event()
+    loop = threading.Thread(target=child.work, args=(
+        cfg, stop, threading.Event(), common.RpcClient(rpc, "127.0.0.1", older_parent.port),
+        store))
+    loop.start()
+    try:
+        polls = []
+        for _ in range(3):
+            assert older_parent.stdout.readline() == "requestJobs 4\n"
+            polls.append(time.monotonic())
+        assert polls[2] - polls[0] >= 0.9  # two intervals of 0.5 s; at once if it did not wait
+    finally:
+        stop.set()
+        loop.join(10)
+        store.db.close()
         older_parent.kill()
         older_parent.wait()
 
