@@ -16,6 +16,7 @@ The figures, one function each below:
 1. throughput()  no-op jobs (the DEMO evaluator with demo_seconds = 0) from their creation at
    the parent to their result recorded at the parent, with 1, 2 and 4 children, in jobs/s.
    Baseline: pgqueuer's own consumer draining the same number of no-op jobs from its queue.
+   Each runs one round first that is not counted (the warm-up of new connections).
 2. dispatch()    a commitment appearing in the chain file -> the evaluator starting on a child,
    with push_jobs = true and with pull. Measured on PostgreSQL's clock: the parent's
    jobs.created_at (set in the transaction right after the parent read the chain) and the
@@ -64,7 +65,7 @@ FULL = dict(
     repeats=5,            # repeats of each throughput, RPC and chain measure
     batch=300,            # no-op jobs per throughput repeat
     slots=16,             # each child's max_concurrent_jobs
-    prefetch=16,          # each child's prefetch_jobs in figure 1 (max_jobs_per_child: the sum)
+    prefetch=32,          # each child's prefetch_jobs in figure 1 (max_jobs_per_child: the sum)
     dispatch_samples=40,  # jobs whose dispatch latency is measured, for push and for pull
     rpc_calls=(500, 100),  # calls per repeat: ping, requestJobs(100)
     scale_children=200, scale_seconds=20.0, idle_seconds=10.0,
@@ -72,7 +73,7 @@ FULL = dict(
     chain_miners=256,
 )
 QUICK = dict(
-    repeats=2, batch=40, slots=16, prefetch=16, dispatch_samples=5, rpc_calls=(100, 20),
+    repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
     scale_children=20, scale_seconds=2.0, idle_seconds=1.0,
     pending_jobs=20_000, restarts=2, heartbeat_calls=10,
     chain_miners=256,
@@ -365,18 +366,25 @@ def pgqueuer_baseline(pg, size):
         return count / elapsed
 
     rates, cpu = [], []
-    for r in range(size["repeats"]):
+    for r in range(-1, size["repeats"]):  # -1: the warm-up round, not counted
         with common.connect(dsn) as conn:
             SyncQueries(SyncPsycopgDriver(conn)).enqueue(
                 ["evaluate"] * count, [str(i).encode() for i in range(count)], [0] * count)
         def used():  # this process runs the consumer
             return cpu_seconds([psutil.Process()]) + pg.cpu_seconds()
         before = used()
-        rates.append(asyncio.run(drain()))
-        cpu.append((used() - before) / count * 1000)
-        progress(f"  pgqueuer consumer alone, repeat {r + 1}: {rates[-1]:.0f} jobs/s; "
-                 f"CPU per job (consumer and PostgreSQL) {cpu[-1]:.2f} ms")
+        rate = asyncio.run(drain())
+        cpu_ms = (used() - before) / count * 1000
+        progress(f"  pgqueuer consumer alone, {repeat_name(r)}: {rate:.0f} jobs/s; "
+                 f"CPU per job (consumer and PostgreSQL) {cpu_ms:.2f} ms")
+        if r >= 0:
+            rates.append(rate)
+            cpu.append(cpu_ms)
     return rates, cpu
+
+
+def repeat_name(r):
+    return "warm-up (not counted)" if r < 0 else f"repeat {r + 1}"
 
 
 async def asyncpg_connect(dsn):
@@ -396,21 +404,25 @@ def throughput(fleet, db, size, children):
     Also the CPU time per job of the parent, of the children together and of PostgreSQL
     (which includes this bench's polling, a query every 20 ms), to show where the work is."""
     rates, cpu = [], {"parent": [], "children": [], "postgres": []}
-    for r in range(size["repeats"]):
+    for r in range(-1, size["repeats"]):  # -1: the warm-up round of new children, not counted
         used = {"parent": lambda: cpu_seconds([fleet.parent.proc.ps]),
                 "children": lambda: cpu_seconds([child.ps for child in fleet.children]),
                 "postgres": fleet.pg.cpu_seconds}
         before = {name: measure() for name, measure in used.items()}
         job_ids = fleet.create_jobs(db, size["batch"])
         fleet.wait_finished(db, job_ids, timeout=120)
-        for name, measure in used.items():
-            cpu[name].append((measure() - before[name]) / len(job_ids) * 1000)
+        cpu_ms = {name: (measure() - before[name]) / len(job_ids) * 1000
+                  for name, measure in used.items()}
         row = db.execute("select extract(epoch from max(finished_at) - min(created_at)) as s "
                          "from jobs where job_id = any(%s)", (job_ids,)).fetchone()
-        rates.append(len(job_ids) / float(row["s"]))
-        progress(f"  end to end, {children} children, repeat {r + 1}: {rates[-1]:.0f} jobs/s; "
-                 "CPU per job: " + ", ".join(f"{name} {values[-1]:.1f} ms"
-                                             for name, values in cpu.items()))
+        rate = len(job_ids) / float(row["s"])
+        progress(f"  end to end, {children} children, {repeat_name(r)}: {rate:.0f} jobs/s; "
+                 "CPU per job: " + ", ".join(f"{name} {value:.1f} ms"
+                                             for name, value in cpu_ms.items()))
+        if r >= 0:
+            rates.append(rate)
+            for name, value in cpu_ms.items():
+                cpu[name].append(value)
     return rates, cpu
 
 
