@@ -3,9 +3,10 @@ evaluation job, and hands jobs to child validators over Cap'n Proto RPC.
 
 Its life, top to bottom: the database schema; the chain sources (a JSON file or the bittensor
 SDK); ParentState, the one shared state behind every RPC connection (PostgreSQL is the truth, an
-in-memory queue mirrors the pending jobs), with its leases and the optional pusher; the
-operator's commands; the RPC service; and run(), the loop that reads the chain every
-sync_frequency seconds and looks after the leases every second.
+in-memory queue mirrors the pending jobs, and Arrivals wakes the polls of idle children held
+open until a job comes), with its leases and the optional pusher; the operator's commands; the
+RPC service; and run(), the loop that reads the chain every sync_frequency seconds and looks
+after the leases every second.
 
     python parent.py --config validator_parent.toml
 """
