@@ -711,8 +711,6 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
                 raise Refused("a text parameter is not valid UTF-8") from None
             if contains_nul(params):  # PostgreSQL text cannot hold one
                 raise Refused("a text parameter contains a NUL character")
-            # A plain method runs on a worker thread; a coroutine (one that may wait for a
-            # while, as a held requestJobs does) runs on the loop.
             answer = (handler(**params) if asyncio.iscoroutinefunction(handler)
                       else asyncio.to_thread(handler, **params))
             # The reason field is always set: an unset text field is absent from to_dict().
