@@ -779,14 +779,14 @@ def chain(workdir, size):
     """Calls to the substrate seam during one sync (a read after the first, which connects),
     for a subnet of `chain_miners` miners and of 1 miner; and the read's time."""
     os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", str(workdir / "token_symbols.json"))
-    import parent
+    import chain as chains
     from test_bittensor_chain import NETUID, FakeSubstrate, Neuron, hotkey
 
     results = {}
     for miners in (1, size["chain_miners"]):
         fake = FakeSubstrate(500, [Neuron(hotkey(i), 2000.0 + i, f"org/m{i}@{i:040x}",
                                           block=490) for i in range(miners)])
-        bittensor_chain = parent.BittensorChain("local", NETUID, substrate=fake)
+        bittensor_chain = chains.BittensorChain("local", NETUID, substrate=fake)
         try:
             bittensor_chain.read()  # connects
             calls, times = [], []

@@ -24,6 +24,7 @@ import bittensor_core
 import pytest
 from conftest import ROOT, wait_until
 
+import chain as chains
 import parent
 
 NETUID = 2
@@ -195,16 +196,16 @@ def token_symbol_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def make_chain():
     """make_chain(substrate, **kwargs) -> a BittensorChain on that substrate, closed after."""
-    chains = []
+    made = []
 
     def make(substrate, **kwargs):
-        chain = parent.BittensorChain("local", kwargs.pop("netuid", NETUID), substrate=substrate,
+        chain = chains.BittensorChain("local", kwargs.pop("netuid", NETUID), substrate=substrate,
                                       **kwargs)
-        chains.append(chain)
+        made.append(chain)
         return chain
 
     yield make
-    for chain in chains:
+    for chain in made:
         chain.close()
 
 
@@ -227,11 +228,11 @@ def test_a_sync_returns_each_visible_commitment_with_its_hotkey_uid_stake_and_bl
 
     snapshot = chain.read()
 
-    assert snapshot == parent.ChainSnapshot(1200, [
-        parent.Commitment(hot[1], 1, 1195, 5000.0, long_text),
-        parent.Commitment(hot[2], 2, 1190, 1234.5, "org/two@" + "b" * 40),
+    assert snapshot == chains.ChainSnapshot(1200, [
+        chains.Commitment(hot[1], 1, 1195, 5000.0, long_text),
+        chains.Commitment(hot[2], 2, 1190, 1234.5, "org/two@" + "b" * 40),
         # timelocked, then decrypted by the chain: the plaintext, at its commit block
-        parent.Commitment(hot[5], 5, 1150, 3000.25, submission("org/five", "e" * 40)),
+        chains.Commitment(hot[5], 5, 1150, 3000.25, submission("org/five", "e" * 40)),
     ])  # not: no commitment (0, 4), still sealed (3), deregistered (6)
     # Every read was pinned to the one block the sync started at.
     pinned = [args[-1] for name, args in fake.calls if name in ("runtime_call", "query_map")
@@ -304,7 +305,7 @@ def test_an_sdk_error_is_a_short_chain_unavailable_and_the_next_sync_reconnects(
     chain.read()
     fake.fail = bittensor.RpcConnectionError("connection reset by peer\n  at frame 12")
 
-    with pytest.raises(parent.ChainUnavailable) as failure:
+    with pytest.raises(chains.ChainUnavailable) as failure:
         chain.read()
 
     assert str(failure.value) == "chain local: RpcConnectionError: connection reset by peer"
@@ -326,7 +327,7 @@ def test_a_node_that_does_not_answer_is_given_up_at_the_deadline(make_chain, sta
     fake.hang, fake.cancel_seconds = stage, cancel_seconds
 
     started = time.monotonic()
-    with pytest.raises(parent.ChainUnavailable, match=r"^chain local: no answer within 0.5s$"):
+    with pytest.raises(chains.ChainUnavailable, match=r"^chain local: no answer within 0.5s$"):
         chain.read()
 
     assert time.monotonic() - started < 2.5
@@ -341,7 +342,7 @@ def test_a_node_that_does_not_answer_is_given_up_at_the_deadline(make_chain, sta
 def test_a_subnet_that_does_not_exist_is_reported_and_keeps_the_connection(make_chain):
     fake = FakeSubstrate(300, [Neuron(hotkey(1), 5000.0, "org/one@" + "1" * 40, block=299)])
     chain = make_chain(fake, netuid=7)
-    with pytest.raises(parent.ChainUnavailable, match="^subnet 7 does not exist on local$"):
+    with pytest.raises(chains.ChainUnavailable, match="^subnet 7 does not exist on local$"):
         chain.read()
     assert "close" not in fake.names()
 
@@ -349,9 +350,9 @@ def test_a_subnet_that_does_not_exist_is_reported_and_keeps_the_connection(make_
 def test_the_file_chain_never_imports_bittensor(tmp_path):
     path = tmp_path / "chain.json"
     path.write_text(json.dumps({"block": 5, "commitments": []}))
-    code = ("import sys, parent, common\n"
+    code = ("import sys, parent, common\nimport chain as chains\n"
             "cfg = common.load_config(sys.argv[1])\n"
-            "assert parent.open_chain(cfg).read() == parent.ChainSnapshot(5, [])\n"
+            "assert chains.open_chain(cfg).read() == chains.ChainSnapshot(5, [])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bittensor'))\n")
     config = tmp_path / "p.toml"
     config.write_text('pg_database = "postgresql://unused/x"\nis_parent_validator = true\n'

@@ -6,6 +6,7 @@ import logging
 import pytest
 from conftest import commitment, write_chain
 
+import chain as chains
 import parent
 
 
@@ -16,7 +17,7 @@ import parent
     ('  {"repo_id": "org/model.v2", "revision": "main"}  ', ("org/model.v2", "main")),
 ])
 def test_commitment_texts_that_are_accepted(text, expected):
-    assert parent.parse_commitment(text) == expected
+    assert chains.parse_commitment(text) == expected
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -31,29 +32,29 @@ def test_commitment_texts_that_are_accepted(text, expected):
 ])
 def test_commitment_texts_that_are_refused(text, reason):
     with pytest.raises(ValueError, match=reason):
-        parent.parse_commitment(text)
+        chains.parse_commitment(text)
 
 
 def test_file_chain_reads_a_snapshot_and_reports_missing_or_broken_files(tmp_path):
     path = tmp_path / "chain.json"
-    chain = parent.FileChain(path)
-    with pytest.raises(parent.ChainUnavailable, match="does not exist"):
+    chain = chains.FileChain(path)
+    with pytest.raises(chains.ChainUnavailable, match="does not exist"):
         chain.read()
     write_chain(path, 120, [commitment(1, block=110)])
     snapshot = chain.read()
     assert snapshot.block == 120
-    assert snapshot.commitments == [parent.Commitment(
+    assert snapshot.commitments == [chains.Commitment(
         "5Miner001", 1, 110, 5000.0, commitment(1)["data"])]
     path.write_text('{"block": 120, "commitm')  # a writer that did not rename
-    with pytest.raises(parent.ChainUnavailable, match="malformed"):
+    with pytest.raises(chains.ChainUnavailable, match="malformed"):
         chain.read()
     path.write_text('{"block": 120, "commitments": [{"hotkey": "x"}]}')
-    with pytest.raises(parent.ChainUnavailable, match="malformed"):
+    with pytest.raises(chains.ChainUnavailable, match="malformed"):
         chain.read()
 
 
 def snapshot(block, commitments):
-    return parent.ChainSnapshot(block, [parent.Commitment(**c) for c in commitments])
+    return chains.ChainSnapshot(block, [chains.Commitment(**c) for c in commitments])
 
 
 def jobs(state):

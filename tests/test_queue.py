@@ -10,11 +10,12 @@ import pytest
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
+import chain as chains
 import parent
 
 
 def add_jobs(state, count, first=1):
-    snapshot = parent.ChainSnapshot(100, [parent.Commitment(**commitment(i))
+    snapshot = chains.ChainSnapshot(100, [chains.Commitment(**commitment(i))
                                           for i in range(first, first + count)])
     return state.add_commitments(snapshot)
 
