@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -595,6 +596,7 @@ class RpcThread:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        gc.collect()  # the capnp objects in reference cycles die here too, not at exit
 
     def run(self, coroutine, timeout=None):
         result, error = asyncio.run_coroutine_threadsafe(
@@ -607,11 +609,12 @@ class RpcThread:
     async def _contained(coroutine):
         # A failure's traceback holds the coroutine's frames, and their capnp objects with
         # them. Freed on the caller's thread, one of those aborts the process, so the error
-        # crosses over bare.
+        # crosses over bare (see forget_frames).
         try:
             return await coroutine, None
         except Exception as e:
-            e.__traceback__ = e.__context__ = e.__cause__ = None
+            forget_frames(e)
+            e.__context__ = e.__cause__ = None
             return None, e
 
     def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0,
@@ -796,6 +799,7 @@ class RpcClient:
             response = await asyncio.wait_for(getattr(cap, method)(**params), self.timeout)
             return response.to_dict()
         except (OSError, asyncio.TimeoutError, capnp.KjException) as e:
+            forget_frames(e)
             if isinstance(e, capnp.KjException) and str(e.type) == "UNIMPLEMENTED":
                 self._unimplemented.add(method)
                 raise Unimplemented(f"{self.host}:{self.port} does not serve {method}") from None
@@ -815,6 +819,23 @@ class RpcClient:
         async def drop():
             self._cap = self._client = None
         self.rpc.run(drop(), timeout=5)
+
+
+def forget_frames(error):
+    """Drop the frames that a failed call's exception, and those it chains, hold.
+
+    asyncio.wait_for keeps the call's exception in its future, and the exception's traceback
+    holds wait_for's frame, which holds that future: a reference cycle, which also holds the
+    capability and the call's promise (RpcClient._call's frame). Only the garbage collector
+    frees a cycle, on whatever thread it happens to run; a capnp object freed off the RPC
+    thread aborts the process ("No event loop is running on this thread"), or corrupts it.
+    Without the frames there is no cycle, and everything is freed here, on the RPC thread."""
+    chained = [error]
+    while chained:
+        error = chained.pop()
+        if error is not None and error.__traceback__ is not None:
+            error.__traceback__ = None
+            chained += [error.__context__, error.__cause__]
 
 
 def describe(error):

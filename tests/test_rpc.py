@@ -387,3 +387,47 @@ def test_a_child_with_a_free_slot_queues_a_pushed_job_once(tmp_path, parent, chi
     # The parent never issued job 77: it says so, and the child keeps the result.
     child.wait_for_log("Parent did not take the result of job 77: unknown job 77")
     assert child.log().count("Evaluating job 77") == 1
+
+
+FAILED_CALLS = """
+import gc, sys, time
+sys.path.insert(0, {root!r})
+import common
+
+class Service(common.ServiceBase):
+    def get_stats(self):
+        time.sleep(1.0)
+        return {{"json": "{{}}"}}
+
+    def report_job_completions(self, childId, results=()):
+        return {{"replies": [{{"acknowledged": True, "message": ""}} for _ in results]}}
+
+rpc = common.RpcThread()
+client = common.RpcClient(rpc, "127.0.0.1", rpc.serve("127.0.0.1", 0, Service), timeout=0.3)
+client.call("ping")
+failures = []
+for method, params in [
+        # 70 MiB: over Cap'n Proto's 64 MiB message limit, which the sender enforces.
+        ("reportJobCompletions", {{"childId": "c", "results": [
+            {{"jobId": i, "success": True, "result": "x" * (1 << 20)}} for i in range(70)]}}),
+        ("getStats", {{}})]:  # answered after the client's timeout
+    try:
+        client.call(method, **params)
+    except common.PeerUnavailable as e:
+        failures.append(str(e))
+gc.collect()  # here, on the main thread: any capnp object left in a cycle is freed now
+print(failures, client.call("ping"))
+"""
+
+
+def test_a_failed_call_never_frees_a_capnp_object_off_the_rpc_thread():
+    """A call that fails (too large for a message, timed out) left its capability and promise
+    in a reference cycle; the garbage collector freed them on whatever thread it ran, and the
+    process aborted ("No event loop is running on this thread")."""
+    proc = subprocess.run([sys.executable, "-c", FAILED_CALLS.format(root=str(ROOT))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "event loop" not in proc.stderr
+    failures, pong = proc.stdout.rsplit("] ", 1)
+    assert failures.count("PeerUnavailable") == 0 and failures.count("127.0.0.1") == 2
+    assert "timed out" in failures and "pong from validator" in pong
