@@ -64,7 +64,9 @@ ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
-REPORT_BATCH = 100  # results per reportJobCompletions call
+REPORT_BATCH = 100  # results per call at most; and at most common.RESULTS_BUDGET bytes of them
+RESULT_OVERHEAD = 64  # bytes a result takes in a message besides its text
+MAX_HELD_IDS = 100_000  # ids of held jobs a poll sends at most (8 bytes each)
 MAX_WAIT = 5.0  # seconds an idle poll may wait for a job at the parent: below the call timeout
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
@@ -125,7 +127,7 @@ class GroupCommit:
 class ChildStore:
     """The child's database: jobs received, their state, and the results to report."""
 
-    def __init__(self, dsn, capacity):
+    def __init__(self, dsn, capacity, max_result_bytes=common.MAX_RESULT_BYTES):
         from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
         self.capacity = capacity  # jobs held at most, running or queued
         self.db = common.Database(dsn, SCHEMA)
@@ -137,6 +139,7 @@ class ChildStore:
             if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
                 conn.execute(QueryBuilderEnvironment().build_install_query())
             self._requeue_orphans(conn)
+            self._refuse_oversized(conn, max_result_bytes)
 
     def _requeue_orphans(self, conn):
         """Put back on the queue the unfinished jobs that have no queue entry (pgqueuer drops
@@ -151,6 +154,21 @@ class ChildStore:
             self._enqueue(conn, [(row["job_id"], row["deliveries"]) for row in orphans])
             log.warning("Queued again %d unfinished jobs that were missing from the queue: %s",
                         len(orphans), ", ".join(str(row["job_id"]) for row in orphans))
+
+    @staticmethod
+    def _refuse_oversized(conn, max_result_bytes):
+        """A result not reported yet that is over max_result_bytes (stored under an earlier
+        config) would be refused by the parent at every try, or not fit in a message: it is
+        replaced by a failure that says so."""
+        oversized = conn.execute(
+            "update child_jobs set status = 'failed', result = json_build_object('error', "
+            "'result of ' || octet_length(result) || ' bytes is over max_result_bytes (' "
+            "|| %s || ')')::text where finished_at is not null and reported_at is null "
+            "and octet_length(result) > %s returning job_id",
+            (max_result_bytes, max_result_bytes)).fetchall()
+        for row in oversized:
+            log.warning("Job %d failed: its result is over max_result_bytes (%d)",
+                        row["job_id"], max_result_bytes)
 
     @staticmethod
     def _enqueue(conn, deliveries):
@@ -207,20 +225,24 @@ class ChildStore:
         the parent, which sends again any job it gave us that is missing (its answer was
         lost). The room counts the queued and running jobs against the capacity."""
         with self.db.transaction() as conn:
-            return self._holdings(conn)
+            return self._holdings(conn)[:2]
 
     def _holdings(self, conn):
+        """(room, ids of the jobs held, how many of them are finished)."""
         row = conn.execute(
             "select count(*) filter (where status in ('queued', 'running')) as busy, "
+            "count(*) filter (where finished_at is not null) as finished, "
             "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
             "from child_jobs where reported_at is null").fetchone()
-        return max(0, self.capacity - row["busy"]), row["held"]
+        return max(0, self.capacity - row["busy"]), row["held"], row["finished"]
 
     def poll_state(self):
         """What a poll sends, read in one transaction: (the oldest results not reported yet,
-        up to REPORT_BATCH; room; ids of the jobs held)."""
+        as many as one call carries; whether more are waiting; room; ids of the jobs held)."""
         with self.db.transaction() as conn:
-            return (self._unreported(conn, REPORT_BATCH), *self._holdings(conn))
+            rows = self._unreported(conn, REPORT_BATCH)
+            free, held, finished = self._holdings(conn)
+        return rows, finished > len(rows), free, held
 
     def holds(self, job_id):
         """True if we have the job and have not reported it: a copy of it needs no slot."""
@@ -285,9 +307,16 @@ class ChildStore:
 
     @staticmethod
     def _unreported(conn, limit):
+        """The oldest results not reported yet: up to `limit`, and as many as fit in
+        common.RESULTS_BUDGET bytes, which is always one at least (a result is at most
+        max_result_bytes, itself at most a half of the budget)."""
         return conn.execute(
-            "select job_id, status, result from child_jobs where finished_at is not null "
-            "and reported_at is null order by finished_at, job_id limit %s", (limit,)).fetchall()
+            "select job_id, status, result from (select job_id, status, result, finished_at, "
+            "sum(octet_length(result) + %s) over (order by finished_at, job_id) as size "
+            "from child_jobs where finished_at is not null and reported_at is null "
+            "order by finished_at, job_id limit %s) oldest where size <= %s "
+            "order by finished_at, job_id",
+            (RESULT_OVERHEAD, limit, common.RESULTS_BUDGET)).fetchall()
 
     def mark_reported(self, job_ids):
         with self.db.transaction() as conn:
@@ -402,7 +431,11 @@ def evaluate(cfg, job, logs_dir, running=None):
         result = None
     if not isinstance(result, dict):
         return failure("evaluator did not print one JSON object on stdout")
-    return True, json.dumps(result)
+    text = json.dumps(result)  # escapes non-ASCII text: it may be longer than what was printed
+    if len(text) > cfg.max_result_bytes:
+        return failure(f"evaluator printed a result of {len(text)} bytes as JSON; "
+                       f"max_result_bytes is {cfg.max_result_bytes}")
+    return True, text
 
 
 def demo_evaluate(cfg, job, running):
@@ -591,9 +624,9 @@ class ChildService(common.ServiceBase):
 # ---------------------------------------------------------------------------------------------
 
 def report_results(parent, store, child_id):
-    """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH; a
-    result is marked reported only once the parent acknowledged it, so a crash or an outage at
-    any point resends it later."""
+    """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
+    results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
+    acknowledged it, so a crash or an outage at any point resends it later."""
     while rows := store.unreported(limit=REPORT_BATCH):
         try:
             reply = parent.call("reportJobCompletions", childId=child_id,
@@ -611,8 +644,6 @@ def report_results(parent, store, child_id):
         store.mark_reported(done)
         if len(done) < len(rows):
             return  # the rest waits for the next round, not a tight loop
-        if len(rows) < REPORT_BATCH:
-            return  # that was all: no need to ask the database again
 
 
 def result_message(row):
@@ -641,13 +672,15 @@ def poll(parent, store, child_id, interval=0.0):
     has a request open, and gets a new job at once. Such a child polls again as soon as that
     call is over; a parent that does not hold calls answers at once, and the child then waits
     out the rest itself."""
-    rows, free, held = store.poll_state()
-    if len(rows) == REPORT_BATCH:
+    rows, more, free, held = store.poll_state()
+    if more:
         report_results(parent, store, child_id)
-        rows, free, held = store.poll_state()
+        rows, more, free, held = store.poll_state()
     idle = free == store.capacity
     wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, heldJobs=held,
+    # Without heldJobs (more than a message should carry) the parent sends nothing again.
+    held = {"heldJobs": held} if len(held) <= MAX_HELD_IDS else {}
+    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, **held,
                         results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
     # A parent built from the seed's schema answers neither error nor replies.
     if reply.get("error"):
@@ -682,7 +715,7 @@ def run(cfg, stop):
     logs_dir = common.data_dir(cfg) / "logs"
     logs_dir.mkdir(exist_ok=True)
     dsn = common.database_dsn(cfg, stop)
-    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs)
+    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs, cfg.max_result_bytes)
     wake = threading.Event()
     # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()

@@ -47,6 +47,14 @@ log = logging.getLogger("validator")
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
+# Cap'n Proto refuses a message over 64 MiB, at the sender and at the receiver, and drops the
+# connection with it. What a validator sends is bounded to stay under it: a result is at most
+# MAX_RESULT_BYTES (the most max_result_bytes may be), results go in batches of at most
+# RESULTS_BUDGET bytes, and the other lists are bounded in count (their items in size).
+MESSAGE_LIMIT = 64 << 20
+RESULTS_BUDGET = MESSAGE_LIMIT // 2
+MAX_RESULT_BYTES = MESSAGE_LIMIT // 4
+
 REQUIRED = object()
 # key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented
 # in the README; a key not listed here is refused so that a typo never passes silently.
@@ -182,6 +190,9 @@ def load_config(path, overrides=None):
     if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_ca and not cfg.tls_cert):
         raise ConfigError(f"{path}: keys 'tls_cert' and 'tls_key' go together, and 'tls_ca' "
                           "needs them")
+    if not 1 <= cfg.max_result_bytes <= MAX_RESULT_BYTES:
+        raise ConfigError(f"{path}: key 'max_result_bytes' must be between 1 and "
+                          f"{MAX_RESULT_BYTES} (16 MiB): a result must fit in one message")
     if not 0 <= cfg.jobs.max_retries <= 255:
         raise ConfigError(f"{path}: key 'jobs.max_retries' must be between 0 and 255")
     if not cfg.is_parent_validator:

@@ -115,6 +115,9 @@ def replies_message(answers):
 
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
+# Jobs in one answer, those sent again included: each is under 1 KiB (its texts are bounded by
+# parse_commitment, a hotkey and the config), so an answer stays far under the message limit.
+MAX_JOBS_PER_ANSWER = 1000
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 
 JOBS_FINISHED = prometheus_client.Counter(
@@ -432,9 +435,11 @@ class ParentState:
             lost[:] = [] if held_ids is None else conn.execute(
                 """select * from jobs where child_id = %s and status = 'assigned'
                    and not job_id = any(%b) and assigned_at < now() - make_interval(secs => %s)
-                   order by job_id""",
-                (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS)).fetchall()
-            return min(max_jobs - len(lost), self.cfg.max_jobs_per_child - held)
+                   order by job_id limit %s""",
+                (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS,
+                 MAX_JOBS_PER_ANSWER)).fetchall()
+            return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
+                       self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
         answers = self._answers(child_id, results, *recorded[0]) if results else []

@@ -131,6 +131,45 @@ def test_results_in_the_outbox_of_a_killed_child_reach_the_parent_once(cluster):
     assert "Evaluating job 1 " not in c.child.log()  # it was not run again
 
 
+def result_printer(size, gate):
+    """An evaluator that waits for the file `gate`, then prints a JSON object of `size` bytes."""
+    return ["sh", "-c", "cat > /dev/null; while [ ! -e \"$0\" ]; do sleep 0.05; done; "
+            "printf '{\"pad\": \"'; head -c \"$1\" /dev/zero | tr '\\0' x; printf '\"}'",
+            str(gate), str(size - 11)]
+
+
+def test_a_backlog_of_results_at_max_result_bytes_reaches_the_parent_once(
+        tmp_path, parent_config, child_config, processes):
+    """150 results of max_result_bytes each (1 MiB) finish while the parent is stopped
+    (SIGSTOP). In batches of 100 they made a call over Cap'n Proto's 64 MiB limit: it failed
+    at every try, and the failed call crashed the child."""
+    count, size, gate = 150, 1 << 20, tmp_path / "gate"
+    write_chain(tmp_path / "chain.json", 100, [commitment(i) for i in range(1, count + 1)])
+    parent_path = parent_config(max_jobs_per_child=count)
+    child_path = child_config("c1", common.load_config(parent_path).parent_port,
+                              max_concurrent_jobs=8, prefetch_jobs=count,
+                              max_backoff_seconds=0.5,
+                              evaluator={"command": result_printer(size, gate)})
+    c = Cluster(tmp_path, processes, parent_path, child_path)
+    start_both(c)
+    wait_until(lambda: len(c.child_rows()) == count, 60, f"the child holding {count} jobs")
+    c.parent.proc.send_signal(signal.SIGSTOP)
+    try:
+        gate.touch()
+        wait_until(lambda: c.query("child", "select count(*) as n from child_jobs where "
+                                            "status = 'completed'")[0]["n"] == count, 120,
+                   "every evaluation finished while the parent is stopped")
+        c.child.wait_for_log(r"Parent unreachable \(will retry\)")
+    finally:
+        c.parent.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: set(c.parent_status().values()) == {"completed"}, 120,
+               "every result recorded at the parent")
+    assert_each_result_recorded_once(c, count)
+    assert {len(r["result"]) for r in c.query("parent", "select result from jobs")} == {size}
+    assert c.child.proc.poll() is None
+    assert "Traceback" not in c.child.log() and "event loop" not in c.child.log()
+
+
 # -- capacity -----------------------------------------------------------------------------------
 
 def test_prefetch_jobs_wait_queued_at_the_child_while_its_slots_run(cluster):
