@@ -15,11 +15,13 @@ and of the database; it stops in stages on SIGTERM or SIGINT.
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import datetime
 import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -57,6 +59,10 @@ alter table child_jobs add column if not exists deliveries integer not null defa
 -- The jobs held (not reported yet), which every poll counts: a few, among the many reported
 -- jobs kept for retention_days.
 create index if not exists child_jobs_held on child_jobs (job_id) where reported_at is null;
+""", """
+-- The process group of the job's running evaluator, {"group", "boot", "start"} (see
+-- process_identity): what a child that died left running is killed at the next start.
+alter table child_jobs add column if not exists evaluator jsonb;
 """]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
@@ -140,6 +146,7 @@ class ChildStore:
                 conn.execute(QueryBuilderEnvironment().build_install_query())
             self._requeue_orphans(conn)
             self._refuse_oversized(conn, max_result_bytes)
+            self._kill_left_behind(conn)
 
     def _requeue_orphans(self, conn):
         """Put back on the queue the unfinished jobs that have no queue entry (pgqueuer drops
@@ -154,6 +161,24 @@ class ChildStore:
             self._enqueue(conn, [(row["job_id"], row["deliveries"]) for row in orphans])
             log.warning("Queued again %d unfinished jobs that were missing from the queue: %s",
                         len(orphans), ", ".join(str(row["job_id"]) for row in orphans))
+
+    @staticmethod
+    def _kill_left_behind(conn):
+        """Kill the evaluator process groups that a child that died left running: the
+        evaluators die with it (die_with_parent), but not what they started. Their jobs run
+        again, and two runs of one job at once would share the GPU."""
+        rows = conn.execute("select job_id, evaluator from child_jobs "
+                            "where evaluator is not null").fetchall()
+        conn.execute("update child_jobs set evaluator = null where evaluator is not null")
+        for row in rows:
+            if kill_group(row["evaluator"]):
+                log.warning("Killed the evaluator processes that job %d left running "
+                            "(process group %d)", row["job_id"], row["evaluator"]["group"])
+
+    def record_evaluator(self, job_id, group):
+        self.db.query("update child_jobs set evaluator = %s where job_id = %s",
+                      (psycopg.types.json.Jsonb(dict(process_identity(group) or {},
+                                                     group=group)), job_id))
 
     @staticmethod
     def _refuse_oversized(conn, max_result_bytes):
@@ -281,7 +306,8 @@ class ChildStore:
     def put_back(self, job_id):
         """Undo a start that the shutdown interrupted: it was no fault of the job's."""
         self.db.query("update child_jobs set status = 'queued', started_at = null, "
-                      "attempts = attempts - 1 where job_id = %s and finished_at is null",
+                      "attempts = attempts - 1, evaluator = null "
+                      "where job_id = %s and finished_at is null",
                       (job_id,))
 
     def finish(self, job_id, success, result):
@@ -295,7 +321,7 @@ class ChildStore:
     def _finish_many(conn, finishes):
         """finishes: [(job_id, status, result)]."""
         conn.execute("update child_jobs c set status = s.status, result = s.result, "
-                     "finished_at = now() from unnest(%b::bigint[], %b::text[], %b::text[]) "
+                     "finished_at = now(), evaluator = null from unnest(%b::bigint[], %b::text[], %b::text[]) "
                      "as s(job_id, status, result) "
                      "where c.job_id = s.job_id and finished_at is null",
                      [list(column) for column in zip(*finishes)])
@@ -359,34 +385,92 @@ class Abandoned(Exception):
 
 
 class Evaluations:
-    """The evaluator process groups running now, so that a shutdown whose grace has expired
-    can kill them all, and none can start after that."""
+    """The evaluator process groups running now, by job id, so that a shutdown whose grace has
+    expired can kill them all, and none can start after that. Each evaluator dies with the
+    child (die_with_parent), and `record(job_id, group)` keeps its group in the database, so
+    that the next start kills what it started (ChildStore._kill_left_behind)."""
 
-    def __init__(self):
+    def __init__(self, record=None):
         self.lock = threading.Lock()
-        self.groups = set()
+        self.groups = {}  # job id -> process group id
         self.abandoned = threading.Event()
+        self.record = record
 
-    def popen(self, command, **options):
+    def popen(self, job_id, command, **options):
         with self.lock:
             if self.abandoned.is_set():
                 raise Abandoned()
             # Its own session: killing the group kills whatever the evaluator started too.
-            proc = subprocess.Popen(command, start_new_session=True, **options)
-            self.groups.add(proc.pid)
+            proc = subprocess.Popen(command, start_new_session=True,
+                                    preexec_fn=die_with_parent(os.getpid()), **options)
+            self.groups[job_id] = proc.pid
+        if self.record:
+            try:
+                self.record(job_id, proc.pid)
+            except common.DatabaseUnavailable:  # the evaluator still dies with the child
+                log.warning("Job %d: the evaluator's process group %d is not recorded: the "
+                            "database is unavailable", job_id, proc.pid)
         return proc
 
-    def forget(self, proc):
+    def forget(self, job_id):
+        """The evaluator has ended: kill what it left in its group, and forget the group."""
         with self.lock:
-            self.groups.discard(proc.pid)
+            group = self.groups.pop(job_id, None)
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
 
     def abandon(self):
         with self.lock:
             self.abandoned.set()
-            for group in self.groups:
+            for group in self.groups.values():
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, 9)
+                    os.killpg(group, signal.SIGKILL)
             return len(self.groups)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent_pid):
+    """A Popen preexec_fn: the kernel sends the evaluator SIGKILL when the thread that started
+    it ends, however the child validator dies (kill -9 included). That thread is one of the
+    Worker's evaluation threads, which live as long as the process. If the child died before
+    this ran, the evaluator exits at once."""
+    def in_the_evaluator():
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+    return in_the_evaluator
+
+
+def process_identity(pid):
+    """What tells process `pid` from a later one with the same id: the boot it ran in and its
+    start time (clock ticks after boot). None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return {"boot": boot_id(), "start": int(stat.rsplit(")", 1)[1].split()[19])}
+
+
+def boot_id():
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def kill_group(recorded):
+    """Kill the process group `recorded` ({"group", "boot", "start"}) if it is still the one
+    recorded: not after a reboot, nor if its id now names a newer process. While any process
+    of the group lives, Linux gives its id to no other process. True if it was killed."""
+    now = process_identity(recorded["group"])
+    if recorded.get("boot") != boot_id() or (now and now["start"] != recorded.get("start")):
+        return False
+    try:
+        os.killpg(recorded["group"], signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def failure(reason):
@@ -405,7 +489,7 @@ def evaluate(cfg, job, logs_dir, running=None):
     timeout = cfg.evaluator.timeout_seconds
     with open(log_path, "ab") as stderr:
         try:
-            proc = running.popen(cfg.evaluator.command, stdin=subprocess.PIPE,
+            proc = running.popen(job["jobId"], cfg.evaluator.command, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=stderr)
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
@@ -417,7 +501,7 @@ def evaluate(cfg, job, logs_dir, running=None):
             proc.communicate()
             return failure(f"evaluator timed out after {timeout:g}s")
         finally:
-            running.forget(proc)
+            running.forget(job["jobId"])
     if proc.returncode != 0:
         if running.abandoned.is_set():
             raise Abandoned()
@@ -719,7 +803,7 @@ def run(cfg, stop):
     wake = threading.Event()
     # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
-    evaluations = Evaluations()
+    evaluations = Evaluations(store.record_evaluator)
 
     common.serve_metrics(cfg)
     worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,

@@ -526,3 +526,50 @@ def test_after_the_grace_running_evaluations_are_killed_and_their_jobs_run_after
     c.parent.wait_for_log("Child c1 completed job 1")
     assert_each_result_recorded_once(c, 1)
     assert c.child_rows()[0]["attempts"] == 1
+
+
+HELD_EVALUATOR = """
+    import json, os, subprocess, sys, time
+    from pathlib import Path
+    job = json.load(sys.stdin)
+    here = Path(sys.argv[1])
+    with open(here / "runs", "a") as runs:
+        runs.write(f"{job['jobId']}\\n")
+    helper = subprocess.Popen(["sleep", "60"])  # in the evaluator's process group
+    (here / "pids.tmp").write_text(f"{os.getpid()} {helper.pid}")
+    os.replace(here / "pids.tmp", here / f"pids-{job['jobId']}")
+    while (here / "hold").exists():
+        time.sleep(0.05)
+    helper.kill()
+    print(json.dumps({"score": 1.0}))
+"""
+
+
+def test_evaluators_die_with_a_child_killed_with_sigkill_and_run_once_after_its_restart(
+        cluster, tmp_path):
+    """The evaluators of a child killed with -9 die with it (the kernel's parent-death
+    signal); what they started is killed at the next start, before their jobs run again.
+    They used to live on beside the restarted child's new runs of the same jobs."""
+    (tmp_path / "evaluator.py").write_text(textwrap.dedent(HELD_EVALUATOR))
+    (tmp_path / "hold").touch()
+    c = cluster(2, max_concurrent_jobs=2, worker_heartbeat_seconds=2.0, max_backoff_seconds=0.5,
+                evaluator={"command": [sys.executable, str(tmp_path / "evaluator.py"),
+                                       str(tmp_path)]})
+    start_both(c)
+    pids = {job_id: wait_until(lambda: (tmp_path / f"pids-{job_id}").exists() and list(map(
+        int, (tmp_path / f"pids-{job_id}").read_text().split())), what=f"job {job_id} running")
+        for job_id in (1, 2)}
+    c.child.kill()
+    for evaluator, helper in pids.values():
+        wait_until(lambda: not alive(evaluator), 10, f"evaluator {evaluator} gone with the child")
+        assert alive(helper)  # in the evaluator's group: the next start kills it
+    (tmp_path / "hold").unlink()
+    c.start("child")
+    for job_id, (_, helper) in pids.items():
+        wait_until(lambda: not alive(helper), 30, f"process {helper} left by job {job_id} gone")
+        c.child.wait_for_log(f"Killed the evaluator processes that job {job_id} left running")
+    wait_until(lambda: c.parent_status() == {1: "completed", 2: "completed"}, 60,
+               "both jobs completed")
+    assert sorted((tmp_path / "runs").read_text().split()) == ["1", "1", "2", "2"]
+    assert_each_result_recorded_once(c, 2)
+    assert [r["evaluator"] for r in c.child_rows()] == [None, None]
