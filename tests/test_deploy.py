@@ -109,6 +109,22 @@ def test_a_dedicated_user_and_hardening_that_leaves_the_data_dir_writable(unit):
     assert f"XDG_RUNTIME_DIR=%t/{runtime}" in values(parsed, "Service", "Environment")
 
 
+def test_the_child_unit_lets_evaluators_use_gpus_and_no_other_device():
+    """PrivateDevices=yes hid /dev/nvidia*: GPU evaluations could not run under the unit."""
+    parsed = parse_unit(DEPLOY / "validator-child@.service")
+    assert value(parsed, "Service", "PrivateDevices") == "no"
+    assert value(parsed, "Service", "DevicePolicy") == "closed"
+    allowed = values(parsed, "Service", "DeviceAllow")
+    assert {"char-nvidia-frontend rw", "char-nvidia-uvm rw"} <= set(allowed)
+    for key in ("NoNewPrivileges", "ProtectKernelModules", "ProtectKernelTunables",
+                "RestrictSUIDSGID"):  # the rest of the hardening stays
+        assert value(parsed, "Service", key) == "yes"
+    assert value(parsed, "Service", "CapabilityBoundingSet") == ""
+    # The parent runs no evaluator: it keeps its devices private.
+    assert value(parse_unit(DEPLOY / "validator-parent.service"), "Service",
+                 "PrivateDevices") == "yes"
+
+
 def test_the_command_line_is_one_validator_py_accepts(unit, tmp_path):
     """Run the unit's ExecStart from this checkout, on a config that does not exist: the flags
     parse, and it ends as a bad config does (exit 2, which the unit does not restart)."""
