@@ -13,13 +13,14 @@ The run, top to bottom:
    which 0-3 miners commit, a new miner's model or a new revision of an existing one. Each
    submission becomes one job at the parent.
 3. The evaluator (EVALUATOR below, written to the work directory). What it does depends only on
-   the submission: most jobs take 10-50 ms and print {"score": ...}; about 5% hang past the
-   child's evaluator timeout and about 5% crash (exit code 1). So the run knows every job's
-   right result.
+   the submission: most jobs take 10-50 ms and print {"score": ...}; about 5% print a result
+   just under max_result_bytes (1 MiB) instead; about 5% hang past the child's evaluator
+   timeout and about 5% crash (exit code 1). So the run knows every job's right result.
 4. The validators. A parent (parent.py) and --children children (child.py) as real processes,
    with short polls and leases (PARENT_CONFIG, CHILD_CONFIG).
 5. The faults, one after another at moments drawn from random.Random(seed) (fault_schedule):
-   kill -9 the parent and restart it; kill -9 a child and restart it; stop one child for good
+   kill -9 the parent and restart it; kill -9 a child while it runs evaluations (none of its
+   evaluator processes may outlive it) and restart it; stop one child for good
    (SIGTERM; the parent must take its jobs back); stop and start the children's PostgreSQL.
 6. After --duration seconds the miners stop committing, and we wait (with a deadline) until
    the parent has a job for every commitment on chain and none pending or assigned, and the
@@ -86,15 +87,23 @@ depends only on the submission, so the run knows what each job's result must be.
 import hashlib, json, sys, time
 
 def verdict(repo_id, revision):
-    """("ok", score), ("hang", None) or ("crash", None), from a hash of the submission."""
+    """("ok", score), ("big", score), ("hang", None) or ("crash", None), from a hash of the
+    submission."""
     digest = int(hashlib.sha256(f"{repo_id}@{revision}".encode()).hexdigest(), 16)
     if digest % 100 < 5:
         return "hang", None
     if digest % 100 < 10:
         return "crash", None
-    return "ok", (digest >> 16) % 10**6 / 10**6
+    return "big" if digest % 100 < 15 else "ok", (digest >> 16) % 10**6 / 10**6
+
+def result(kind, score):
+    """What the evaluator prints for an "ok" or a "big" submission: a big one pads its score
+    to just under max_result_bytes (1 MiB)."""
+    return {"score": score, **({"pad": "x" * ((1 << 20) - 64)} if kind == "big" else {})}
 
 if __name__ == "__main__":
+    # argv: the seconds a hanging evaluation sleeps, and the child's name (for the run to
+    # find the evaluators of a child).
     job = json.load(sys.stdin)
     kind, score = verdict(job["hfRepoId"], job["hfRepoCommit"])
     if kind == "hang":
@@ -102,15 +111,15 @@ if __name__ == "__main__":
     if kind == "crash":
         sys.exit("crashing on purpose")  # exit code 1
     time.sleep(0.01 + score * 0.04)     # 10-50 ms of work
-    print(json.dumps({"score": score}))
+    print(json.dumps(result(kind, score)))
 '''
 _evaluator = {"__name__": "chaos_evaluator"}
 exec(EVALUATOR, _evaluator)  # the run judges results with the evaluator's own verdict()
-verdict = _evaluator["verdict"]
+verdict, expected_result = _evaluator["verdict"], _evaluator["result"]
 # What a failed job's {"error": ...} may say, by the submission's verdict; any job may also
 # fail for the faults: its leases expired too often (GAVE_UP), or it was running each time its
 # child was killed (KILLED_WORKER: that child must have been killed at least that often).
-EXPECTED_ERRORS = {"ok": (), "crash": ("evaluator exited with code 1",),
+EXPECTED_ERRORS = {"ok": (), "big": (), "crash": ("evaluator exited with code 1",),
                    "hang": (f"evaluator timed out after {EVALUATOR_TIMEOUT:g}s",)}
 GAVE_UP = re.compile(r"gave up after \d+ attempts")
 KILLED_WORKER = re.compile(r"evaluation killed its worker (\d+) times")
@@ -336,17 +345,31 @@ class Cluster:
                 "parent_port": self.parent_port,
                 **({"prefetch_jobs": prefetch} if prefetch else {}),
                 "evaluator": {"command": [sys.executable, "-S", str(evaluator),
-                                          str(EVALUATOR_TIMEOUT + 2)],
+                                          str(EVALUATOR_TIMEOUT + 2), name],
                               "timeout_seconds": EVALUATOR_TIMEOUT}})
             self.children[name] = Validator(
                 name, "child.py", config, workdir / f"{name}.log",
                 ready=f"Successfully registered with parent validator as {name}")
         self.live = set(self.children)  # the children meant to be running
         self.kills = collections.Counter()  # validator -> times killed with kill -9
+        self.outlived = []  # (child, evaluator pids still running 5 s after its kill -9)
+        self.evaluator = evaluator
         self.exit_codes = {}            # validator -> exit code of its SIGTERM stop
 
     def validators(self):
         return [v for v in (self.parent, *self.children.values()) if v is not None]
+
+    def evaluators(self, child):
+        """The pids of the evaluator processes of a child (by their command line)."""
+        mine = [str(self.evaluator), str(EVALUATOR_TIMEOUT + 2), child]
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmdline.read_bytes().decode(errors="replace").split("\0")[-4:-1] == mine:
+                    pids.append(int(cmdline.parent.name))
+            except OSError:  # it ended meanwhile
+                pass
+        return pids
 
     def start(self):
         for validator in self.validators():
@@ -425,15 +448,31 @@ def fault_schedule(seed, duration, children):
 def inject(fault, cluster):
     """Inject one fault and bring back what it took down; returns what happened."""
     began = time.monotonic()
-    if fault.kind in ("kill-parent", "kill-child"):
-        validator = cluster.parent if fault.kind == "kill-parent" else \
-            cluster.children[fault.target]
-        validator.kill9()
-        cluster.kills[validator.name] += 1
+    if fault.kind == "kill-parent":
+        cluster.parent.kill9()
+        cluster.kills["parent"] += 1
         time.sleep(fault.down)
-        validator.start()
-        validator.wait_until_ready()
+        cluster.parent.start()
+        cluster.parent.wait_until_ready()
         return f"up again after {time.monotonic() - began:.1f}s"
+    if fault.kind == "kill-child":
+        child = cluster.children[fault.target]
+        # Killed while it runs evaluations (if one starts within 10 s): none may outlive it.
+        deadline = time.monotonic() + 10.0
+        while not (running := cluster.evaluators(child.name)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.kill9()
+        cluster.kills[child.name] += 1
+        deadline = time.monotonic() + 5.0
+        while (left := cluster.evaluators(child.name)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:
+            cluster.outlived.append((child.name, left))
+        time.sleep(fault.down)
+        child.start()
+        child.wait_until_ready()
+        return (f"killed with {len(running)} evaluators running, {len(left)} left after it; "
+                f"up again after {time.monotonic() - began:.1f}s")
     if fault.kind == "stop-child":
         # Stopped while it holds jobs (if it gets one within 10 s), so that the parent has
         # jobs to take back.
@@ -518,8 +557,10 @@ def check_all(cluster, chain, stats):
         kind, score = verdict(job["hf_repo_id"], job["hf_repo_commit"])
         error = error_of(job["result"])
         if job["status"] == "completed":
-            if not job["success"] or kind != "ok" or json.loads(job["result"]) != {"score": score}:
-                problems.append(f"job {job['job_id']} ({kind}) completed with {job['result']}")
+            if not job["success"] or kind not in ("ok", "big") or \
+                    json.loads(job["result"]) != expected_result(kind, score):
+                problems.append(f"job {job['job_id']} ({kind}) completed with "
+                                f"{job['result'][:200]}")
         elif job["status"] == "failed":
             killed = KILLED_WORKER.fullmatch(error or "")
             if error is None or not (error in EXPECTED_ERRORS[kind] or GAVE_UP.match(error) or (
@@ -598,12 +639,16 @@ def check_all(cluster, chain, stats):
             if row is None or (row["status"], row["result"]) != (job["status"], job["result"]) \
                     or row["reported_at"] is None:
                 problems.append(f"job {job['job_id']}: the parent recorded {job['status']} "
-                                f"{job['result']} by {name}; {name} has " + (
+                                f"{job['result'][:200]} by {name}; {name} has " + (
                                     "no such job" if row is None else
-                                    f"{row['status']} {row['result']} reported_at "
+                                    f"{row['status']} {(row['result'] or '')[:200]} reported_at "
                                     f"{row['reported_at']}"))
     checks.append(("each child's database holds, reported, the results the parent recorded "
                    "from it", problems))
+
+    problems = [f"{name}'s evaluators {pids} outlived its kill -9 by 5 s"
+                for name, pids in cluster.outlived]
+    checks.append(("no evaluator outlives the child that started it", problems))
 
     problems = [f"{name} exited with code {code} on SIGTERM"
                 for name, code in sorted(cluster.exit_codes.items()) if code != 0]

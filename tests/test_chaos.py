@@ -7,6 +7,7 @@ CHAOS_SEED=N picks another fault schedule (the default is fixed, so a failure re
 `python tests/chaos.py --seed N` runs the same thing longer or larger by hand."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -34,4 +35,5 @@ def test_a_chaos_run_loses_no_job_and_records_no_result_twice():
     for fault in ("FAULT kill -9 the parent", "FAULT kill -9 child_",
                   "FAULT stop child_", "FAULT stop the children's PostgreSQL"):
         assert fault in run.stdout
+    assert re.search(r"killed with [1-9]\d* evaluators running, 0 left after it", run.stdout)
     assert "chaos: PASS" in run.stdout
