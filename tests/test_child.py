@@ -573,3 +573,27 @@ def test_evaluators_die_with_a_child_killed_with_sigkill_and_run_once_after_its_
     assert sorted((tmp_path / "runs").read_text().split()) == ["1", "1", "2", "2"]
     assert_each_result_recorded_once(c, 2)
     assert [r["evaluator"] for r in c.child_rows()] == [None, None]
+
+
+def test_results_are_reported_in_batches_cut_by_bytes_and_an_oversized_one_fails(
+        make_dsn, monkeypatch):
+    dsn = make_dsn()
+    store = child.ChildStore(dsn, 10)
+    store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in range(1, 6)])
+    for n, size in zip(range(1, 6), (300, 300, 300, 50, 2000)):
+        store.start(n, 1)
+        store.finish(n, True, json.dumps({"pad": "x" * (size - 11)}))
+    monkeypatch.setattr(common, "RESULTS_BUDGET", 2 * (300 + child.RESULT_OVERHEAD))
+    rows, more, _, _ = store.poll_state()
+    assert [r["job_id"] for r in rows] == [1, 2] and more  # by bytes, not by count
+    store.mark_reported([1, 2])
+    assert [r["job_id"] for r in store.unreported()] == [3, 4]
+    store.db.close()
+    # A result over max_result_bytes (stored under an earlier config) fails at the next start,
+    # instead of being refused by the parent at every try.
+    store = child.ChildStore(dsn, 10, max_result_bytes=1000)
+    [row] = store.db.query("select status, result from child_jobs where job_id = 5")
+    assert (row["status"], json.loads(row["result"])) == (
+        "failed", {"error": "result of 2000 bytes is over max_result_bytes (1000)"})
+    assert [r["job_id"] for r in store.unreported()] == [3, 4, 5]  # its failure fits
+    store.db.close()
