@@ -55,6 +55,8 @@ def test_command_line_flags_override_the_file():
      "key 'log_level' must be one of"),
     ({"pg_database": "x", "is_parent_validator": True, "subtensor": 3},
      "key 'subtensor' must be a table"),
+    ({"pg_database": "x", "is_parent_validator": True, "max_result_bytes": (16 << 20) + 1},
+     "key 'max_result_bytes' must be between 1 and 16777216 (16 MiB)"),
 ])
 def test_a_bad_config_names_the_file_and_the_key(tmp_path, table, message):
     path = write_toml(tmp_path / "bad.toml", table)
