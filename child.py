@@ -206,7 +206,7 @@ class ChildStore:
             "with old as (select job_id, status from child_jobs where job_id = any(%b) "
             "and finished_at is null for update) "
             "update child_jobs c set status = 'cancelled', finished_at = now(), "
-            "reported_at = now(), result = json_build_object('cancelled', r.reason)::text "
+            "reported_at = now(), result = jsonb_build_object('cancelled', r.reason)::text "
             "from old, unnest(%b::bigint[], %b::text[]) as r(job_id, reason) "
             "where c.job_id = old.job_id and r.job_id = old.job_id "
             "returning c.job_id, old.status, r.reason",

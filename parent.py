@@ -785,7 +785,7 @@ def cancel_jobs(conn, kind, doomed, params):
         f"""with doomed(job_id, reason) as ({doomed}),
             cancelled as (
                 update jobs set status = 'cancelled', cancel_reason = %s, finished_at = now(),
-                    result = json_build_object('cancelled', doomed.reason)::text
+                    result = jsonb_build_object('cancelled', doomed.reason)::text
                 from doomed
                 -- checked again on the row itself: a result recorded meanwhile stays
                 where jobs.job_id = doomed.job_id and jobs.status in ('pending', 'assigned')
