@@ -6,8 +6,9 @@ run at once share a transaction); ChildStore (the jobs table, which is also the 
 results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
 the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
 then polls: one requestJobs call reports results and asks for as many jobs as there is room for
-(an idle child's call waits at the parent until a job comes), riding out outages of the parent
-and of the database; it stops in stages on SIGTERM or SIGINT.
+(an idle child's call waits at the parent until a job comes) and stops the jobs the parent
+revoked, riding out outages of the parent and of the database; it stops in stages on SIGTERM
+or SIGINT.
 
     python child.py --config validator_child.toml
 """

@@ -6,6 +6,8 @@ RPC connection (PostgreSQL is the truth, an in-memory queue mirrors the pending 
 Arrivals wakes the polls of idle children held open until a job comes), with its leases and
 the optional pusher; the operator's commands; the RPC service; and run(), the loop that reads
 the chain (chain.py) every sync_frequency seconds and looks after the leases every second.
+The queue follows the chain: a sync also cancels the open jobs of superseded submissions and
+of miners who left; and each poll tells the child which jobs it holds are no longer its own.
 
     python parent.py --config validator_parent.toml
 """
