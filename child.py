@@ -198,11 +198,11 @@ class ChildStore:
     @staticmethod
     def _revoke(conn, revoked):
         """Cancel the unfinished jobs among `revoked`, {job id: reason}; returns their rows
-        (job_id, status before, reason). They end 'cancelled',
-        free their slot and are settled (reported_at: the parent wants no result of them). A
-        queued job's queue entry then runs nothing; a running one's evaluation is stopped by
-        the caller (Evaluations.revoke), once this is committed. A job that finished already
-        keeps its result, which the parent will acknowledge without recording it."""
+        (job_id, status before, reason). They end 'cancelled', free their slot and are settled
+        (reported_at: the parent wants no result of them). A queued job's queue entry then
+        runs nothing; a running one's evaluation is stopped by the caller
+        (Evaluations.revoke), once this is committed. A job that finished already keeps its
+        result, which the parent will acknowledge without recording it."""
         rows = conn.execute(
             "with old as (select job_id, status from child_jobs where job_id = any(%b) "
             "and finished_at is null for update) "

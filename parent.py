@@ -91,7 +91,8 @@ create index if not exists jobs_assigned on jobs (child_id) where status = 'assi
 alter table jobs add column if not exists cancel_reason text
     check (cancel_reason in ('operator', 'superseded', 'deregistered'));
 -- Each sync looks up the open jobs of the miners that committed anew.
-create index if not exists jobs_open on jobs (miner_hotkey) where status in ('pending', 'assigned');
+create index if not exists jobs_open on jobs (miner_hotkey)
+    where status in ('pending', 'assigned');
 """]
 
 
@@ -313,9 +314,10 @@ class ParentState:
         ended is never touched. Returns [(job id, reason)]."""
         cancelled = []
         if new and self.cfg.neuron.evaluate_latest_only:
-            newest = {}
+            newest = {}  # hotkey -> its newest job
             for job in new:
-                newest[job["miner_hotkey"]] = max(job["job_id"], newest.get(job["miner_hotkey"], 0))
+                hotkey = job["miner_hotkey"]
+                newest[hotkey] = max(job["job_id"], newest.get(hotkey, 0))
             cancelled += cancel_jobs(conn, "superseded", """
                 select j.job_id, 'superseded by job ' || n.job_id
                 from jobs j join unnest(%b::text[], %b::bigint[]) as n(hotkey, job_id)
