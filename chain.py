@@ -33,6 +33,13 @@ class Commitment:
 class ChainSnapshot:
     block: int
     commitments: list
+    # {hotkey: uid} of every neuron registered at `block`, whether it committed or not: a
+    # miner missing here has left the subnet. None: the commitments' hotkeys and uids.
+    neurons: dict = None
+
+    def __post_init__(self):
+        if self.neurons is None:
+            object.__setattr__(self, "neurons", {c.hotkey: c.uid for c in self.commitments})
 
 
 class ChainUnavailable(Exception):
@@ -41,7 +48,9 @@ class ChainUnavailable(Exception):
 
 class FileChain:
     """A chain read from a JSON file that another process rewrites (write, then rename):
-    {"block": N, "commitments": [{"hotkey", "uid", "block", "stake", "data"}, ...]}"""
+    {"block": N, "commitments": [{"hotkey", "uid", "block", "stake", "data"}, ...],
+     "neurons": [{"hotkey", "uid"}, ...]}; without "neurons", the miners registered are those
+    that committed."""
 
     def __init__(self, path):
         self.path = path
@@ -50,10 +59,12 @@ class FileChain:
         try:
             with open(self.path, encoding="utf-8") as f:
                 doc = json.load(f)
+            neurons = doc.get("neurons")
             return ChainSnapshot(int(doc["block"]), [
                 Commitment(str(c["hotkey"]), c.get("uid"), int(c["block"]),
                            float(c.get("stake", 0.0)), str(c["data"]))
-                for c in doc["commitments"]])
+                for c in doc["commitments"]],
+                None if neurons is None else {str(n["hotkey"]): n.get("uid") for n in neurons})
         except FileNotFoundError:
             raise ChainUnavailable(f"commitments file {self.path} does not exist") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -90,7 +101,8 @@ class BittensorChain:
             Commitment(n.hotkey, n.uid, n.commitment.block, n.total_stake.amount,
                        n.commitment.value)
             # value is None while a timelocked commitment is sealed: nothing to evaluate yet.
-            for n in graph.neurons if n.commitment is not None and n.commitment.value])
+            for n in graph.neurons if n.commitment is not None and n.commitment.value],
+            {n.hotkey: n.uid for n in graph.neurons})
 
     async def _metagraph(self):
         if self.client is None:

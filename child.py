@@ -6,13 +6,15 @@ run at once share a transaction); ChildStore (the jobs table, which is also the 
 results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
 the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
 then polls: one requestJobs call reports results and asks for as many jobs as there is room for
-(an idle child's call waits at the parent until a job comes), riding out outages of the parent
-and of the database; it stops in stages on SIGTERM or SIGINT.
+(an idle child's call waits at the parent until a job comes) and stops the jobs the parent
+revoked, riding out outages of the parent and of the database; it stops in stages on SIGTERM
+or SIGINT.
 
     python child.py --config validator_child.toml
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -63,6 +65,12 @@ create index if not exists child_jobs_held on child_jobs (job_id) where reported
 -- The process group of the job's running evaluator, {"group", "boot", "start"} (see
 -- process_identity): what a child that died left running is killed at the next start.
 alter table child_jobs add column if not exists evaluator jsonb;
+""", """
+-- A job the parent took back (cancelled, or handed to another child) ends 'cancelled': its
+-- evaluation is stopped and nothing is reported.
+alter table child_jobs drop constraint if exists child_jobs_status_check;
+alter table child_jobs add constraint child_jobs_status_check
+    check (status in ('queued', 'running', 'completed', 'failed', 'cancelled'));
 """]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
@@ -204,25 +212,50 @@ class ChildStore:
             [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
             dedupe_key=keys, on_conflict="skip")
 
-    def add_jobs(self, jobs, reported=()):
+    def add_jobs(self, jobs, reported=(), revoked=()):
         """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
         ones that are to run: new jobs, and jobs we already reported that the parent sends
         again (it has no result of ours for this assignment: a requeue, an expired lease, a
         report it did not record). A job we hold and have not reported yet is ignored.
         `reported`: ids of results the parent acknowledged, marked reported in the same
-        transaction (a poll's answer is one commit)."""
+        transaction (a poll's answer is one commit); `revoked`: {job id: reason} of jobs
+        the parent took back, cancelled first (see revoke)."""
         # A sender may leave text fields out: "". The same job twice in one call is one job.
         jobs = {job["jobId"]: {**UNSENT_TEXT, **job} for job in jobs}
-        if not jobs and not reported:
+        if not jobs and not reported and not revoked:
             return []
         with self.db.transaction() as conn:
             if reported:
                 self._mark_reported(conn, reported)
+            cancelled = self._revoke(conn, revoked) if revoked else []
             queued = self._store_jobs(conn, jobs) if jobs else []
+        for row in cancelled:  # logged once committed
+            log.info("Job %d cancelled by the parent (%s): %s", row["job_id"], row["reason"],
+                     "its evaluation is stopped" if row["status"] == "running"
+                     else "dropped before it started")
         for job, delivery in queued:
             log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
                      job["hfRepoCommit"] or "default", " again" if delivery > 1 else "")
         return [job for job, _ in queued]
+
+    @staticmethod
+    def _revoke(conn, revoked):
+        """Cancel the unfinished jobs among `revoked`, {job id: reason}; returns their rows
+        (job_id, status before, reason). They end 'cancelled', free their slot and are settled
+        (reported_at: the parent wants no result of them). A queued job's queue entry then
+        runs nothing; a running one's evaluation is stopped by the caller
+        (Evaluations.revoke), once this is committed. A job that finished already keeps its
+        result, which the parent will acknowledge without recording it."""
+        rows = conn.execute(
+            "with old as (select job_id, status from child_jobs where job_id = any(%b) "
+            "and finished_at is null for update) "
+            "update child_jobs c set status = 'cancelled', finished_at = now(), "
+            "reported_at = now(), result = jsonb_build_object('cancelled', r.reason)::text "
+            "from old, unnest(%b::bigint[], %b::text[]) as r(job_id, reason) "
+            "where c.job_id = old.job_id and r.job_id = old.job_id "
+            "returning c.job_id, old.status, r.reason",
+            (list(revoked), list(revoked), list(revoked.values()))).fetchall()
+        return sorted(rows, key=lambda row: row["job_id"])
 
     def _store_jobs(self, conn, jobs):
         """jobs: {job id: job}; returns [(job, delivery)] of those to run."""
@@ -368,7 +401,8 @@ class ChildStore:
 
     def counts(self):
         rows = self.db.query("select status, count(*) as n from child_jobs group by status")
-        counts = {status: 0 for status in ("queued", "running", "completed", "failed")}
+        counts = {status: 0 for status in ("queued", "running", "completed", "failed",
+                                           "cancelled")}
         counts.update({row["status"]: row["n"] for row in rows})
         counts["unreported"] = self.db.query(
             "select count(*) as n from child_jobs where finished_at is not null "
@@ -384,22 +418,44 @@ class Abandoned(Exception):
     """The child stopped and killed the evaluation: the job must run again after a restart."""
 
 
+class Revoked(Exception):
+    """The parent took the job back and its evaluation was stopped: nothing is reported."""
+
+
 class Evaluations:
-    """The evaluator process groups running now, by job id, so that a shutdown whose grace has
-    expired can kill them all, and none can start after that. Each evaluator dies with the
-    child (die_with_parent), and `record(job_id, group)` keeps its group in the database, so
-    that the next start kills what it started (ChildStore._kill_left_behind)."""
+    """The evaluations running now, by job id, with their evaluator's process group: a
+    shutdown whose grace has expired kills them all (and none can start after that); a job
+    the parent takes back is stopped alone (revoke). Each evaluator dies with the child
+    (die_with_parent), and `record(job_id, group)` keeps its group in the database, so that
+    the next start kills what it started (ChildStore._kill_left_behind)."""
 
     def __init__(self, record=None):
-        self.lock = threading.Lock()
-        self.groups = {}  # job id -> process group id
+        self.changed = threading.Condition()
+        # job id -> evaluations between begin() and end(): two queue entries of one job may
+        # be handed out at once (only the current delivery's runs the evaluator).
+        self.running = collections.Counter()
+        self.groups = {}  # job id -> the process group of its evaluator
+        self.revoked = {}  # job id -> reason, for running jobs the parent took back
         self.abandoned = threading.Event()
         self.record = record
 
+    def begin(self, job_id):
+        """Before the job's start is recorded: from now on revoke() reaches it."""
+        with self.changed:
+            self.running[job_id] += 1
+
+    def end(self, job_id):
+        """The evaluation is over; returns the reason if the parent took the job back."""
+        with self.changed:
+            self.running[job_id] -= 1
+            if self.running[job_id] > 0:
+                return self.revoked.get(job_id)
+            del self.running[job_id]
+            return self.revoked.pop(job_id, None)
+
     def popen(self, job_id, command, **options):
-        with self.lock:
-            if self.abandoned.is_set():
-                raise Abandoned()
+        with self.changed:
+            self.check(job_id)
             # Its own session: killing the group kills whatever the evaluator started too.
             proc = subprocess.Popen(command, start_new_session=True,
                                     preexec_fn=die_with_parent(os.getpid()), **options)
@@ -414,18 +470,45 @@ class Evaluations:
 
     def forget(self, job_id):
         """The evaluator has ended: kill what it left in its group, and forget the group."""
-        with self.lock:
+        with self.changed:
             group = self.groups.pop(job_id, None)
         if group:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
 
+    def check(self, job_id):
+        """Raise Abandoned or Revoked if the evaluation of this job must stop."""
+        if self.abandoned.is_set():
+            raise Abandoned()
+        if job_id in self.revoked:
+            raise Revoked(self.revoked[job_id])
+
+    def wait(self, job_id, seconds):
+        """Sleep up to `seconds` (the DEMO evaluator's work); raises as check() does."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.abandoned.is_set() or job_id in self.revoked,
+                                  seconds)
+            self.check(job_id)
+
+    def revoke(self, job_id, reason):
+        """Stop the job's evaluation, if it runs: kill its process group. Call it once the
+        job is recorded cancelled, so that what the evaluation ends with is not stored."""
+        with self.changed:
+            if job_id not in self.running:
+                return
+            self.revoked[job_id] = reason
+            if job_id in self.groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.groups[job_id], signal.SIGKILL)
+            self.changed.notify_all()
+
     def abandon(self):
-        with self.lock:
+        with self.changed:
             self.abandoned.set()
             for group in self.groups.values():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, signal.SIGKILL)
+            self.changed.notify_all()
             return len(self.groups)
 
 
@@ -480,8 +563,9 @@ def failure(reason):
 def evaluate(cfg, job, logs_dir, running=None):
     """Run one job; returns (success, result text). The result is always a JSON object: the
     evaluator's own on success, {"error": reason} on failure. Raises Abandoned if `running`
-    (an Evaluations) was abandoned meanwhile."""
+    (an Evaluations) was abandoned meanwhile, Revoked if the job was revoked."""
     running = running or Evaluations()
+    job_id = job["jobId"]
     if not cfg.evaluator.command:
         return demo_evaluate(cfg, job, running)
     # The parent names the log file; only its last component is used, inside our logs_dir.
@@ -489,7 +573,7 @@ def evaluate(cfg, job, logs_dir, running=None):
     timeout = cfg.evaluator.timeout_seconds
     with open(log_path, "ab") as stderr:
         try:
-            proc = running.popen(job["jobId"], cfg.evaluator.command, stdin=subprocess.PIPE,
+            proc = running.popen(job_id, cfg.evaluator.command, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=stderr)
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
@@ -501,10 +585,11 @@ def evaluate(cfg, job, logs_dir, running=None):
             proc.communicate()
             return failure(f"evaluator timed out after {timeout:g}s")
         finally:
-            running.forget(job["jobId"])
+            running.forget(job_id)
+    if job_id in running.revoked:
+        raise Revoked(running.revoked[job_id])
     if proc.returncode != 0:
-        if running.abandoned.is_set():
-            raise Abandoned()
+        running.check(job_id)
         return failure(f"evaluator exited with code {proc.returncode}")
     if len(out) > cfg.max_result_bytes:  # the parent would refuse it forever
         return failure(f"evaluator printed {len(out)} bytes; max_result_bytes is "
@@ -525,8 +610,7 @@ def evaluate(cfg, job, logs_dir, running=None):
 def demo_evaluate(cfg, job, running):
     """The built-in DEMO evaluator: waits demo_seconds and returns a score derived from the
     job, so that the same submission always scores the same. It evaluates nothing."""
-    if running.abandoned.wait(cfg.evaluator.demo_seconds):
-        raise Abandoned()
+    running.wait(job["jobId"], cfg.evaluator.demo_seconds)
     digest = hashlib.sha256(f"{job['hfRepoId']}@{job['hfRepoCommit']}#{job['randomSeed']}"
                             .encode()).digest()
     score = int.from_bytes(digest[:4], "big") / 2**32
@@ -541,6 +625,15 @@ def run_job(cfg, store, evaluations, logs_dir, wake, key):
     """Run the job of a queue entry that pgqueuer handed out (on a worker thread) and store
     its result."""
     job_id, delivery = parse_queue_key(key)
+    evaluations.begin(job_id)
+    try:
+        evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery)
+    finally:
+        if evaluations.end(job_id):
+            wake.set()  # its slot is free: ask for another job now
+
+
+def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
     started = store.start(job_id, delivery)
     if started is None:
         return
@@ -561,6 +654,8 @@ def run_job(cfg, store, evaluations, logs_dir, wake, key):
         store.put_back(job_id)
         log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
         raise
+    except Revoked:
+        return  # recorded cancelled and logged when the parent's answer came
     store.finish(job_id, success, result)
     EVALUATIONS.labels("succeeded" if success else "failed").observe(
         time.monotonic() - started_at)
@@ -744,12 +839,13 @@ def acknowledged(rows, replies):
     return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
 
 
-def poll(parent, store, child_id, interval=0.0):
+def poll(parent, store, child_id, interval=0.0, evaluations=None):
     """One round with the parent: report finished results and ask for as many jobs as there
     is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
     results (after an outage) goes first, in reportJobCompletions calls; so do the results a
-    parent of an older version ignored in requestJobs. Returns the seconds after its start at
-    which the next poll is due (`interval` is the poll_interval).
+    parent of an older version ignored in requestJobs. The jobs the parent revoked (no longer
+    ours) are cancelled, and those running are stopped (`evaluations`). Returns the seconds
+    after its start at which the next poll is due (`interval` is the poll_interval).
 
     A child with nothing queued or running and no result to report lets the parent hold the
     call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
@@ -776,7 +872,11 @@ def poll(parent, store, child_id, interval=0.0):
         report_results(parent, store, child_id)
         rows = []
     reported = acknowledged(rows, replies)
-    store.add_jobs(reply.get("jobs", []), reported=reported)
+    # A parent of an older version revokes nothing.
+    revoked = {r["jobId"]: r.get("reason", "") for r in reply.get("revoked", [])}
+    store.add_jobs(reply.get("jobs", []), reported=reported, revoked=revoked)
+    for job_id, reason in revoked.items() if evaluations else ():
+        evaluations.revoke(job_id, reason)  # once recorded cancelled: its result is not kept
     if idle and rows and len(reported) == len(rows):
         return 0.0  # it reported its last results: its next poll may be held
     return wait or interval
@@ -831,7 +931,7 @@ def run(cfg, stop):
     parent = common.RpcClient(rpc, cfg.parent_host, cfg.parent_port, on_connect=register,
                               tls=tls_client)
     try:
-        work(cfg, stop, wake, parent, store)
+        work(cfg, stop, wake, parent, store, evaluations)
     finally:
         log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
                  child_id, cfg.shutdown_grace_seconds)
@@ -841,7 +941,7 @@ def run(cfg, stop):
         store.db.close()
 
 
-def work(cfg, stop, wake, parent, store):
+def work(cfg, stop, wake, parent, store, evaluations=None):
     """Until `stop`: report results, ask for jobs, and every hour delete what is too old."""
     parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
                                 cfg.max_backoff_seconds)
@@ -858,7 +958,7 @@ def work(cfg, stop, wake, parent, store):
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
-            due = poll(parent, store, cfg.validator_id, cfg.poll_interval)
+            due = poll(parent, store, cfg.validator_id, cfg.poll_interval, evaluations)
         except PeerUnavailable as e:
             if not stop.is_set():  # else the parent stopped along with us: nothing to retry
                 stop.wait(parent_down.failed(e))

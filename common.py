@@ -110,6 +110,7 @@ CONFIG_KEYS = {
         "min_stake_threshold": (float, 0.0),
         "allowed_validators": (list, []),
         "max_commitment_lookback": (int, 3),
+        "evaluate_latest_only": (bool, True),
     },
     "jobs": {
         "env_provider": (str, "demo"),
@@ -685,7 +686,7 @@ class RpcThread:
 # For each method: the results that say "refused", and the field that carries the reason.
 REFUSALS = {
     "registerChild": ({"success": False}, "message"),
-    "requestJobs": ({"jobs": [], "replies": []}, "error"),
+    "requestJobs": ({"jobs": [], "replies": [], "revoked": []}, "error"),
     "reportJobCompletion": ({"acknowledged": False}, "message"),
     "reportJobCompletions": ({"replies": []}, "error"),
     "receiveJob": ({"accepted": False}, "message"),

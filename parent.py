@@ -6,6 +6,8 @@ RPC connection (PostgreSQL is the truth, an in-memory queue mirrors the pending 
 Arrivals wakes the polls of idle children held open until a job comes), with its leases and
 the optional pusher; the operator's commands; the RPC service; and run(), the loop that reads
 the chain (chain.py) every sync_frequency seconds and looks after the leases every second.
+The queue follows the chain: a sync also cancels the open jobs of superseded submissions and
+of miners who left; and each poll tells the child which jobs it holds are no longer its own.
 
     python parent.py --config validator_parent.toml
 """
@@ -84,6 +86,13 @@ create table if not exists chain_state (
 """, """
 -- Heartbeats, reports, leases and the statistics look up the jobs a child holds.
 create index if not exists jobs_assigned on jobs (child_id) where status = 'assigned';
+""", """
+-- Why a job was cancelled (its result says it in words): counted by the statistics.
+alter table jobs add column if not exists cancel_reason text
+    check (cancel_reason in ('operator', 'superseded', 'deregistered'));
+-- Each sync looks up the open jobs of the miners that committed anew.
+create index if not exists jobs_open on jobs (miner_hotkey)
+    where status in ('pending', 'assigned');
 """]
 
 
@@ -106,6 +115,19 @@ def job_message(row):
         "retryCount": max(0, row["attempts"] - 1),
         "createdAt": int(row["created_at"].timestamp() * 1000),
     }
+
+
+def revocation_reason(row):
+    """Why a job a child holds is no longer its own, from the job's row at the parent."""
+    if row["status"] == "cancelled":
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return str(json.loads(row["result"])["cancelled"])
+        return "cancelled"
+    if row["status"] == "pending":
+        return "given back to the queue"
+    if row["status"] == "assigned":
+        return f"handed to child {row['child_id']}"
+    return f"{row['status']} by child {row['child_id']}"
 
 
 def replies_message(answers):
@@ -272,6 +294,7 @@ class ParentState:
                 digest = fingerprint(c.hotkey, repo_id, revision)
                 eligible.setdefault(digest, (c, repo_id, revision))
             new = self._insert_jobs(conn, eligible) if eligible else []
+            cancelled = self._cancel_left_behind(conn, snapshot, new)
             conn.execute("insert into chain_state values ('last_block', %s) on conflict (key) "
                          "do update set value = greatest(chain_state.value, excluded.value)",
                          (snapshot.block,))
@@ -281,7 +304,38 @@ class ParentState:
             log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],
                      job["miner_hotkey"], job["hf_repo_id"], job["hf_repo_commit"] or "default",
                      job["commit_block"])
+        for job_id, reason in cancelled:
+            log.info("Job %d cancelled: %s", job_id, reason)
         return [job["job_id"] for job in new]
+
+    def _cancel_left_behind(self, conn, snapshot, new):
+        """The queue follows the chain: cancel the pending and assigned jobs that no longer
+        matter, in the transaction that read the snapshot. With evaluate_latest_only, those of
+        a miner's older submissions when a new one got a job; and those of miners no longer
+        registered at the uid they committed from (the uid went to another hotkey). Only a
+        snapshot that was read whole gets here: a failed read cancels nothing. A job that
+        ended is never touched. Returns [(job id, reason)]."""
+        cancelled = []
+        if new and self.cfg.neuron.evaluate_latest_only:
+            newest = {}  # hotkey -> its newest job
+            for job in new:
+                hotkey = job["miner_hotkey"]
+                newest[hotkey] = max(job["job_id"], newest.get(hotkey, 0))
+            cancelled += cancel_jobs(conn, "superseded", """
+                select j.job_id, 'superseded by job ' || n.job_id
+                from jobs j join unnest(%b::text[], %b::bigint[]) as n(hotkey, job_id)
+                     on j.miner_hotkey = n.hotkey and j.job_id < n.job_id
+                where j.status in ('pending', 'assigned')""",
+                (list(newest), list(newest.values())))
+        neurons = snapshot.neurons
+        cancelled += cancel_jobs(conn, "deregistered", """
+            select j.job_id, 'miner deregistered' from jobs j
+            where j.status in ('pending', 'assigned') and not exists (
+                select 1 from unnest(%b::text[], %b::integer[]) as n(hotkey, uid)
+                where n.hotkey = j.miner_hotkey
+                  and (n.uid is null or j.miner_uid is null or n.uid = j.miner_uid))""",
+            (list(neurons), list(neurons.values())))
+        return cancelled
 
     def _insert_jobs(self, conn, eligible):
         """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
@@ -424,9 +478,11 @@ class ParentState:
         """A child's poll: its results, [(job_id, success, result)], recorded first (see
         report_completions), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
-        (an answer lost when a connection or the parent died) are sent again first. All in
-        one transaction. Returns (jobs, one (acknowledged, message) per result)."""
-        lost, recorded = [], []
+        (an answer lost when a connection or the parent died) are sent again first, and the
+        jobs it holds that are no longer its own are revoked. All in one transaction.
+        Returns (jobs, one (acknowledged, message) per result, revoked jobs as
+        {"jobId", "reason"})."""
+        lost, recorded, revoked = [], [], []
 
         def room(conn):
             recorded[:] = [self._record(conn, child_id, results)] if results else []
@@ -438,6 +494,8 @@ class ParentState:
                    order by job_id limit %s""",
                 (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS,
                  MAX_JOBS_PER_ANSWER)).fetchall()
+            revoked[:] = [] if held_ids is None else self._not_its_own(
+                conn, child_id, held_ids, [job_id for job_id, _, _ in results])
             return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
                        self.cfg.max_jobs_per_child - held)
 
@@ -448,7 +506,28 @@ class ParentState:
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
         if rows:
             log.info("Sending %d jobs to child %s", len(rows), child_id)
-        return [job_message(row) for row in lost + rows], answers
+        # A job given back and handed to the same child again is its own once more.
+        again = {row["job_id"] for row in rows}
+        revoked = [r for r in revoked if r["jobId"] not in again]
+        for r in revoked:
+            log.info("Child %s holds job %d, no longer its own (%s): telling it to stop",
+                     child_id, r["jobId"], r["reason"])
+        return [job_message(row) for row in lost + rows], answers, revoked
+
+    @staticmethod
+    def _not_its_own(conn, child_id, held_ids, reported_ids):
+        """The jobs among held_ids that the child no longer holds at the parent: cancelled,
+        given back to the queue, handed to another child, or finished by another one. Its
+        own results, and jobs the parent never issued, are not among them."""
+        rows = conn.execute(
+            """select job_id, status, child_id, result from jobs
+               where job_id = any(%b) and not job_id = any(%b)
+                 and not (child_id is not distinct from %s
+                          and status in ('assigned', 'completed', 'failed'))
+               order by job_id""",
+            ([j for j in held_ids if j < 2**63], [j for j in reported_ids if j < 2**63],
+             child_id)).fetchall()
+        return [{"jobId": row["job_id"], "reason": revocation_reason(row)} for row in rows]
 
     def withdraw(self, row):
         """Undo an assignment that never reached the child (a refused push)."""
@@ -553,13 +632,17 @@ class ParentState:
                 for row in rows]
 
     def stats(self):
-        """The seed design's statistics, plus the queue by priority, its oldest job's age and
-        the number of failed jobs."""
+        """The seed design's statistics, plus the queue by priority, its oldest job's age, the
+        number of failed jobs and of cancelled ones by reason."""
         children = self.children()
         queue = self.db.query(
             """select priority, count(*) as n, extract(epoch from now() - min(created_at))
                  as oldest from jobs where status = 'pending' group by priority""")
         failed = self.db.query("select count(*) as n from jobs where status = 'failed'")[0]["n"]
+        # Before reasons were recorded only an operator could cancel a job.
+        cancelled = self.db.query(
+            "select coalesce(cancel_reason, 'operator') as reason, count(*) as n from jobs "
+            "where status = 'cancelled' group by 1 order by 1")
         return {
             "total_children": len(children),
             "active_children": sum(c["active"] for c in children),
@@ -571,6 +654,7 @@ class ParentState:
                                     sorted(queue, key=lambda r: -r["priority"])},
             "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
             "failed_jobs": failed,
+            "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
             "auth_failures": self.verifier.failures if self.verifier else 0,
         }
 
@@ -595,8 +679,13 @@ class QueueMetrics:
                                      labels=["child"])
         for child in stats["children"]:
             assigned.add_metric([child["child_id"]], child["active_jobs"])
+        cancelled = GaugeMetricFamily("validator_jobs_cancelled", "Cancelled jobs, by reason",
+                                      labels=["reason"])
+        for reason, count in stats["cancelled_jobs"].items():
+            cancelled.add_metric([reason], count)
         yield pending
         yield assigned
+        yield cancelled
         yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
                                 "Age of the oldest pending job",
                                 value=stats["oldest_pending_age"] or 0.0)
@@ -681,6 +770,7 @@ def requeue_job(db, job_id, priority=None):
 
 
 def cancel_job(db, job_id):
+    """Cancel a pending or assigned job; its holder stops it at its next poll."""
     with db.transaction() as conn:
         row = conn.execute("select status from jobs where job_id = %s for update",
                            (job_id,)).fetchone()
@@ -689,10 +779,33 @@ def cancel_job(db, job_id):
         if row["status"] not in ("pending", "assigned"):
             raise Refused(f"job {job_id} is {row['status']}: only pending or assigned jobs "
                           "can be cancelled")
-        conn.execute("update jobs set status = 'cancelled', finished_at = now() "
-                     "where job_id = %s", (job_id,))
+        cancel_jobs(conn, "operator", "select %s::bigint, 'cancelled by the operator'",
+                    (job_id,))
         _close_assignment(conn, job_id)
     return f"job {job_id} is cancelled"
+
+
+def cancel_jobs(conn, kind, doomed, params):
+    """Cancel the jobs that the query `doomed` selects as (job_id, reason), if they are still
+    pending or assigned: kind ('operator', 'superseded' or 'deregistered') is counted by the
+    statistics, the reason goes in the result as {"cancelled": reason}. Their holders are told
+    at their next poll (see ParentState.poll). Returns [(job id, reason)]."""
+    rows = conn.execute(
+        f"""with doomed(job_id, reason) as ({doomed}),
+            cancelled as (
+                update jobs set status = 'cancelled', cancel_reason = %s, finished_at = now(),
+                    result = jsonb_build_object('cancelled', doomed.reason)::text
+                from doomed
+                -- checked again on the row itself: a result recorded meanwhile stays
+                where jobs.job_id = doomed.job_id and jobs.status in ('pending', 'assigned')
+                returning jobs.job_id, doomed.reason),
+            closed as (
+                update assignments set finished_at = now(), outcome = 'withdrawn'
+                from cancelled where assignments.job_id = cancelled.job_id
+                    and assignments.finished_at is null)
+            select job_id, reason from cancelled order by job_id""",
+        (*params, kind)).fetchall()
+    return [(row["job_id"], row["reason"]) for row in rows]
 
 
 def _close_assignment(conn, job_id):
@@ -752,12 +865,13 @@ class ParentService(common.ServiceBase):
                                            cfg.rpc_idle_timeout_seconds / 2)
         deadline = time.monotonic() + wait
         with self.state.arrivals.watch() as arrived:
-            jobs, replies = await asyncio.to_thread(
+            jobs, replies, revoked = await asyncio.to_thread(
                 self.state.poll, childId, maxJobs, heldJobs, results)
-            while not jobs and maxJobs and await wait_until(arrived, deadline):
+            while not jobs and not revoked and maxJobs and await wait_until(arrived, deadline):
                 arrived.clear()
-                jobs, _ = await asyncio.to_thread(self.state.poll, childId, maxJobs, heldJobs)
-        return {"jobs": jobs, "replies": replies_message(replies)}
+                jobs, _, revoked = await asyncio.to_thread(
+                    self.state.poll, childId, maxJobs, heldJobs)
+        return {"jobs": jobs, "replies": replies_message(replies), "revoked": revoked}
 
     def report_job_completion(self, childId, jobId, success, result):
         self._check_bound("reportJobCompletion", childId)

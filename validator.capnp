@@ -31,6 +31,12 @@ struct ReportReply {
   message @1 :Text;
 }
 
+# Added: a job a child holds that is no longer its own, and why.
+struct Revocation {
+  jobId @0 :UInt64;
+  reason @1 :Text;              # e.g. "cancelled by the operator", "superseded by job 9"
+}
+
 interface ValidatorJobsService {
   # Child calls this to register with parent. Added: the child's hotkey (ss58), and its sr25519
   # signature over [childId, endpoint, parent's hotkey, timestamp (unix ms), nonce]; the parent
@@ -47,9 +53,12 @@ interface ValidatorJobsService {
   # Added: `waitMs`, how long the parent may hold the answer when it has no job for the child
   # (long polling): it answers as soon as a job for the child becomes pending, and after at most
   # waitMs or 5 s, whichever is shorter. 0 (a seed-built child sends nothing) answers at once.
+  # Added: `revoked`, the jobs among heldJobs that are no longer the child's (cancelled, given
+  # back to the queue, handed to another child): the child stops them and reports nothing.
   requestJobs @1 (childId :Text, maxJobs :UInt32, heldJobs :List(UInt64),
                   results :List(JobResult), waitMs :UInt32)
-      -> (jobs :List(EvaluationJobData), error :Text, replies :List(ReportReply));
+      -> (jobs :List(EvaluationJobData), error :Text, replies :List(ReportReply),
+          revoked :List(Revocation));
 
   # Child calls this to report job completion. acknowledged = the parent has the outcome and the
   # child may stop resending it; `message` (added) says why a report was not recorded.

@@ -205,23 +205,33 @@ class Validator:
 
 class Chain:
     """The chain file the parent reads (network = "file"). Each publish() is a new block on
-    which the given miners commit new revisions; clear() leaves the latest block with no
-    commitment, so that the parent's later syncs have nothing to compare (a real chain keeps
-    every commitment, and the parent checks each at every sync: a cost per sync, not per job)."""
+    which new miners commit (the earlier ones leave: their jobs are done); clear() leaves the
+    latest block with no commitment, so that the parent's later syncs have nothing to compare
+    (a real chain keeps every commitment, and the parent checks each at every sync: a cost per
+    sync, not per job), while those miners stay registered (else the parent would cancel
+    their jobs). neurons(): list these `registered` miners instead."""
 
     def __init__(self, path):
-        self.path, self.block, self.miners = path, 1000, 0
+        self.path, self.block, self.miners, self.first = path, 1000, 0, 1
+        self.registered = None
         self.clear()
 
     def publish(self, count):
         self.block += 1
-        first = self.miners + 1
+        self.first = self.miners + 1
         self.miners += count
         write_chain(self.path, self.block, [commitment(i, block=self.block)
-                                            for i in range(first, self.miners + 1)])
+                                            for i in range(self.first, self.miners + 1)],
+                    self.registered)
 
     def clear(self):
-        write_chain(self.path, self.block, [])
+        write_chain(self.path, self.block, [], self.registered or [
+            {"hotkey": commitment(i)["hotkey"], "uid": i}
+            for i in range(self.first, self.miners + 1)])
+
+    def neurons(self, uids):
+        self.registered = [{"hotkey": commitment(i)["hotkey"], "uid": i} for i in uids]
+        self.clear()
 
 
 class Parent:
@@ -721,6 +731,7 @@ def pending(pg, workdir, rpc, size):
     inserted with generate_series; and meanwhile a heartbeat's latency and the idle CPU."""
     import parent as parent_module
     parent = Parent(pg, workdir, "pending", size["slots"])
+    parent.chain.neurons(range(256))  # the pending jobs' miners are registered
     common.Database(parent.dsn, parent_module.SCHEMA).close()  # the parent's own schema
 
     def measure(label, jobs):
@@ -752,7 +763,8 @@ def pending(pg, workdir, rpc, size):
             """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
                    hf_repo_commit, commit_block, env_provider, env_name, random_seed,
                    max_retries)
-               select md5(i::text), i, '5BenchMiner' || i, i %% 256, 'org/model-' || i,
+               select md5(i::text), i, format('5Miner%%s', lpad((i %% 256)::text, 3, '0')),
+                      i %% 256, 'org/model-' || i,
                       lpad(to_hex(i), 40, '0'), 1000, 'demo', 'demo-env', i %% 100000, 3
                from generate_series(1, %s) as i""", (size["pending_jobs"],))
         conn.execute("analyze jobs")  # as autovacuum would, before the parent plans on it

@@ -543,6 +543,14 @@ def gave_up(job):
     return job["status"] == "failed" and (error_of(job["result"]) or "").startswith("gave up")
 
 
+def superseded(job, jobs):
+    """True if a cancelled job's result names a later job of the same miner."""
+    match = re.fullmatch(r'\{"cancelled": "superseded by job (\d+)"\}', job["result"] or "")
+    return bool(match) and any(
+        j["job_id"] == int(match[1]) > job["job_id"] and j["miner_hotkey"] == job["miner_hotkey"]
+        for j in jobs)
+
+
 def check_all(cluster, chain, stats):
     """Every check: a list of (what must hold, [problems]); no problem means it holds."""
     jobs = rows(cluster.parent_dsn, "select * from jobs order by job_id")
@@ -568,10 +576,14 @@ def check_all(cluster, chain, stats):
                 problems.append(f"job {job['job_id']} ({kind}) failed on {job['child_id']} "
                                 f"(killed {cluster.kills[job['child_id']]} times) with "
                                 f"{job['result']!r}")
+        elif job["status"] == "cancelled":
+            if not superseded(job, jobs):
+                problems.append(f"job {job['job_id']} is cancelled with {job['result']!r}")
         else:
             problems.append(f"job {job['job_id']} is {job['status']}")
-    checks.append(("every job is completed with its submission's score, or failed with a "
-                   "reason that fits it; none is pending or assigned", problems))
+    checks.append(("every job is completed with its submission's score, failed with a "
+                   "reason that fits it, or cancelled by a later job of its miner; none is "
+                   "pending or assigned", problems))
 
     problems = []
     by_job = collections.defaultdict(list)
@@ -666,6 +678,9 @@ RECOVERIES = [
     ("child", r"Database unavailable", "database outages seen by a child's main loop"),
     ("child", r"job worker lost its database", "database outages seen by a child's worker"),
     ("child", r"Received job \d+ .* again", "jobs received again"),
+    ("parent", r"cancelled: superseded", "jobs superseded by their miner's next submission"),
+    ("child", r"cancelled by the parent .*: its evaluation is stopped",
+     "evaluations stopped because the parent took the job back"),
 ]
 
 

@@ -77,10 +77,14 @@ def write_toml(path, table):
     return Path(path)
 
 
-def write_chain(path, block, commitments):
-    """Write a file chain the way an exporter must: to a temporary file, then rename."""
+def write_chain(path, block, commitments, neurons=None):
+    """Write a file chain the way an exporter must: to a temporary file, then rename. Without
+    `neurons` ([{"hotkey", "uid"}]), the miners registered are those that committed."""
     tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"block": block, "commitments": commitments}))
+    doc = {"block": block, "commitments": commitments}
+    if neurons is not None:
+        doc["neurons"] = neurons
+    tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 
 

@@ -233,7 +233,9 @@ def test_a_sync_returns_each_visible_commitment_with_its_hotkey_uid_stake_and_bl
         chains.Commitment(hot[2], 2, 1190, 1234.5, "org/two@" + "b" * 40),
         # timelocked, then decrypted by the chain: the plaintext, at its commit block
         chains.Commitment(hot[5], 5, 1150, 3000.25, submission("org/five", "e" * 40)),
-    ])  # not: no commitment (0, 4), still sealed (3), deregistered (6)
+    ],  # not: no commitment (0, 4), still sealed (3), deregistered (6)
+        # registered: every neuron, whether it committed or not; not the deregistered one
+        {hot[i]: i for i in range(6)})
     # Every read was pinned to the one block the sync started at.
     pinned = [args[-1] for name, args in fake.calls if name in ("runtime_call", "query_map")
               and args[:2] != ("SubtensorModule", "TokenSymbol")]

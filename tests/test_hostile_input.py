@@ -110,7 +110,8 @@ def test_bad_values_get_a_message_that_names_them_and_change_nothing(parent):
     before = stats(parent)
     call = parent.client.call
     assert call("requestJobs", childId="nobody", maxJobs=5) == {
-        "jobs": [], "replies": [], "error": "unknown child 'nobody': call registerChild first"}
+        "jobs": [], "replies": [], "revoked": [],
+        "error": "unknown child 'nobody': call registerChild first"}
     assert call("registerChild", childId="", endpoint="127.0.0.1:1") == {
         "success": False, "message": "childId must be 1-64 letters, digits, '_', '.' or '-'"}
     assert call("registerChild", childId="x" * 65, endpoint="h:1")["success"] is False
@@ -166,7 +167,8 @@ def test_a_childs_port_closes_garbage_and_refuses_bad_jobs_with_a_message(
     assert client.call("receiveJob", job={"hfRepoId": "org/m"}) == {
         "accepted": False, "message": "job has no jobId or hfRepoId"}
     assert client.call("requestJobs", childId="x", maxJobs=1) == {
-        "jobs": [], "replies": [], "error": "requestJobs is not served by a child validator"}
+        "jobs": [], "replies": [], "revoked": [],
+        "error": "requestJobs is not served by a child validator"}
     assert json.loads(client.call("getStats")["json"])["queued"] >= 0
     assert closed_by_server(sock)
     assert "Traceback" not in child.log()

@@ -55,7 +55,7 @@ def test_register_child_accepts_a_valid_child_and_refuses_bad_values(parent):
 
 def test_request_jobs_hands_out_each_pending_job_once(parent):
     refused = parent.client.call("requestJobs", childId="stranger", maxJobs=5)
-    assert refused == {"jobs": [], "replies": [],
+    assert refused == {"jobs": [], "replies": [], "revoked": [],
                        "error": "unknown child 'stranger': call registerChild first"}
     register(parent.client, "c1")
     register(parent.client, "c2")
@@ -82,7 +82,7 @@ def test_request_jobs_records_the_results_it_carries_before_it_assigns(start_par
                                       {"jobId": job_id, "success": job_id != 2, "result": "{}"}
                                       for job_id in results])
 
-    assert poll(1, 999, max_jobs=0) == {"jobs": [], "error": "", "replies": [
+    assert poll(1, 999, max_jobs=0) == {"jobs": [], "error": "", "revoked": [], "replies": [
         {"acknowledged": True, "message": "recorded"},
         {"acknowledged": False, "message": "unknown job 999"}]}
     refused = poll(*[2] * 1001)  # nothing of a refused call is recorded
@@ -103,7 +103,7 @@ def test_a_request_that_may_wait_is_answered_when_a_job_comes(tmp_path, parent, 
     register(parent.client, "c1")
     assert len(parent.client.call("requestJobs", childId="c1", maxJobs=5)["jobs"]) == 3
     assert parent.client.call("requestJobs", childId="c1", maxJobs=5, waitMs=200) == {
-        "jobs": [], "replies": [], "error": ""}
+        "jobs": [], "replies": [], "revoked": [], "error": ""}
 
     def last_seen():
         return json.loads(parent.client.call("getStats")["json"])["children"][0]["last_seen"]
@@ -284,7 +284,8 @@ def test_get_stats_uses_the_seed_format(parent):
     [child] = stats.pop("children")
     assert 0 <= stats.pop("oldest_pending_age") < 60
     assert stats == {"total_children": 1, "active_children": 1, "pending_jobs": 1,
-                     "pending_by_priority": {"0": 1}, "failed_jobs": 1, "auth_failures": 0}
+                     "pending_by_priority": {"0": 1}, "failed_jobs": 1, "cancelled_jobs": {},
+                     "auth_failures": 0}
     assert child.pop("last_seen") > 0
     assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
                      "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2}

@@ -90,7 +90,7 @@ def test_a_connection_serves_only_the_child_registered_on_it(parent, wallets):
     assert len(first.call("requestJobs", childId="c1", maxJobs=1)["jobs"]) == 1
     # Another connection, not registered, or registered as another child, cannot act as c1.
     assert second.call("requestJobs", childId="c1", maxJobs=5) == {
-        "jobs": [], "replies": [], "error": "not allowed"}
+        "jobs": [], "replies": [], "revoked": [], "error": "not allowed"}
     assert second.call("registerChild", **signed_registration(wallets, "c2", "c2"))["success"]
     assert second.call("requestJobs", childId="c1", maxJobs=5)["error"] == "not allowed"
     assert second.call("reportJobCompletion", childId="c1", jobId=1, success=True,
