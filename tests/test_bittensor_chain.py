@@ -61,6 +61,8 @@ class Neuron:
     sealed: bool = False          # committed timelocked
     revealed_at: int | None = None  # ...and decrypted by the chain at this block
     validator: bool = False
+    last_update: int = 0          # block this hotkey last set weights (0: never)
+    registered_at: int = 1        # block it took its uid
 
 
 class FakeSubstrate:
@@ -74,6 +76,17 @@ class FakeSubstrate:
         self.calls, self.cancelled = [], []
         self.fail, self.hang, self.cancel_seconds = None, None, 0.0
         self.token_symbols = {}
+        # The subnet's hyperparameters, as SubtensorModule storage holds them.
+        self.hyperparameters = {
+            "WeightsSetRateLimit": 100, "CommitRevealWeightsEnabled": False,
+            "MaxWeightsLimit": 65535, "MinAllowedWeights": 1, "Tempo": 360,
+            "SubnetEpochConsensus": "Yuma", "RevealPeriodEpochs": 1, "LastEpochBlock": 0,
+            "PendingEpochAt": 0, "SubnetEpochIndex": 0, "BlocksSinceLastStep": 7}
+        # What submit() answers: an ExtrinsicResult, or None for success. `lands` says
+        # whether the call takes effect (a timed-out submission may still land).
+        self.answer, self.lands, self.submit_seconds = None, True, 0.0
+        self.seconds_per_block = 12.0
+        self.submitted = []  # (call, signature over the call) for each submit
 
     def balance(self, rao, netuid=0):
         return bittensor.Balance(int(rao), netuid, self.token_symbols.get(netuid))
@@ -115,8 +128,46 @@ class FakeSubstrate:
         return self.hash(self.block if block is None else block)
 
     async def query(self, module, storage_function, params=None, block_hash=None):
+        """The single-item reads of setting weights (a metagraph read makes none)."""
         self.record("query", module, storage_function, params, block_hash)
-        raise AssertionError(f"no single-item read expected, got {module}.{storage_function}")
+        if block_hash is not None:
+            self.check_block(block_hash)
+        assert module == "SubtensorModule", f"unexpected read of {module}.{storage_function}"
+        if storage_function in self.hyperparameters:
+            assert params == [NETUID]
+            return self.hyperparameters[storage_function]
+        if storage_function == "Uids":  # Option<u16>
+            return next((uid for uid, n in enumerate(self.neurons)
+                         if [NETUID, n.hotkey] == params), None)
+        if storage_function == "LastUpdate":  # Vec<u64>, by uid
+            assert params == [NETUID]
+            return [n.last_update for n in self.neurons]
+        raise AssertionError(f"unexpected read of {module}.{storage_function}")
+
+    async def block_time(self):
+        return self.seconds_per_block
+
+    async def compose(self, call):
+        """The call unchanged, so that a test reads its params (what would be sent)."""
+        self.record("compose", call)
+        return call
+
+    async def estimate_fee(self, call, keypair):
+        return self.balance(10**5)
+
+    async def submit(self, call, keypair, **options):
+        """Signs the call as the chain would check it, and lands it: the signer's LastUpdate
+        becomes this block."""
+        self.record("submit", call, keypair.ss58_address, options)
+        self.submitted.append((call, keypair.sign(repr(call).encode())))
+        if self.lands and (self.answer is None or self.answer.success):
+            for n in self.neurons:
+                if n.hotkey == keypair.ss58_address:
+                    n.last_update = self.block
+        await asyncio.sleep(self.submit_seconds)  # a slow answer, after the call landed
+        if self.answer is not None:  # (a failed ExtrinsicResult is falsy)
+            return self.answer
+        return bittensor.ExtrinsicResult(success=True, message="included")
 
     async def runtime_call(self, api, method, params, block_hash=None):
         self.record("runtime_call", api, method, params, block_hash)
@@ -171,9 +222,10 @@ class FakeSubstrate:
             "axons": [{"block": 0, "version": 0, "ip": 0, "port": 0, "ip_type": 4,
                        "protocol": 0, "placeholder1": 0, "placeholder2": 0}] * count,
             "active": [True] * count, "validator_permit": [n.validator for n in self.neurons],
-            "pruning_score": zeros, "last_update": [self.block - 1] * count,
+            "pruning_score": zeros, "last_update": [n.last_update for n in self.neurons],
             "emission": zeros, "dividends": zeros, "incentives": zeros, "consensus": zeros,
-            "trust": zeros, "rank": zeros, "block_at_registration": [1] * count,
+            "trust": zeros, "rank": zeros,
+            "block_at_registration": [n.registered_at for n in self.neurons],
             "alpha_stake": stakes, "tao_stake": zeros, "total_stake": stakes,
         }
 
