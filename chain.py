@@ -30,7 +30,8 @@ from common import log
 class Commitment:
     hotkey: str
     uid: int | None
-    block: int      # block the commitment was published at
+    block: int      # block it was committed at; once the chain revealed a timelocked one, the
+                    # reveal block (the chain drops the sealed entry, and the commit block)
     stake: float    # stake weight in the subnet's units: its alpha plus tao_weight x root TAO
     data: str       # the raw text the miner committed
 

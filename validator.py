@@ -301,6 +301,9 @@ def demo(argv):
             print("\nAll jobs completed. Parent statistics:\n", flush=True)
             print(format_stats(fetch_stats("127.0.0.1", parent_port)))
             print_jobs(dsns["parent"])
+            print("\nThe weights the parent would set from these scores (validator.py weights):\n",
+                  flush=True)
+            weights(["--config", str(workdir / "parent.toml")])
     finally:
         for proc in processes:
             proc.send_signal(signal.SIGTERM)

@@ -55,7 +55,7 @@ def transport_bytes(raw):
 @dataclasses.dataclass
 class Neuron:
     hotkey: str
-    stake: float                  # alpha
+    stake: float                  # total_stake: the stake weight (alpha + tao_weight x root TAO)
     text: str | None = None       # the commitment's plaintext; None: no commitment
     block: int = 0                # the block it was committed at
     sealed: bool = False          # committed timelocked
@@ -186,7 +186,10 @@ class FakeSubstrate:
         committed = [n for n in self.neurons + self.deregistered
                      if n.text is not None and params == [NETUID]]
         if (module, storage_function) == ("Commitments", "CommitmentOf"):
-            return [(n.hotkey, self.registration(n)) for n in committed]
+            # Revealing removes the TimelockEncrypted field, and with it (our sealed
+            # commitments have no other field) the entry: only RevealedCommitments keeps it.
+            return [(n.hotkey, self.registration(n)) for n in committed
+                    if not (n.sealed and n.revealed_at is not None)]
         if (module, storage_function) == ("Commitments", "RevealedCommitments"):
             # (SCALE bytes of the plaintext, reveal block): a compact length, then the text.
             return [(n.hotkey, [(transport_bytes(scale_compact(len(n.text.encode()))
@@ -210,6 +213,10 @@ class FakeSubstrate:
         count = len(self.neurons)
         zeros = [0] * count
         stakes = [round(n.stake * RAO) for n in self.neurons]
+        # A real uid on finney: alpha 11468.72, total_stake (the stake weight) 58036.81. The
+        # columns differ here too, so that reading the wrong one fails a test.
+        alphas = [round(n.stake * RAO * 11468.72 / 58036.81) for n in self.neurons]
+        roots = [round((n.stake * RAO - alpha) / 0.18) for n, alpha in zip(self.neurons, alphas)]
         return {
             "netuid": NETUID, "name": list(b"apex"), "symbol": list("β".encode()),
             "identity": None, "network_registered_at": 10, "owner_hotkey": hotkey(9999),
@@ -226,7 +233,7 @@ class FakeSubstrate:
             "emission": zeros, "dividends": zeros, "incentives": zeros, "consensus": zeros,
             "trust": zeros, "rank": zeros,
             "block_at_registration": [n.registered_at for n in self.neurons],
-            "alpha_stake": stakes, "tao_stake": zeros, "total_stake": stakes,
+            "alpha_stake": alphas, "tao_stake": roots, "total_stake": stakes,
         }
 
     def names(self):
@@ -283,8 +290,9 @@ def test_a_sync_returns_each_visible_commitment_with_its_hotkey_uid_stake_and_bl
     assert snapshot == chains.ChainSnapshot(1200, [
         chains.Commitment(hot[1], 1, 1195, 5000.0, long_text),
         chains.Commitment(hot[2], 2, 1190, 1234.5, "org/two@" + "b" * 40),
-        # timelocked, then decrypted by the chain: the plaintext, at its commit block
-        chains.Commitment(hot[5], 5, 1150, 3000.25, submission("org/five", "e" * 40)),
+        # timelocked, then decrypted by the chain, which dropped the commitment's entry: the
+        # plaintext, at its reveal block (the commit block is gone from the chain)
+        chains.Commitment(hot[5], 5, 1160, 3000.25, submission("org/five", "e" * 40)),
     ])  # not: no commitment (0, 4), still sealed (3), deregistered (6)
     # Every read was pinned to the one block the sync started at.
     pinned = [args[-1] for name, args in fake.calls if name in ("runtime_call", "query_map")
