@@ -1,10 +1,12 @@
-"""The parent validator's side of the chain: everything that reads the subnet (and, with
-bittensor, the one module that imports the SDK besides the wallet code in common.py).
+"""The parent validator's side of the chain: everything that reads the subnet or writes to it
+(and, with bittensor, the one module that imports the SDK besides the wallet code in common.py).
 
 Its parts: the snapshot a sync works on (every miner's latest commitment at one block); the two
 chain sources, FileChain (a JSON file another process rewrites) and BittensorChain (the real
-chain through the bittensor SDK); open_chain, which picks one from the config; and
-parse_commitment, which turns a miner's committed text into the repository to evaluate.
+chain through the bittensor SDK); open_chain, which picks one from the config;
+parse_commitment, which turns a miner's committed text into the repository to evaluate; and
+the weights ([weights]): the scores of the jobs table, aggregated per miner, which
+WeightSetter sets on chain from the parent's loop and weights_report shows to the operator.
 """
 
 import asyncio

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import bittensor
+import prometheus_client
 import pytest
 from bittensor.sp_core import Keypair
 from conftest import ROOT, free_port, wait_until, write_chain, write_toml
@@ -109,9 +110,13 @@ def test_known_scores_become_the_exact_u16_weights_sent_signed_by_our_hotkey(
     add_job(db, m[2], 900, score(1.0))  # m[3]: no job, no weight
     clock = Clock()
     setter = chains.WeightSetter(cfg, db, make_chain(fake), wallet.hotkey, clock)
+    metric = prometheus_client.REGISTRY.get_sample_value
+    set_before = metric("validator_weight_attempts_total", {"outcome": "set"}) or 0
 
     settle(setter)
 
+    assert metric("validator_weight_attempts_total", {"outcome": "set"}) == set_before + 1
+    assert metric("validator_weights_last_set_block") == 1000
     assert sent(fake) == [("submit", "set_mechanism_weights", {
         "netuid": NETUID, "mecid": 0, "dests": [1, 2, 3],
         "weights": [U16, 43690, 21845], "version_key": 0})]
