@@ -2,14 +2,13 @@
 lowest seam: a fake `bittensor.Substrate` passed as Client(substrate=...). Everything above it
 (Client, the block pinning, the metagraph and commitment decoding) is the SDK's own code.
 
-The fake answers with values shaped as the SDK's transport decodes them from SCALE. These shapes
-were checked by decoding SCALE bytes with the SDK's own codec (bittensor_core.Runtime) over a
-registry built by hand after the runtime's types (no chain metadata is at hand offline): an
-AccountId is an ss58 string, a Compact<AlphaCurrency> a plain int (rao), Vec<Compact<u8>> a list
-of ints, a Commitments `Registration` a dict whose info.fields is a flat list of one-key dicts
-({"Raw128": "0x..."}, {"TimelockEncrypted": {...}}), a Vec<u8> utf-8 text when it is valid utf-8
-(else 0x-hex), a tuple a tuple, and an Option the value or None. A value of the wrong shape
-would make the SDK read None or "", which the assertions on real values below would catch."""
+The fake answers with values shaped as the SDK's transport decodes them from SCALE. Where the
+shape is the risk (the Commitments pallet's values, the storage values setting weights reads)
+the value goes through the SDK's own codec (chain_codec: encoded to SCALE, decoded back). The
+metagraph's columns are written here in the shapes that codec gives: an AccountId is an ss58
+string, a Compact<AlphaCurrency> a plain int (rao), Vec<Compact<u8>> a list of ints, an Option
+the value or None. A value of the wrong shape would make the SDK read None or "", which the
+assertions on real values below would catch."""
 
 import asyncio
 import collections
@@ -22,6 +21,7 @@ import time
 import bittensor
 import bittensor_core
 import pytest
+from chain_codec import decoded
 from conftest import ROOT, wait_until
 
 import chain as chains
@@ -29,6 +29,13 @@ import parent
 
 NETUID = 2
 RAO = 10**9
+# SubtensorModule's storage values that setting weights reads, by their runtime types (the
+# epoch consensus mode is an enum, answered as its variant's name).
+STORAGE_TYPES = {
+    "WeightsSetRateLimit": "u64", "CommitRevealWeightsEnabled": "bool",
+    "MaxWeightsLimit": "u16", "MinAllowedWeights": "u16", "Tempo": "u16",
+    "RevealPeriodEpochs": "u64", "LastEpochBlock": "u64", "PendingEpochAt": "u64",
+    "SubnetEpochIndex": "u64", "BlocksSinceLastStep": "u64"}
 
 
 def hotkey(i):
@@ -42,14 +49,6 @@ def scale_compact(n):
     if n < 2**14:
         return ((n << 2) | 1).to_bytes(2, "little")
     return ((n << 2) | 2).to_bytes(4, "little")
-
-
-def transport_bytes(raw):
-    """How the transport hands over a Vec<u8>: utf-8 text when it decodes, else 0x-hex."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + raw.hex()
 
 
 @dataclasses.dataclass
@@ -135,13 +134,15 @@ class FakeSubstrate:
         assert module == "SubtensorModule", f"unexpected read of {module}.{storage_function}"
         if storage_function in self.hyperparameters:
             assert params == [NETUID]
-            return self.hyperparameters[storage_function]
-        if storage_function == "Uids":  # Option<u16>
-            return next((uid for uid, n in enumerate(self.neurons)
-                         if [NETUID, n.hotkey] == params), None)
-        if storage_function == "LastUpdate":  # Vec<u64>, by uid
+            value = self.hyperparameters[storage_function]
+            kind = STORAGE_TYPES.get(storage_function)
+            return decoded(kind, value) if kind else value
+        if storage_function == "Uids":
+            return decoded("Option<u16>", next((uid for uid, n in enumerate(self.neurons)
+                                                if [NETUID, n.hotkey] == params), None))
+        if storage_function == "LastUpdate":  # by uid
             assert params == [NETUID]
-            return [n.last_update for n in self.neurons]
+            return decoded("Vec<u64>", [n.last_update for n in self.neurons])
         raise AssertionError(f"unexpected read of {module}.{storage_function}")
 
     async def block_time(self):
@@ -192,8 +193,8 @@ class FakeSubstrate:
                     if not (n.sealed and n.revealed_at is not None)]
         if (module, storage_function) == ("Commitments", "RevealedCommitments"):
             # (SCALE bytes of the plaintext, reveal block): a compact length, then the text.
-            return [(n.hotkey, [(transport_bytes(scale_compact(len(n.text.encode()))
-                                                 + n.text.encode()), n.revealed_at)])
+            return [(n.hotkey, decoded("RevealedCommitments", [
+                        (scale_compact(len(n.text.encode())) + n.text.encode(), n.revealed_at)]))
                     for n in committed if n.revealed_at is not None]
         raise AssertionError(f"unexpected map read {module}.{storage_function}")
 
@@ -206,7 +207,7 @@ class FakeSubstrate:
             raw = n.text.encode()
             fields = [{f"Raw{len(chunk)}": "0x" + chunk.hex()}
                       for chunk in (raw[i:i + 128] for i in range(0, len(raw), 128))]
-        return {"deposit": 0, "block": n.block, "info": {"fields": fields}}
+        return decoded("Registration", {"deposit": 0, "block": n.block, "info": {"fields": fields}})
 
     def metagraph(self):
         """SubnetInfoRuntimeApi.get_metagraph as decoded: one column per field, by uid."""
