@@ -296,28 +296,36 @@ def weight_table(db, settings, neurons, skipped):
     added to `skipped`) and contributes nothing."""
     by_hotkey = {n.hotkey: n for n in neurons}
     order = "commit_block, job_id" if settings.aggregation == "latest" else "finished_at, job_id"
-    rows = db.query("select job_id, miner_hotkey, commit_block, result from jobs "
-                    "where status = 'completed' and miner_hotkey = any(%s) order by " + order,
-                    (list(by_hotkey),))
     scores = {}
-    for row in rows:
-        hotkey = row["miner_hotkey"]
-        if row["commit_block"] < by_hotkey[hotkey].registered_at:
-            continue
-        score, why_not = job_score(row["result"], settings.score_key)
-        if score is None:
-            if row["job_id"] not in skipped:
-                skipped.add(row["job_id"])
-                log.warning("Job %d of %s contributes no score: %s", row["job_id"], hotkey,
-                            why_not)
-        elif settings.aggregation == "latest":  # the most recent submission's score
-            scores[hotkey] = score
-        else:  # a moving average in completion order, from 0 (as the subnet template does)
-            scores[hotkey] = (settings.ema_alpha * score
-                              + (1 - settings.ema_alpha) * scores.get(hotkey, 0.0))
+    with db.transaction() as conn:
+        # A server-side cursor: the results (each up to max_result_bytes) stream through
+        # in batches instead of all being held at once.
+        rows = conn.cursor(name="weight_table")
+        rows.execute("select job_id, miner_hotkey, commit_block, result from jobs "
+                     "where status = 'completed' and miner_hotkey = any(%s) order by " + order,
+                     (list(by_hotkey),))
+        for row in rows:
+            hotkey = row["miner_hotkey"]
+            if row["commit_block"] >= by_hotkey[hotkey].registered_at:
+                _aggregate(scores, settings, row, skipped)
     total = sum(scores.values())
     return [WeightRow(n.uid, n.hotkey, scores[n.hotkey], scores[n.hotkey] / total if total else 0.0)
             for n in sorted(neurons, key=lambda n: n.uid) if n.hotkey in scores]
+
+
+def _aggregate(scores, settings, job, skipped):
+    """Add a completed job's score to scores[hotkey]."""
+    hotkey = job["miner_hotkey"]
+    score, why_not = job_score(job["result"], settings.score_key)
+    if score is None:
+        if job["job_id"] not in skipped:
+            skipped.add(job["job_id"])
+            log.warning("Job %d of %s contributes no score: %s", job["job_id"], hotkey, why_not)
+    elif settings.aggregation == "latest":  # the most recent submission's score
+        scores[hotkey] = score
+    else:  # a moving average in completion order, from 0 (as the subnet template does)
+        scores[hotkey] = (settings.ema_alpha * score
+                          + (1 - settings.ema_alpha) * scores.get(hotkey, 0.0))
 
 
 def record_attempt(db, block, weights, commit_reveal):

@@ -466,3 +466,16 @@ def test_the_parent_writes_to_the_chain_only_with_weights_enabled(
     else:
         assert {"query", "compose", "submit"}.isdisjoint(fake.names())
         assert attempts(db) == []
+
+
+def test_the_weights_report_within_the_rate_limit_says_why_there_are_no_u16_values(
+        make_chain, weights_db, wallet):
+    cfg, db = weights_db()
+    fake = subnet_of(wallet, [Neuron(hotkey(1), 100.0)], block=1000, last_update=995)
+    add_job(db, hotkey(1), 900, score(3.0))
+
+    report = chains.weights_report(cfg, db, make_chain(fake))
+
+    assert [(r["uid"], r["weight"], r["u16"]) for r in report["rows"]] == [(1, 1.0, None)]
+    assert report["note"].startswith("the SDK's dry run failed: ChainError: Weights on netuid 2 "
+                                     "were last set 5 blocks ago")
