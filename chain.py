@@ -442,9 +442,9 @@ class WeightSetter:
             message = result.message or outcome
             if result.success and result.data.get("reveal_round"):
                 message += f" (timelocked: revealed at drand round {result.data['reveal_round']})"
+        message = " ".join(message.split())[:1000]  # one line, whatever the node said
         self.db.query("update weight_attempts set success = %s, message = %s "
-                      "where attempt_id = %s",
-                      (outcome == "set", message[:1000], sub.attempt))
+                      "where attempt_id = %s", (outcome == "set", message, sub.attempt))
         WEIGHT_ATTEMPTS.labels(outcome).inc()
         if outcome == "set":
             WEIGHTS_SET_BLOCK.set(sub.subnet.block)

@@ -240,7 +240,7 @@ def test_a_failure_on_chain_is_logged_once_and_tried_again_next_interval(
     fake = subnet_of(wallet, [Neuron(hotkey(1), 100.0)])
     fake.hyperparameters["WeightsSetRateLimit"] = 0
     fake.answer = bittensor.ExtrinsicResult(success=False,
-                                            message="NotEnoughStakeToSetWeights")
+                                            message="NotEnoughStakeToSetWeights\n  at block")
     add_job(db, hotkey(1), 900, score(1.0))
     clock = Clock()
     setter = chains.WeightSetter(cfg, db, make_chain(fake), wallet.hotkey, clock)
@@ -248,9 +248,10 @@ def test_a_failure_on_chain_is_logged_once_and_tried_again_next_interval(
     settle(setter)
 
     [row] = attempts(db)
-    assert row["success"] is False and row["message"] == "NotEnoughStakeToSetWeights"
+    assert row["success"] is False and row["message"] == "NotEnoughStakeToSetWeights at block"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == ["Weights not set (tried again in 10 blocks): NotEnoughStakeToSetWeights"]
+    assert warnings == ["Weights not set (tried again in 10 blocks): NotEnoughStakeToSetWeights "
+                        "at block"]
     for _ in range(20):
         setter.maybe_set()
     assert len(sent(fake)) == 1
