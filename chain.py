@@ -1,19 +1,27 @@
-"""The parent validator's side of the chain: everything that reads the subnet (and, with
-bittensor, the one module that imports the SDK besides the wallet code in common.py).
+"""The parent validator's side of the chain: everything that reads the subnet or writes to it
+(and, with bittensor, the one module that imports the SDK besides the wallet code in common.py).
 
 Its parts: the snapshot a sync works on (every miner's latest commitment at one block); the two
 chain sources, FileChain (a JSON file another process rewrites) and BittensorChain (the real
-chain through the bittensor SDK); open_chain, which picks one from the config; and
-parse_commitment, which turns a miner's committed text into the repository to evaluate.
+chain through the bittensor SDK); open_chain, which picks one from the config;
+parse_commitment, which turns a miner's committed text into the repository to evaluate; and
+the weights ([weights]): the scores of the jobs table, aggregated per miner, which
+WeightSetter sets on chain from the parent's loop and weights_report shows to the operator.
 """
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
+import math
 import re
 import threading
+import time
+
+import prometheus_client
 
 import common
+from common import log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,8 +32,9 @@ import common
 class Commitment:
     hotkey: str
     uid: int | None
-    block: int      # block the commitment was published at
-    stake: float    # in the subnet's stake units (alpha)
+    block: int      # block it was committed at; once the chain revealed a timelocked one, the
+                    # reveal block (the chain drops the sealed entry, and the commit block)
+    stake: float    # stake weight in the subnet's units: its alpha plus tao_weight x root TAO
     data: str       # the raw text the miner committed
 
 
@@ -70,6 +79,9 @@ class FileChain:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ChainUnavailable(f"commitments file {self.path} is malformed: {e!r}") from None
 
+    def close(self):
+        pass
+
 
 class BittensorChain:
     """The real chain through the bittensor SDK (v11): one metagraph read per sync (neurons,
@@ -94,7 +106,7 @@ class BittensorChain:
             graph = self._run(self._metagraph(), self.timeout)
         except Exception as e:  # the SDK raises many types for a node that is down or slow
             self._disconnect()
-            raise ChainUnavailable(f"chain {self.network}: {self._describe(e)}") from None
+            raise ChainUnavailable(f"chain {self.network}: {self.describe(e)}") from None
         if graph is None:
             raise ChainUnavailable(f"subnet {self.netuid} does not exist on {self.network}")
         return ChainSnapshot(graph.block, [
@@ -105,11 +117,69 @@ class BittensorChain:
             {n.hotkey: n.uid for n in graph.neurons})
 
     async def _metagraph(self):
+        return await (await self._connected()).subnets.metagraph(self.netuid)
+
+    async def _connected(self):
         if self.client is None:
             # Kept before connecting, so that a connection failing half-way is closed too.
             self.client = self.sdk.Client(self.network, substrate=self.substrate)
             await self.client.connect()
-        return await self.client.subnets.metagraph(self.netuid)
+        return self.client
+
+    # -- weights (see WeightSetter) ----------------------------------------------------------
+
+    def subnet(self, hotkey):
+        """The subnet as the weights need it, every value read at one block."""
+        try:
+            return self._run(self._subnet(hotkey), self.timeout)
+        except ChainUnavailable:
+            raise
+        except Exception as e:
+            self._disconnect()
+            raise ChainUnavailable(f"chain {self.network}: {self.describe(e)}") from None
+
+    async def _subnet(self, hotkey):
+        view = await (await self._connected()).at()
+        graph, rate_limit, commit_reveal, block_seconds = await asyncio.gather(
+            view.subnets.metagraph(self.netuid, commitments=False),
+            view.hyperparameters.weights_rate_limit(self.netuid),
+            view.subnets.commit_reveal_enabled(self.netuid),
+            self.client.block_time())
+        if graph is None:
+            raise ChainUnavailable(f"subnet {self.netuid} does not exist on {self.network}")
+        ours = graph.by_hotkey(hotkey)
+        return Subnet(
+            graph.block, graph.tempo, [Neuron(n.uid, n.hotkey, n.block_at_registration)
+                                       for n in graph.neurons],
+            uid=ours.uid if ours else None,
+            # LastUpdate is 0 until the hotkey first sets weights.
+            since_update=graph.block - ours.last_update if ours and ours.last_update else None,
+            rate_limit=int(rate_limit or 0), commit_reveal=bool(commit_reveal),
+            block_seconds=float(block_seconds))
+
+    def set_weights(self, weights, signer, timeout):
+        """Start setting {uid: weight} with the SDK's SetWeights intent, signed by `signer`
+        (a bittensor wallet or keypair); returns a concurrent Future of its ExtrinsicResult.
+        The main loop collects it later: an inclusion takes a block or two."""
+        intent = self.sdk.SetWeights(netuid=self.netuid, weights=weights)
+        # Inclusion, not finalization: finalization may lag minutes behind.
+        coro = self.client.execute(intent, signer, wait_for_inclusion=True,
+                                   wait_for_finalization=False)
+        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
+
+    def plan_weights(self, weights, signer):
+        """The SDK's dry run of setting {uid: weight}: {uid: u16 value} it would send, or a
+        text saying why there is none (commit-reveal seals them; the plan failed)."""
+        try:
+            plan = self._run(self.client.plan(self.sdk.SetWeights(netuid=self.netuid,
+                                                                  weights=weights), signer),
+                             self.timeout)
+        except Exception as e:
+            return f"the SDK's dry run failed: {self.describe(e)}"
+        params = getattr(plan.call, "params", None) or {}
+        if "dests" not in params:
+            return "commit-reveal: the values are sealed in a timelocked commit"
+        return dict(zip(params["dests"], params["weights"]))
 
     def _run(self, coro, timeout):
         # The SDK sets no deadline per call (its transport waits 60 s for each frame, then
@@ -129,7 +199,7 @@ class BittensorChain:
             except Exception:  # best effort: it already failed; the next read opens another
                 pass
 
-    def _describe(self, error):
+    def describe(self, error):
         if isinstance(error, TimeoutError) and not str(error):
             return f"no answer within {self.timeout:g}s"
         lines = str(error).strip().splitlines() or ["no detail"]
@@ -182,3 +252,258 @@ def parse_commitment(text):
     if not isinstance(revision, str) or (revision and not REVISION.fullmatch(revision)):
         raise ValueError(f"invalid revision {revision!r}")
     return repo_id, revision
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights ([weights] enabled = true): the scores in the jobs table become weights on chain
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Neuron:
+    uid: int
+    hotkey: str
+    registered_at: int  # block the hotkey took the uid (0: unknown, as on a file chain)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subnet:
+    """What setting weights needs to know, every value read at one block."""
+    block: int
+    tempo: int
+    neurons: list                     # [Neuron]: the hotkeys registered now
+    uid: int | None = None            # our hotkey's uid; None: not registered
+    since_update: int | None = None   # blocks since we last set weights; None: never
+    rate_limit: int = 0               # weights_rate_limit: blocks between two sets
+    commit_reveal: bool = False
+    block_seconds: float = 12.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRow:
+    uid: int
+    hotkey: str
+    score: float
+    weight: float  # the score over the sum of the scores
+
+
+def job_score(result, key):
+    """(score, None) from a completed job's result, a JSON object; else (None, why not)."""
+    try:
+        doc = json.loads(result or "")
+    except ValueError:
+        return None, "the result is not JSON"
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"the result has no number {key!r}"
+    if not math.isfinite(value) or value < 0:
+        return None, f"its {key!r} is {value!r}, not a finite number >= 0"
+    return float(value), None
+
+
+def weight_table(db, settings, neurons, skipped):
+    """[WeightRow] by uid for the registered neurons with a score ([weights] aggregation of
+    their completed jobs). A score counts only for the hotkey that earned it and only from a
+    commitment made since the hotkey took its uid: a uid that changed hands, or a hotkey that
+    registered again, starts afresh. A job without a valid score is logged once (its id is
+    added to `skipped`) and contributes nothing."""
+    by_hotkey = {n.hotkey: n for n in neurons}
+    order = "commit_block, job_id" if settings.aggregation == "latest" else "finished_at, job_id"
+    scores = {}
+    with db.transaction() as conn:
+        # A server-side cursor: the results (each up to max_result_bytes) stream through
+        # in batches instead of all being held at once.
+        rows = conn.cursor(name="weight_table")
+        rows.execute("select job_id, miner_hotkey, commit_block, result from jobs "
+                     "where status = 'completed' and miner_hotkey = any(%s) order by " + order,
+                     (list(by_hotkey),))
+        for row in rows:
+            hotkey = row["miner_hotkey"]
+            if row["commit_block"] >= by_hotkey[hotkey].registered_at:
+                _aggregate(scores, settings, row, skipped)
+    total = sum(scores.values())
+    return [WeightRow(n.uid, n.hotkey, scores[n.hotkey], scores[n.hotkey] / total if total else 0.0)
+            for n in sorted(neurons, key=lambda n: n.uid) if n.hotkey in scores]
+
+
+def _aggregate(scores, settings, job, skipped):
+    """Add a completed job's score to scores[hotkey]."""
+    hotkey = job["miner_hotkey"]
+    score, why_not = job_score(job["result"], settings.score_key)
+    if score is None:
+        if job["job_id"] not in skipped:
+            skipped.add(job["job_id"])
+            log.warning("Job %d of %s contributes no score: %s", job["job_id"], hotkey, why_not)
+    elif settings.aggregation == "latest":  # the most recent submission's score
+        scores[hotkey] = score
+    else:  # a moving average in completion order, from 0 (as the subnet template does)
+        scores[hotkey] = (settings.ema_alpha * score
+                          + (1 - settings.ema_alpha) * scores.get(hotkey, 0.0))
+
+
+def record_attempt(db, block, weights, commit_reveal):
+    """A new row in weight_attempts, before the weights are sent; returns its id."""
+    with db.transaction() as conn:
+        attempt = conn.execute(
+            "insert into weight_attempts (block, uids, weights, commit_reveal) "
+            "values (%s, %s, %s, %s) returning attempt_id",
+            (block, list(weights), list(weights.values()), commit_reveal)).fetchone()
+        conn.execute("delete from weight_attempts where attempt_id <= %s",
+                     (attempt["attempt_id"] - MAX_ATTEMPT_ROWS,))
+    return attempt["attempt_id"]
+
+
+def last_attempts(db, count=5):
+    return db.query("select attempt_id, attempted_at, block, uids, weights, commit_reveal, "
+                    "success, message from weight_attempts order by attempt_id desc limit %s",
+                    (count,))
+
+
+MAX_ATTEMPT_ROWS = 10_000  # weight_attempts keeps the newest this many
+SUBMIT_BLOCKS = 4  # a submission waits this many blocks for its inclusion, then gives up
+
+WEIGHT_ATTEMPTS = prometheus_client.Counter(
+    "validator_weight_attempts", "Attempts to set weights, by outcome", ["outcome"])
+WEIGHTS_SET_BLOCK = prometheus_client.Gauge(
+    "validator_weights_last_set_block", "Block of the last successful set of weights")
+
+
+@dataclasses.dataclass
+class Submission:
+    attempt: int      # its weight_attempts row
+    interval: int     # blocks until the next set
+    subnet: Subnet
+    uids: int         # how many uids it weighs
+    timeout: float
+    future: object    # concurrent.futures.Future of the SDK's ExtrinsicResult
+
+
+class WeightSetter:
+    """Sets weights every [weights] every_blocks (default: the subnet's tempo). Each check
+    reads the subnet at one block and waits out the interval and weights_rate_limit as the
+    chain counts them from our last update, so a restart, or a submission that timed out but
+    landed, does not set twice. Then it starts the SDK's SetWeights intent (which quantizes,
+    applies max_weight_limit and min_allowed_weights, and commits timelocked when the subnet
+    has commit-reveal on) and returns; a later call records its answer. Nothing here sleeps:
+    a wait is the time of the next check. `clock` is for tests."""
+
+    def __init__(self, cfg, db, chain, signer, clock=time.monotonic):
+        self.settings, self.netuid = cfg.weights, cfg.subtensor.netuid
+        self.db, self.chain, self.signer, self.clock = db, chain, signer, clock
+        self.hotkey = signer.ss58_address
+        self.next_check = 0.0
+        self.submission = None  # the one in flight
+        self.skipped = set()    # jobs whose bad score was logged
+        self.idle = None        # the last reason there was nothing to set, said once
+        self.outage = common.Outage("Weights: cannot read the subnet",
+                                    "Weights: the subnet can be read again", 300.0)
+
+    def maybe_set(self):
+        """Called by the parent's loop every second or so; returns at once unless a check is
+        due or a submission has its answer."""
+        try:
+            if self.submission and self.submission.future.done():
+                self._finish(self.submission)
+                self.submission = None
+            if not self.submission and self.clock() >= self.next_check:
+                self._check()
+                self.outage.succeeded()
+        except (ChainUnavailable, common.DatabaseUnavailable) as e:
+            self.next_check = self.clock() + self.outage.failed(e)
+
+    def _check(self):
+        subnet = self.chain.subnet(self.hotkey)
+        interval = max(1, self.settings.every_blocks or subnet.tempo)
+        if subnet.uid is None:
+            return self._nothing(subnet, interval, f"our hotkey {self.hotkey} is not "
+                                                   f"registered on subnet {self.netuid}")
+        since = subnet.since_update
+        wait = 0 if since is None else max(interval - since, subnet.rate_limit - since)
+        if wait > 0:
+            log.debug("Weights: last set %d blocks ago; next in %d blocks", since, wait)
+            self.next_check = self.clock() + wait * subnet.block_seconds
+            return
+        rows = weight_table(self.db, self.settings, subnet.neurons, self.skipped)
+        weights = {row.uid: row.weight for row in rows if row.weight > 0}
+        if not weights:
+            return self._nothing(subnet, interval, "no registered miner has a score above 0")
+        self.idle = None
+        attempt = record_attempt(self.db, subnet.block, weights, subnet.commit_reveal)
+        timeout = SUBMIT_BLOCKS * subnet.block_seconds
+        self.submission = Submission(attempt, interval, subnet, len(weights), timeout,
+                                     self.chain.set_weights(weights, self.signer, timeout))
+
+    def _nothing(self, subnet, interval, reason):
+        if reason != self.idle:
+            log.info("Weights: nothing set at block %d: %s", subnet.block, reason)
+            self.idle = reason
+        self.next_check = self.clock() + interval * subnet.block_seconds
+
+    def _finish(self, sub):
+        outcome, blocks = "failed", sub.interval  # a failure is tried again next interval
+        try:
+            result = sub.future.result()
+        except (TimeoutError, concurrent.futures.CancelledError):
+            message = (f"no answer within {sub.timeout:g}s; it may still land (the next "
+                       "attempt reads the chain's last update first)")
+        except Exception as e:  # the SDK refuses before signing, or the node failed
+            message = self.chain.describe(e)
+            if getattr(e, "code", None) == self.chain.sdk.ErrorCode.RATE_LIMITED:
+                outcome, blocks = "rate_limited", 1  # the next check reads the wait
+        else:
+            outcome = "set" if result.success else "failed"
+            message = result.message or outcome
+            if result.success and result.data.get("reveal_round"):
+                message += f" (timelocked: revealed at drand round {result.data['reveal_round']})"
+        message = " ".join(message.split())[:1000]  # one line, whatever the node said
+        self.db.query("update weight_attempts set success = %s, message = %s "
+                      "where attempt_id = %s", (outcome == "set", message, sub.attempt))
+        WEIGHT_ATTEMPTS.labels(outcome).inc()
+        if outcome == "set":
+            WEIGHTS_SET_BLOCK.set(sub.subnet.block)
+            log.info("Weights set on subnet %d for %d uids (block %d%s)", self.netuid, sub.uids,
+                     sub.subnet.block, ", commit-reveal" if sub.subnet.commit_reveal else "")
+        elif outcome == "rate_limited":
+            log.info("Weights: rate limited by the chain; waiting: %s", message)
+        else:
+            log.warning("Weights not set (tried again in %d blocks): %s", blocks, message)
+        self.next_check = self.clock() + blocks * sub.subnet.block_seconds
+
+
+def open_weights(cfg, chain, db):
+    """The parent's WeightSetter, or None when [weights] is off."""
+    if not cfg.weights.enabled:
+        return None
+    if isinstance(chain, FileChain):
+        raise common.ConfigError(f'{cfg.config_path}: key \'weights.enabled\' needs a real '
+                                 'chain; a file chain (subtensor.network = "file") has none '
+                                 'to set weights on')
+    return WeightSetter(cfg, db, chain, common.Identity(cfg).keypair)
+
+
+def weights_report(cfg, db, chain):
+    """The weights the parent would set now, for `validator.py weights`: {"block", "rows":
+    [{uid, hotkey, score, weight, u16}], "note", "attempts"}. On a real chain the u16 values
+    are the SDK's dry run's (client.plan); a file chain has only its snapshot's hotkeys."""
+    note, u16 = "", {}
+    if isinstance(chain, FileChain):
+        snapshot = chain.read()
+        block = snapshot.block
+        neurons = [Neuron(c.uid, c.hotkey, 0) for c in snapshot.commitments if c.uid is not None]
+        note = "a file chain: there is no chain to set these weights on"
+        rows = weight_table(db, cfg.weights, neurons, set())
+    else:
+        signer = common.Identity(cfg).keypair
+        subnet = chain.subnet(signer.ss58_address)
+        block = subnet.block
+        rows = weight_table(db, cfg.weights, subnet.neurons, set())
+        weights = {row.uid: row.weight for row in rows if row.weight > 0}
+        if subnet.uid is None:
+            note = f"our hotkey {signer.ss58_address} is not registered on the subnet"
+        elif weights:
+            u16 = chain.plan_weights(weights, signer)
+            note, u16 = (u16, {}) if isinstance(u16, str) else ("", u16)
+    if not any(row.weight > 0 for row in rows):
+        note = "; ".join(filter(None, [note, "nothing to set: no registered miner has a score "
+                                             "above 0"]))
+    return {"block": block, "note": note, "attempts": last_attempts(db),
+            "rows": [dict(dataclasses.asdict(row), u16=u16.get(row.uid)) for row in rows]}

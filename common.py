@@ -117,6 +117,13 @@ CONFIG_KEYS = {
         "env_name": (str, "demo-env"),
         "max_retries": (int, 3),
     },
+    "weights": {
+        "enabled": (bool, False),
+        "score_key": (str, "score"),
+        "aggregation": (str, "latest"),
+        "ema_alpha": (float, 0.1),
+        "every_blocks": (int, 0),
+    },
     "evaluator": {
         "command": (list, []),
         "timeout_seconds": (float, 3600.0),
@@ -211,6 +218,13 @@ def load_config(path, overrides=None):
         raise ConfigError(f"{path}: key 'metrics_port' must be a TCP port, or 0 for none")
     if cfg.auth not in ("on", "off"):
         raise ConfigError(f"{path}: key 'auth' must be \"on\" or \"off\"")
+    if cfg.weights.aggregation not in ("latest", "ema"):
+        raise ConfigError(f"{path}: key 'weights.aggregation' must be \"latest\" or \"ema\"")
+    if not 0 < cfg.weights.ema_alpha <= 1:
+        raise ConfigError(f"{path}: key 'weights.ema_alpha' must be above 0 and at most 1")
+    if cfg.weights.every_blocks < 0:
+        raise ConfigError(f"{path}: key 'weights.every_blocks' must be 0 (the subnet's tempo) "
+                          "or more")
     return cfg
 
 

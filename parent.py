@@ -93,6 +93,18 @@ alter table jobs add column if not exists cancel_reason text
 -- Each sync looks up the open jobs of the miners that committed anew.
 create index if not exists jobs_open on jobs (miner_hotkey)
     where status in ('pending', 'assigned');
+""", """
+-- One row per attempt to set weights on chain ([weights], chain.WeightSetter).
+create table if not exists weight_attempts (
+    attempt_id    bigserial primary key,
+    attempted_at  timestamptz not null default now(),
+    block         bigint not null,               -- the block the weights were computed at
+    uids          integer[] not null,
+    weights       double precision[] not null,   -- normalized scores; the SDK quantizes them
+    commit_reveal boolean not null,              -- the subnet's commit-reveal, at that block
+    success       boolean,                       -- null: no answer (yet)
+    message       text not null default ''
+);
 """]
 
 
@@ -903,6 +915,7 @@ def run(cfg, stop):
     common.setup_logging(cfg)
     chain = chains.open_chain(cfg)
     db = common.Database(common.database_dsn(cfg, stop), SCHEMA)
+    weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
     identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
     tls_server, tls_client = common.tls_contexts(cfg)
     state = ParentState(db, cfg, identity, verifier)
@@ -945,6 +958,8 @@ def run(cfg, stop):
                 next_upkeep = time.monotonic() + 1.0
             except common.DatabaseUnavailable as e:
                 next_upkeep = time.monotonic() + upkeep.failed(e)
+        if weights:
+            weights.maybe_set()  # returns at once unless a check is due
         stop.wait(max(0.0, min(next_sync, next_upkeep) - time.monotonic()))
     log.info("Parent validator stopping")
     rpc.stop()

@@ -6,6 +6,7 @@
     python validator.py status --parent-host H --parent-port P [--json]
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
+    python validator.py weights [--config FILE] [--json]   the weights the parent would set now
     python validator.py bench [--json] [--quick]   the figures of the README's Benchmark
 """
 
@@ -144,6 +145,50 @@ def operator_command(argv):
 
 
 # ---------------------------------------------------------------------------------------------
+# weights: the weights the parent would set now, and its last attempts
+# ---------------------------------------------------------------------------------------------
+
+def format_weights(report):
+    header = ("uid", "hotkey", "score", "weight", "u16")
+    table = [header] + [(str(r["uid"]), r["hotkey"], f"{r['score']:.4f}", f"{r['weight']:.4f}",
+                         "-" if r["u16"] is None else str(r["u16"])) for r in report["rows"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"weights at block {report['block']}" + (f" ({report['note']})"
+                                                      if report["note"] else "")]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.append("last attempts:" if report["attempts"] else "no attempt to set weights yet")
+    for a in report["attempts"]:
+        outcome = {True: "set", False: "failed", None: "no answer"}[a["success"]]
+        lines.append(f"  {a['attempted_at']:%Y-%m-%d %H:%M:%S}  block {a['block']}  "
+                     f"{len(a['uids'])} uids{'  commit-reveal' if a['commit_reveal'] else ''}"
+                     f"  {outcome}: {a['message']}")
+    return "\n".join(lines)
+
+
+def weights(argv):
+    import chain as chains
+    p = argparse.ArgumentParser(prog="validator.py weights", description=(
+        "Print the weights the parent would set now ([weights] in its config) and its last "
+        "attempts to set them."))
+    p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        cfg = common.load_config(args.config, {"is_parent_validator": True})
+        db = parent_database(args.config)
+        chain = chains.open_chain(cfg)
+        try:
+            report = chains.weights_report(cfg, db, chain)
+        finally:
+            chain.close()
+    except (common.ConfigError, common.DatabaseUnavailable, chains.ChainUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1, default=str) if args.json else format_weights(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # demo: the whole system on this machine, with an embedded PostgreSQL and a simulated chain
 # ---------------------------------------------------------------------------------------------
 
@@ -256,6 +301,9 @@ def demo(argv):
             print("\nAll jobs completed. Parent statistics:\n", flush=True)
             print(format_stats(fetch_stats("127.0.0.1", parent_port)))
             print_jobs(dsns["parent"])
+            print("\nThe weights the parent would set from these scores (validator.py weights):\n",
+                  flush=True)
+            weights(["--config", str(workdir / "parent.toml")])
     finally:
         for proc in processes:
             proc.send_signal(signal.SIGTERM)
@@ -301,7 +349,7 @@ def bench(argv):
     return subprocess.call([sys.executable, str(HERE / "tests" / "bench.py"), *argv])
 
 
-COMMANDS = {"demo": demo, "status": status, "jobs": operator_command,
+COMMANDS = {"demo": demo, "status": status, "weights": weights, "jobs": operator_command,
             "requeue": operator_command, "cancel": operator_command, "bench": bench}
 
 

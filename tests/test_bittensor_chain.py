@@ -2,14 +2,13 @@
 lowest seam: a fake `bittensor.Substrate` passed as Client(substrate=...). Everything above it
 (Client, the block pinning, the metagraph and commitment decoding) is the SDK's own code.
 
-The fake answers with values shaped as the SDK's transport decodes them from SCALE. These shapes
-were checked by decoding SCALE bytes with the SDK's own codec (bittensor_core.Runtime) over a
-registry built by hand after the runtime's types (no chain metadata is at hand offline): an
-AccountId is an ss58 string, a Compact<AlphaCurrency> a plain int (rao), Vec<Compact<u8>> a list
-of ints, a Commitments `Registration` a dict whose info.fields is a flat list of one-key dicts
-({"Raw128": "0x..."}, {"TimelockEncrypted": {...}}), a Vec<u8> utf-8 text when it is valid utf-8
-(else 0x-hex), a tuple a tuple, and an Option the value or None. A value of the wrong shape
-would make the SDK read None or "", which the assertions on real values below would catch."""
+The fake answers with values shaped as the SDK's transport decodes them from SCALE. Where the
+shape is the risk (the Commitments pallet's values, the storage values setting weights reads)
+the value goes through the SDK's own codec (chain_codec: encoded to SCALE, decoded back). The
+metagraph's columns are written here in the shapes that codec gives: an AccountId is an ss58
+string, a Compact<AlphaCurrency> a plain int (rao), Vec<Compact<u8>> a list of ints, an Option
+the value or None. A value of the wrong shape would make the SDK read None or "", which the
+assertions on real values below would catch."""
 
 import asyncio
 import collections
@@ -22,6 +21,7 @@ import time
 import bittensor
 import bittensor_core
 import pytest
+from chain_codec import decoded
 from conftest import ROOT, wait_until
 
 import chain as chains
@@ -29,6 +29,13 @@ import parent
 
 NETUID = 2
 RAO = 10**9
+# SubtensorModule's storage values that setting weights reads, by their runtime types (the
+# epoch consensus mode is an enum, answered as its variant's name).
+STORAGE_TYPES = {
+    "WeightsSetRateLimit": "u64", "CommitRevealWeightsEnabled": "bool",
+    "MaxWeightsLimit": "u16", "MinAllowedWeights": "u16", "Tempo": "u16",
+    "RevealPeriodEpochs": "u64", "LastEpochBlock": "u64", "PendingEpochAt": "u64",
+    "SubnetEpochIndex": "u64", "BlocksSinceLastStep": "u64"}
 
 
 def hotkey(i):
@@ -44,23 +51,17 @@ def scale_compact(n):
     return ((n << 2) | 2).to_bytes(4, "little")
 
 
-def transport_bytes(raw):
-    """How the transport hands over a Vec<u8>: utf-8 text when it decodes, else 0x-hex."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + raw.hex()
-
-
 @dataclasses.dataclass
 class Neuron:
     hotkey: str
-    stake: float                  # alpha
+    stake: float                  # total_stake: the stake weight (alpha + tao_weight x root TAO)
     text: str | None = None       # the commitment's plaintext; None: no commitment
     block: int = 0                # the block it was committed at
     sealed: bool = False          # committed timelocked
     revealed_at: int | None = None  # ...and decrypted by the chain at this block
     validator: bool = False
+    last_update: int = 0          # block this hotkey last set weights (0: never)
+    registered_at: int = 1        # block it took its uid
 
 
 class FakeSubstrate:
@@ -74,6 +75,17 @@ class FakeSubstrate:
         self.calls, self.cancelled = [], []
         self.fail, self.hang, self.cancel_seconds = None, None, 0.0
         self.token_symbols = {}
+        # The subnet's hyperparameters, as SubtensorModule storage holds them.
+        self.hyperparameters = {
+            "WeightsSetRateLimit": 100, "CommitRevealWeightsEnabled": False,
+            "MaxWeightsLimit": 65535, "MinAllowedWeights": 1, "Tempo": 360,
+            "SubnetEpochConsensus": "Yuma", "RevealPeriodEpochs": 1, "LastEpochBlock": 0,
+            "PendingEpochAt": 0, "SubnetEpochIndex": 0, "BlocksSinceLastStep": 7}
+        # What submit() answers: an ExtrinsicResult, or None for success. `lands` says
+        # whether the call takes effect (a timed-out submission may still land).
+        self.answer, self.lands, self.submit_seconds = None, True, 0.0
+        self.seconds_per_block = 12.0
+        self.submitted = []  # (call, signature over the call) for each submit
 
     def balance(self, rao, netuid=0):
         return bittensor.Balance(int(rao), netuid, self.token_symbols.get(netuid))
@@ -115,8 +127,48 @@ class FakeSubstrate:
         return self.hash(self.block if block is None else block)
 
     async def query(self, module, storage_function, params=None, block_hash=None):
+        """The single-item reads of setting weights (a metagraph read makes none)."""
         self.record("query", module, storage_function, params, block_hash)
-        raise AssertionError(f"no single-item read expected, got {module}.{storage_function}")
+        if block_hash is not None:
+            self.check_block(block_hash)
+        assert module == "SubtensorModule", f"unexpected read of {module}.{storage_function}"
+        if storage_function in self.hyperparameters:
+            assert params == [NETUID]
+            value = self.hyperparameters[storage_function]
+            kind = STORAGE_TYPES.get(storage_function)
+            return decoded(kind, value) if kind else value
+        if storage_function == "Uids":
+            return decoded("Option<u16>", next((uid for uid, n in enumerate(self.neurons)
+                                                if [NETUID, n.hotkey] == params), None))
+        if storage_function == "LastUpdate":  # by uid
+            assert params == [NETUID]
+            return decoded("Vec<u64>", [n.last_update for n in self.neurons])
+        raise AssertionError(f"unexpected read of {module}.{storage_function}")
+
+    async def block_time(self):
+        return self.seconds_per_block
+
+    async def compose(self, call):
+        """The call unchanged, so that a test reads its params (what would be sent)."""
+        self.record("compose", call)
+        return call
+
+    async def estimate_fee(self, call, keypair):
+        return self.balance(10**5)
+
+    async def submit(self, call, keypair, **options):
+        """Signs the call as the chain would check it, and lands it: the signer's LastUpdate
+        becomes this block."""
+        self.record("submit", call, keypair.ss58_address, options)
+        self.submitted.append((call, keypair.sign(repr(call).encode())))
+        if self.lands and (self.answer is None or self.answer.success):
+            for n in self.neurons:
+                if n.hotkey == keypair.ss58_address:
+                    n.last_update = self.block
+        await asyncio.sleep(self.submit_seconds)  # a slow answer, after the call landed
+        if self.answer is not None:  # (a failed ExtrinsicResult is falsy)
+            return self.answer
+        return bittensor.ExtrinsicResult(success=True, message="included")
 
     async def runtime_call(self, api, method, params, block_hash=None):
         self.record("runtime_call", api, method, params, block_hash)
@@ -135,11 +187,14 @@ class FakeSubstrate:
         committed = [n for n in self.neurons + self.deregistered
                      if n.text is not None and params == [NETUID]]
         if (module, storage_function) == ("Commitments", "CommitmentOf"):
-            return [(n.hotkey, self.registration(n)) for n in committed]
+            # Revealing removes the TimelockEncrypted field, and with it (our sealed
+            # commitments have no other field) the entry: only RevealedCommitments keeps it.
+            return [(n.hotkey, self.registration(n)) for n in committed
+                    if not (n.sealed and n.revealed_at is not None)]
         if (module, storage_function) == ("Commitments", "RevealedCommitments"):
             # (SCALE bytes of the plaintext, reveal block): a compact length, then the text.
-            return [(n.hotkey, [(transport_bytes(scale_compact(len(n.text.encode()))
-                                                 + n.text.encode()), n.revealed_at)])
+            return [(n.hotkey, decoded("RevealedCommitments", [
+                        (scale_compact(len(n.text.encode())) + n.text.encode(), n.revealed_at)]))
                     for n in committed if n.revealed_at is not None]
         raise AssertionError(f"unexpected map read {module}.{storage_function}")
 
@@ -152,13 +207,17 @@ class FakeSubstrate:
             raw = n.text.encode()
             fields = [{f"Raw{len(chunk)}": "0x" + chunk.hex()}
                       for chunk in (raw[i:i + 128] for i in range(0, len(raw), 128))]
-        return {"deposit": 0, "block": n.block, "info": {"fields": fields}}
+        return decoded("Registration", {"deposit": 0, "block": n.block, "info": {"fields": fields}})
 
     def metagraph(self):
         """SubnetInfoRuntimeApi.get_metagraph as decoded: one column per field, by uid."""
         count = len(self.neurons)
         zeros = [0] * count
         stakes = [round(n.stake * RAO) for n in self.neurons]
+        # A real uid on finney: alpha 11468.72, total_stake (the stake weight) 58036.81. The
+        # columns differ here too, so that reading the wrong one fails a test.
+        alphas = [round(n.stake * RAO * 11468.72 / 58036.81) for n in self.neurons]
+        roots = [round((n.stake * RAO - alpha) / 0.18) for n, alpha in zip(self.neurons, alphas)]
         return {
             "netuid": NETUID, "name": list(b"apex"), "symbol": list("β".encode()),
             "identity": None, "network_registered_at": 10, "owner_hotkey": hotkey(9999),
@@ -171,10 +230,11 @@ class FakeSubstrate:
             "axons": [{"block": 0, "version": 0, "ip": 0, "port": 0, "ip_type": 4,
                        "protocol": 0, "placeholder1": 0, "placeholder2": 0}] * count,
             "active": [True] * count, "validator_permit": [n.validator for n in self.neurons],
-            "pruning_score": zeros, "last_update": [self.block - 1] * count,
+            "pruning_score": zeros, "last_update": [n.last_update for n in self.neurons],
             "emission": zeros, "dividends": zeros, "incentives": zeros, "consensus": zeros,
-            "trust": zeros, "rank": zeros, "block_at_registration": [1] * count,
-            "alpha_stake": stakes, "tao_stake": zeros, "total_stake": stakes,
+            "trust": zeros, "rank": zeros,
+            "block_at_registration": [n.registered_at for n in self.neurons],
+            "alpha_stake": alphas, "tao_stake": roots, "total_stake": stakes,
         }
 
     def names(self):
@@ -231,8 +291,9 @@ def test_a_sync_returns_each_visible_commitment_with_its_hotkey_uid_stake_and_bl
     assert snapshot == chains.ChainSnapshot(1200, [
         chains.Commitment(hot[1], 1, 1195, 5000.0, long_text),
         chains.Commitment(hot[2], 2, 1190, 1234.5, "org/two@" + "b" * 40),
-        # timelocked, then decrypted by the chain: the plaintext, at its commit block
-        chains.Commitment(hot[5], 5, 1150, 3000.25, submission("org/five", "e" * 40)),
+        # timelocked, then decrypted by the chain, which dropped the commitment's entry: the
+        # plaintext, at its reveal block (the commit block is gone from the chain)
+        chains.Commitment(hot[5], 5, 1160, 3000.25, submission("org/five", "e" * 40)),
     ],  # not: no commitment (0, 4), still sealed (3), deregistered (6)
         # registered: every neuron, whether it committed or not; not the deregistered one
         {hot[i]: i for i in range(6)})

@@ -1,8 +1,11 @@
 """The whole job flow with real processes on real ports and real databases."""
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, commitment, wait_until, write_chain
 
@@ -108,6 +111,12 @@ def test_the_demo_completes_every_job():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "All jobs completed" in run.stdout
     assert run.stdout.count("demo-org/model-0") == 4
+    # It ends with the weights table: each miner's uid, score and normalized weight.
+    table = run.stdout.split("validator.py weights):")[1]
+    rows = re.findall(r"^(\d+)\s+5DemoMiner0\d\s+([\d.]+)\s+([\d.]+)\s+-$", table, re.M)
+    assert [uid for uid, _, _ in rows] == ["0", "1", "2", "3"]
+    assert sum(float(weight) for _, _, weight in rows) == pytest.approx(1.0, abs=1e-3)
+    assert "no chain to set these weights on" in table
     for k in (1, 2):
         assert f"Successfully registered with parent validator as child_validator_{k}" \
             in run.stderr
