@@ -473,8 +473,7 @@ class Evaluations:
         with self.changed:
             group = self.groups.pop(job_id, None)
         if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+            kill_process_group(group)
 
     def check(self, job_id):
         """Raise Abandoned or Revoked if the evaluation of this job must stop."""
@@ -498,16 +497,14 @@ class Evaluations:
                 return
             self.revoked[job_id] = reason
             if job_id in self.groups:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.groups[job_id], signal.SIGKILL)
+                kill_process_group(self.groups[job_id])
             self.changed.notify_all()
 
     def abandon(self):
         with self.changed:
             self.abandoned.set()
             for group in self.groups.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal.SIGKILL)
+                kill_process_group(group)
             self.changed.notify_all()
             return len(self.groups)
 
@@ -578,22 +575,19 @@ def evaluate(cfg, job, logs_dir, running=None):
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
         try:
-            out, _ = proc.communicate(json.dumps(job).encode(), timeout=timeout)
+            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.communicate()
             return failure(f"evaluator timed out after {timeout:g}s")
         finally:
             running.forget(job_id)
     if job_id in running.revoked:
         raise Revoked(running.revoked[job_id])
+    if out is None:  # the parent would refuse it forever
+        return failure(f"evaluator printed more than max_result_bytes "
+                       f"({cfg.max_result_bytes} bytes) and was stopped")
     if proc.returncode != 0:
         running.check(job_id)
         return failure(f"evaluator exited with code {proc.returncode}")
-    if len(out) > cfg.max_result_bytes:  # the parent would refuse it forever
-        return failure(f"evaluator printed {len(out)} bytes; max_result_bytes is "
-                       f"{cfg.max_result_bytes}")
     try:
         result = json.loads(out)
     except ValueError:
@@ -605,6 +599,45 @@ def evaluate(cfg, job, logs_dir, running=None):
         return failure(f"evaluator printed a result of {len(text)} bytes as JSON; "
                        f"max_result_bytes is {cfg.max_result_bytes}")
     return True, text
+
+
+def exchange(proc, job, limit, timeout):
+    """Write the job to the evaluator's stdin and read its stdout until it exits; returns
+    what it printed, or None if that was over `limit` bytes: then its process group is killed
+    at once, so that an evaluator printing without end costs no more than `limit` of memory.
+    Raises subprocess.TimeoutExpired (its group killed) after `timeout` seconds."""
+    printed, over = bytearray(), []
+
+    def read():
+        while chunk := proc.stdout.read1(1 << 16):
+            if len(printed) + len(chunk) > limit:
+                over.append(True)
+                kill_process_group(proc.pid)
+                return
+            printed.extend(chunk)
+
+    reader = threading.Thread(target=read, name=f"evaluator-{proc.pid}", daemon=True)
+    reader.start()
+    with contextlib.suppress(BrokenPipeError):  # it may exit without reading the job
+        proc.stdin.write(job)
+        proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc.pid)
+        proc.wait()
+        raise
+    finally:
+        # A process the evaluator left behind may hold stdout open: its group goes first.
+        kill_process_group(proc.pid)
+        reader.join()
+        proc.stdout.close()
+    return None if over else bytes(printed)
+
+
+def kill_process_group(group):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def demo_evaluate(cfg, job, running):

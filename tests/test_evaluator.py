@@ -38,7 +38,7 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
     ("print('[1, 2]')", "evaluator did not print one JSON object on stdout"),
     ("import time; time.sleep(30)", "evaluator timed out after 0.5s"),
     ("print('{\"x\": \"' + 'y' * 2000 + '\"}')",
-     "evaluator printed 2010 bytes; max_result_bytes is 1000"),
+     "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"),
 ])
 def test_a_failing_evaluator_is_a_failed_job_with_the_reason(tmp_path, code, reason):
     success, result = child.evaluate(config(python(code), timeout=0.5), JOB, tmp_path)
@@ -58,3 +58,21 @@ def test_the_demo_evaluator_scores_the_same_submission_the_same(tmp_path):
     assert json.loads(first[1])["evaluator"] == "demo"
     other = child.evaluate(config(), dict(JOB, hfRepoCommit="def"), tmp_path)
     assert other != first
+
+
+def test_an_evaluator_that_prints_without_end_is_stopped_at_max_result_bytes(tmp_path):
+    """It would fill the child's memory if its output were read whole before the check."""
+    code = "import sys\nwhile True: sys.stdout.write('x' * 65536)"
+    cfg = config(python(code), timeout=60.0)
+    success, result = child.evaluate(cfg, JOB, tmp_path)
+    assert (success, json.loads(result)) == (False, {
+        "error": "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"})
+
+
+def test_what_an_evaluator_leaves_behind_does_not_hold_the_evaluation(tmp_path):
+    """A process the evaluator started and left holding its stdout is killed with its group,
+    so the evaluation ends when the evaluator does."""
+    code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(120)']); print('{\"score\": 1}')")
+    success, result = child.evaluate(config(python(code), timeout=60.0), JOB, tmp_path)
+    assert (success, json.loads(result)) == (True, {"score": 1})
