@@ -183,7 +183,7 @@ class Leadership:
     def step_down(self, reason):
         log.warning("Leadership lost: %s; this parent stops serving jobs and is a standby",
                     reason)
-        self.epoch = None
+        self.epoch, self.active_parent = None, ""  # the next try to take over reads it
         PARENT_ACTIVE.set(0)
         self._drop()
 
