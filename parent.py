@@ -187,6 +187,11 @@ class Leadership:
         PARENT_ACTIVE.set(0)
         self._drop()
 
+    def resign(self):
+        self.epoch = None
+        self._drop()
+        log.info("Leadership released: a standby may take over")
+
     def _drop(self):
         if self.conn is not None:
             with contextlib.suppress(psycopg.Error):
@@ -970,6 +975,8 @@ def run(cfg, stop):
             lead(cfg, stop, state, chain, pusher)
     log.info("Parent validator stopping")
     rpc.stop()
+    if leadership.active():  # after the RPC service stopped: never two parents serving
+        leadership.resign()
     db.close()
 
 

@@ -2,12 +2,15 @@
 takes over by itself, fenced, with real processes and one real PostgreSQL server."""
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import commitment, free_port, run_foreign_client, wait_until, write_chain, \
+from conftest import ROOT, commitment, free_port, run_foreign_client, wait_until, write_chain, \
     write_toml
+from test_metrics import scrape
 from test_rpc import SEED_SCHEMA
 
 import common
@@ -26,12 +29,14 @@ def two_parents(tmp_path, make_dsn, processes):
     class Pair:
         def __init__(self, **keys):
             self.dsn, self.configs, self.ports, self.procs = dsn, {}, {}, {}
+            self.metrics_ports = {}
             for name in ("a", "b"):
-                self.ports[name] = free_port()
+                self.ports[name], self.metrics_ports[name] = free_port(), free_port()
                 self.configs[name] = write_toml(tmp_path / f"parent_{name}.toml", {
                     "pg_database": dsn, "is_parent_validator": True, "auth": "off",
                     "listen_host": "127.0.0.1", "parent_host": "127.0.0.1",
                     "parent_port": self.ports[name], "log_level": "DEBUG",
+                    "metrics_port": self.metrics_ports[name],
                     "leader_timeout_seconds": 4.0,
                     "subtensor": {"network": "file",
                                   "commitments_file": str(tmp_path / "chain.json")},
@@ -102,6 +107,18 @@ def test_two_parents_starting_at_once_exactly_one_is_active_and_the_standby_refu
                            result="{}") == {"acknowledged": False, "message": refusal}
     assert pair.query("select count(*) as n from children") == [{"n": 0}]
     assert "New job" not in procs[standby].log()
+
+    # What an operator sees: each parent's role, and a metric.
+    run = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parents",
+                          pair.endpoint("a"), pair.endpoint("b")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[:2] == [
+        f"parent {pair.endpoint(name)}: " + (
+            "active (leadership epoch 1)" if name == active else
+            f"standby; the active parent is {pair.endpoint(active)}") for name in ("a", "b")]
+    for name, value in ((active, 1), (standby, 0)):
+        assert scrape(pair.metrics_ports[name])[("validator_parent_active", ())] == value
     assert "Traceback" not in procs[active].log() + procs[standby].log()
 
 
