@@ -615,6 +615,11 @@ class Parents:
             client = self.clients[self.current]
             try:
                 reply = client.call(method, **params)
+            except PeerUnavailable as e:
+                failures.append(str(e))  # it names the parent
+            except common.Standby as e:  # it refused the registration
+                failures.append(f"{client.host}:{client.port}: {e}")
+            else:
                 reason = reply.get(common.REFUSALS[method][1], "")
                 if not reason.startswith("standby"):
                     if self.current != first:
@@ -622,10 +627,8 @@ class Parents:
                                  client.port, "; ".join(failures))
                     return reply
                 client.close()  # the next connection registers again
-                raise common.Standby(reason)
-            except (PeerUnavailable, common.Standby) as e:
-                failures.append(f"{client.host}:{client.port}: {e}")
-                self.current = (self.current + 1) % len(self.clients)
+                failures.append(f"{client.host}:{client.port}: {reason}")
+            self.current = (self.current + 1) % len(self.clients)
         raise PeerUnavailable("; ".join(failures))
 
     def close(self):
