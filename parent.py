@@ -1,11 +1,13 @@
 """The parent validator: reads miners' commitments from the chain, turns each new one into an
 evaluation job, and hands jobs to child validators over Cap'n Proto RPC.
 
-Its life, top to bottom: the database schema; ParentState, the one shared state behind every
-RPC connection (PostgreSQL is the truth, an in-memory queue mirrors the pending jobs, and
-Arrivals wakes the polls of idle children held open until a job comes), with its leases and
-the optional pusher; the operator's commands; the RPC service; and run(), the loop that reads
-the chain (chain.py) every sync_frequency seconds and looks after the leases every second.
+Its life, top to bottom: the database schema; Leadership (of the parents that share one
+database, one is active and the others stand by, fenced by an epoch); ParentState, the one
+shared state behind every RPC connection (PostgreSQL is the truth, an in-memory queue mirrors
+the pending jobs, and Arrivals wakes the polls of idle children held open until a job comes),
+with its leases and the optional pusher; the operator's commands; the RPC service; and run(),
+which stands by until this parent is the active one, then reads the chain (chain.py) every
+sync_frequency seconds and looks after the leases every second.
 
     python parent.py --config validator_parent.toml
 """
