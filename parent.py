@@ -352,7 +352,8 @@ class ParentState:
         self.skipped = set()  # bad commitments already logged, so each is logged once
         self.arrivals = Arrivals()
         self.queue, self.queue_version = PendingQueue(), None
-        self.reload_queue()
+        if not leadership:  # else take_over() loads it: a standby holds no queue
+            self.reload_queue()
 
     def reload_queue(self):
         """Rebuild the queue from the database at start and whenever an operator changed it."""
@@ -386,6 +387,7 @@ class ParentState:
         self.started = time.time()
         self.queue_version = None
         self.reload_queue()
+        log.info("Parent validator active: %d pending jobs", len(self.queue))
 
     def step_down(self):
         with self.lock:
@@ -964,6 +966,10 @@ def run(cfg, stop):
         prometheus_client.REGISTRY.register(QueueMetrics(state))
         common.serve_metrics(cfg)
     PARENT_ACTIVE.set(0)
+    # A parent that can lead at once serves as the active one from its first call.
+    with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
+        if leadership.take():
+            state.take_over()
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
                      cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
@@ -971,10 +977,11 @@ def run(cfg, stop):
              " (TLS 1.3)" if tls_server else "")
     pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
     while not stop.is_set():
-        if stand_by(stop, leadership):
+        if not leadership.active():
+            if not stand_by(stop, leadership):
+                break
             state.take_over()
-            log.info("Parent validator active: %d pending jobs", len(state.queue))
-            lead(cfg, stop, state, chain, pusher)
+        lead(cfg, stop, state, chain, pusher)
     log.info("Parent validator stopping")
     rpc.stop()
     if leadership.active():  # after the RPC service stopped: never two parents serving
