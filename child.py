@@ -835,6 +835,51 @@ class ChildService(common.ServiceBase):
 # Main: register, then report results and ask for work every poll_interval seconds
 # ---------------------------------------------------------------------------------------------
 
+class Parents:
+    """The parent validators this child may work for (parent_hosts), one RpcClient each. Calls
+    go to the current one; when it is unreachable or a standby, to the next, in order. Only
+    when none of them takes a call does it fail (PeerUnavailable), and the child backs off.
+    Results wait in the child's database until a parent acknowledges them, so those finished
+    during a takeover go to the parent that is active next."""
+
+    def __init__(self, clients):
+        self.clients, self.current = clients, 0
+
+    @property
+    def timeout(self):
+        return self.clients[0].timeout
+
+    @timeout.setter
+    def timeout(self, seconds):
+        for client in self.clients:
+            client.timeout = seconds
+
+    def call(self, method, **params):
+        first, failures = self.current, []
+        for _ in self.clients:
+            client = self.clients[self.current]
+            try:
+                reply = client.call(method, **params)
+            except PeerUnavailable as e:
+                failures.append(str(e))  # it names the parent
+            except common.Standby as e:  # it refused the registration
+                failures.append(f"{client.host}:{client.port}: {e}")
+            else:
+                reason = reply.get(common.REFUSALS[method][1], "")
+                if not reason.startswith("standby"):
+                    if self.current != first:
+                        log.info("Now working with parent %s:%d (%s)", client.host,
+                                 client.port, "; ".join(failures))
+                    return reply
+                client.close()  # the next connection registers again
+                failures.append(f"{client.host}:{client.port}: {reason}")
+            self.current = (self.current + 1) % len(self.clients)
+        raise PeerUnavailable("; ".join(failures))
+
+    def close(self):
+        self.clients[self.current].close()
+
+
 def report_results(parent, store, child_id):
     """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
     results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
@@ -951,18 +996,22 @@ def run(cfg, stop):
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
-    async def register(capability):
+    async def register(capability, parent_endpoint):
         signed = {}
         if identity:  # a fresh signature each time: the parent refuses a replayed one
             signed = dict(zip(("timestamp", "nonce", "signature"), identity.sign(
                 "registerChild", child_id, endpoint, cfg.parent_hotkey)), hotkey=identity.hotkey)
         reply = await capability.registerChild(childId=child_id, endpoint=endpoint, **signed)
+        if reply.message.startswith("standby"):
+            raise common.Standby(reply.message)
         if not reply.success:
             raise Refused(f"the parent refused the registration: {reply.message}")
-        log.info("Successfully registered with parent validator as %s", child_id)
+        log.info("Successfully registered with parent validator as %s at %s", child_id,
+                 parent_endpoint)
 
-    parent = common.RpcClient(rpc, cfg.parent_host, cfg.parent_port, on_connect=register,
-                              tls=tls_client)
+    parent = Parents([common.RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
+                                       on_connect=functools.partial(register, parent_endpoint=at))
+                      for at in parent_endpoints(cfg)])
     try:
         work(cfg, stop, wake, parent, store, evaluations)
     finally:
@@ -972,6 +1021,11 @@ def run(cfg, stop):
                   lambda quiet: report_before_exit(parent, store, child_id, quiet))
         rpc.stop()
         store.db.close()
+
+
+def parent_endpoints(cfg):
+    """parent_hosts, or the seed's parent_host and parent_port."""
+    return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
 
 
 def work(cfg, stop, wake, parent, store, evaluations=None):

@@ -83,6 +83,8 @@ CONFIG_KEYS = {
     "max_result_bytes": (int, 1 << 20),
     "parent_host": (str, "localhost"),
     "parent_port": (int, 8001),
+    "parent_hosts": (list, []),
+    "leader_timeout_seconds": (float, 10.0),
     "child_timeout_seconds": (float, 300.0),
     "job_timeout_seconds": (float, 7200.0),
     "max_jobs_per_child": (int, 16),
@@ -201,6 +203,13 @@ def load_config(path, overrides=None):
     if not 1 <= cfg.max_result_bytes <= MAX_RESULT_BYTES:
         raise ConfigError(f"{path}: key 'max_result_bytes' must be between 1 and "
                           f"{MAX_RESULT_BYTES} (16 MiB): a result must fit in one message")
+    for endpoint in cfg.parent_hosts:
+        try:
+            split_endpoint(endpoint)
+        except ValueError as e:
+            raise ConfigError(f"{path}: key 'parent_hosts': {e}") from None
+    if cfg.leader_timeout_seconds < 2:
+        raise ConfigError(f"{path}: key 'leader_timeout_seconds' must be at least 2")
     if not 0 <= cfg.jobs.max_retries <= 255:
         raise ConfigError(f"{path}: key 'jobs.max_retries' must be between 0 and 255")
     if not cfg.is_parent_validator:
@@ -337,10 +346,12 @@ def redact(dsn):
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
 
 
-def connect(dsn):
-    """An autocommit connection (explicit `with conn.transaction()` blocks make transactions)."""
+def connect(dsn, **params):
+    """An autocommit connection (explicit `with conn.transaction()` blocks make transactions).
+    `params`: more libpq connection parameters (keepalives, for one)."""
     try:
-        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=10,
+                               **params)
     except psycopg.OperationalError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DatabaseUnavailable(
@@ -401,12 +412,13 @@ class Database:
 
     `schema` is a list of SQL steps. Step N (from 1) runs once, in order, in one transaction
     with its record in schema_version, so an upgrade is: stop, pull, start. Steps are written
-    to be idempotent too, so a database made before the record existed upgrades as well."""
+    to be idempotent too, so a database made before the record existed upgrades as well.
+    `session`: SQL run on each new connection (SET statements)."""
 
-    def __init__(self, dsn, schema):
-        self.dsn = dsn
+    def __init__(self, dsn, schema, session=None):
+        self.dsn, self.session = dsn, session
         self.lock = threading.RLock()
-        self.conn = connect(dsn)
+        self.conn = self._connect()
         with self.transaction() as conn:
             # Two validators starting at once on one database must not race their DDL.
             conn.execute("select pg_advisory_xact_lock(7340512)")
@@ -426,12 +438,22 @@ class Database:
     def transaction(self):
         with self.lock:
             if self.conn.closed or self.conn.broken:
-                self.conn = connect(self.dsn)
+                self.conn = self._connect()
             try:
                 with self.conn.transaction():
                     yield self.conn
             except psycopg.OperationalError as e:
                 raise DatabaseUnavailable(f"lost the connection to PostgreSQL: {e}") from None
+
+    def _connect(self):
+        conn = connect(self.dsn)
+        if self.session:
+            try:
+                conn.execute(self.session)
+            except psycopg.OperationalError as e:
+                conn.close()
+                raise DatabaseUnavailable(f"lost the connection to PostgreSQL: {e}") from None
+        return conn
 
     def query(self, sql, params=None):
         """Run one statement in its own transaction; returns its rows ([] if it has none)."""
@@ -579,6 +601,11 @@ def hotkey_auth(cfg, port):
 
 class Refused(Exception):
     """A request we answer with a message instead of a result (never with a traceback)."""
+
+
+class Standby(Refused):
+    """A parent that is a standby (or has just stopped being the active one) refuses the call;
+    its message starts with "standby", which is how a child knows to try the next parent."""
 
 
 class PeerUnavailable(Exception):

@@ -1,11 +1,13 @@
 """The parent validator: reads miners' commitments from the chain, turns each new one into an
 evaluation job, and hands jobs to child validators over Cap'n Proto RPC.
 
-Its life, top to bottom: the database schema; ParentState, the one shared state behind every
-RPC connection (PostgreSQL is the truth, an in-memory queue mirrors the pending jobs, and
-Arrivals wakes the polls of idle children held open until a job comes), with its leases and
-the optional pusher; the operator's commands; the RPC service; and run(), the loop that reads
-the chain (chain.py) every sync_frequency seconds and looks after the leases every second.
+Its life, top to bottom: the database schema; Leadership (of the parents that share one
+database, one is active and the others stand by, fenced by an epoch); ParentState, the one
+shared state behind every RPC connection (PostgreSQL is the truth, an in-memory queue mirrors
+the pending jobs, and Arrivals wakes the polls of idle children held open until a job comes),
+with its leases and the optional pusher; the operator's commands; the RPC service; and run(),
+which stands by until this parent is the active one, then reads the chain (chain.py) every
+sync_frequency seconds, looks after the leases every second, and sets weights when due.
 The queue follows the chain: a sync also cancels the open jobs of superseded submissions and
 of miners who left; and each poll tells the child which jobs it holds are no longer its own.
 
@@ -22,6 +24,7 @@ import threading
 import time
 
 import prometheus_client
+import psycopg
 from prometheus_client.core import GaugeMetricFamily
 from psycopg.rows import tuple_row
 
@@ -105,11 +108,137 @@ create table if not exists weight_attempts (
     success       boolean,                       -- null: no answer (yet)
     message       text not null default ''
 );
+""", """
+-- Which of the parents sharing this database is active (README, "Running two parents"). The
+-- epoch goes up at each takeover; every transaction that hands out, records or gives back a
+-- job checks it (Leadership.fence).
+create table if not exists leadership (
+    singleton boolean primary key default true check (singleton),
+    epoch     bigint not null,
+    endpoint  text not null,               -- the active parent's host:port, for the standbys
+    since     timestamptz not null default now()
+);
+insert into leadership (epoch, endpoint) values (0, '') on conflict do nothing;
 """]
 
 
 def fingerprint(hotkey, repo_id, revision):
     return hashlib.sha256(f"{hotkey}\n{repo_id}\n{revision}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Leadership: of the parents that share one database, one is active and the others stand by
+# ---------------------------------------------------------------------------------------------
+
+LEADERSHIP_LOCK = 7340513  # the advisory lock the active parent holds (7340512 guards the DDL)
+STANDBY_RETRY_SECONDS = 1.0  # a standby tries to take the lock this often
+
+
+class Leadership:
+    """The active parent holds an advisory lock on a connection of its own. When its process
+    or that connection dies, PostgreSQL releases the lock and a standby takes it: a takeover
+    raises the epoch in the leadership table. Every transaction that hands out, records or gives
+    back a job checks the epoch under a share lock (fence), so a parent that lost the lock
+    without knowing it (frozen, cut off, then back) writes nothing, and a takeover waits for
+    the transactions of the old epoch still running (at most leader_timeout_seconds: the
+    parent's connections are closed by the server when idle in a transaction that long).
+
+    The server notices a vanished machine by TCP keepalives on the lock connection, set to
+    give up after about leader_timeout_seconds; a dead process closes its socket at once."""
+
+    def __init__(self, dsn, endpoint, timeout):
+        self.dsn, self.endpoint, self.timeout = dsn, endpoint, timeout
+        self.conn = None  # the lock connection: tries to take the lock, then holds it
+        self.epoch = None  # the epoch this parent leads; None while a standby
+        self.active_parent = ""  # host:port of the active parent, as last read
+
+    def active(self):
+        return self.epoch is not None
+
+    def _connect(self):
+        idle, interval = max(1, int(self.timeout / 2)), max(1, int(self.timeout / 6))
+        conn = common.connect(self.dsn, application_name="validator parent leadership",
+                              keepalives=1, keepalives_idle=idle,
+                              keepalives_interval=interval, keepalives_count=3,
+                              tcp_user_timeout=int(self.timeout * 1000))
+        # The same on the server's side of the socket: it drops a vanished parent's session.
+        conn.execute(f"set tcp_keepalives_idle = {idle}; "
+                     f"set tcp_keepalives_interval = {interval}; set tcp_keepalives_count = 3; "
+                     f"set tcp_user_timeout = {int(self.timeout * 1000)}; "
+                     f"set statement_timeout = {int(self.timeout * 3000)}")
+        return conn
+
+    def take(self):
+        """Try to become the active parent; True if this parent now is."""
+        try:
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                self.conn = self._connect()
+            with self.conn.transaction():
+                if not self.conn.execute("select pg_try_advisory_lock(%s) as got",
+                                         (LEADERSHIP_LOCK,)).fetchone()["got"]:
+                    self.active_parent = self.conn.execute(
+                        "select endpoint from leadership").fetchone()["endpoint"]
+                    return False
+                previous = self.conn.execute(
+                    "select epoch, endpoint from leadership for update").fetchone()
+                self.conn.execute("update leadership set epoch = epoch + 1, endpoint = %s, "
+                                  "since = now()", (self.endpoint,))
+        except psycopg.Error as e:
+            self._drop()
+            raise common.DatabaseUnavailable(f"leadership: {first_line(e)}") from None
+        self.epoch, self.active_parent = previous["epoch"] + 1, self.endpoint
+        PARENT_ACTIVE.set(1)
+        log.info("Leadership taken: this parent (%s) is active, epoch %d; the previous active "
+                 "parent was %s", self.endpoint, self.epoch, previous["endpoint"] or "none")
+        return True
+
+    def confirm(self):
+        """While active: None if this parent still holds the lock and leads the epoch, else
+        why not."""
+        try:
+            row = self.conn.execute("select epoch, endpoint from leadership").fetchone()
+        except psycopg.Error as e:
+            return f"lost the connection that holds the leadership lock ({first_line(e)})"
+        if row["epoch"] != self.epoch:
+            return f"parent {row['endpoint']} took over (epoch {row['epoch']})"
+        return None
+
+    def step_down(self, reason):
+        log.warning("Leadership lost: %s; this parent stops serving jobs and is a standby",
+                    reason)
+        self.epoch, self.active_parent = None, ""  # the next try to take over reads it
+        PARENT_ACTIVE.set(0)
+        self._drop()
+
+    def resign(self):
+        self.epoch = None
+        self._drop()
+        log.info("Leadership released: a standby may take over")
+
+    def _drop(self):
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()  # releases the lock if the session still holds it
+        self.conn = None
+
+    def fence(self, conn):
+        """In a transaction that hands out, records or gives back a job: refuse it unless
+        this parent leads the current epoch. The share lock makes a takeover wait for it."""
+        row = conn.execute("select epoch, endpoint from leadership for share").fetchone()
+        if self.epoch is None or row["epoch"] != self.epoch:
+            raise common.Standby(standby_message(row["endpoint"]))
+
+    def refuse_unless_active(self):
+        if self.epoch is None:
+            raise common.Standby(standby_message(self.active_parent))
+
+
+def standby_message(active_parent):
+    return f"standby: this parent is a standby; the active parent is {active_parent or 'unknown'}"
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +292,8 @@ REPORTS_IGNORED = prometheus_client.Counter(
     "validator_reports_ignored", "Late or foreign results, acknowledged but not recorded")
 CHAIN_READS = prometheus_client.Histogram("validator_chain_read_seconds", "Chain reads")
 CHAIN_FAILURES = prometheus_client.Counter("validator_chain_read_failures", "Failed chain reads")
+PARENT_ACTIVE = prometheus_client.Gauge(
+    "validator_parent_active", "1 while this parent is the active one, 0 while a standby")
 
 
 def returned_position():
@@ -245,16 +376,21 @@ async def wait_until(event, deadline):
 
 
 class ParentState:
-    def __init__(self, db, cfg, identity=None, verifier=None):
+    """`leadership`: the parent's Leadership, whose epoch every transaction that hands out,
+    records or gives back a job checks; None for a ParentState alone on its database (tests)."""
+
+    def __init__(self, db, cfg, identity=None, verifier=None, leadership=None):
         self.db, self.cfg = db, cfg
         self.identity, self.verifier = identity, verifier  # None, None: auth is off
+        self.leadership = leadership
         # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
         self.lock = threading.Lock()
         self.started = time.time()
         self.skipped = set()  # bad commitments already logged, so each is logged once
         self.arrivals = Arrivals()
         self.queue, self.queue_version = PendingQueue(), None
-        self.reload_queue()
+        if not leadership:  # else take_over() loads it: a standby holds no queue
+            self.reload_queue()
 
     def reload_queue(self):
         """Rebuild the queue from the database at start and whenever an operator changed it."""
@@ -274,6 +410,26 @@ class ParentState:
             log.info("Loaded %d pending jobs from the database", len(self.queue))
         self.queue_version = version
 
+    @contextlib.contextmanager
+    def fenced(self):
+        """A transaction that writes only if this parent leads the current epoch."""
+        with self.db.transaction() as conn:
+            if self.leadership:
+                self.leadership.fence(conn)
+            yield conn
+
+    def take_over(self):
+        """This parent became the active one: rebuild the queue from the database, and give
+        the children child_timeout_seconds to come over before their jobs are taken back."""
+        self.started = time.time()
+        self.queue_version = None
+        self.reload_queue()
+        log.info("Parent validator active: %d pending jobs", len(self.queue))
+
+    def step_down(self):
+        with self.lock:
+            self.queue = PendingQueue()
+
     # -- chain side --------------------------------------------------------------------------
 
     def add_commitments(self, snapshot):
@@ -281,7 +437,7 @@ class ParentState:
         fingerprint are written in one transaction, with the block reached, so a crash never
         loses a commitment nor makes it twice. Returns the new job ids."""
         neuron = self.cfg.neuron
-        with self.db.transaction() as conn:
+        with self.fenced() as conn:
             row = conn.execute("select value from chain_state where key = 'last_block'").fetchone()
             last_block = row["value"] if row else None
             if last_block is None and neuron.load_old_nodes:
@@ -383,7 +539,7 @@ class ParentState:
         lost_before = now - cfg.child_timeout_seconds \
             if now - self.started >= cfg.child_timeout_seconds else 0
         returned = []
-        with self.db.transaction() as conn:
+        with self.fenced() as conn:
             rows = conn.execute(
                 """select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
                           c.last_seen < %s as child_lost
@@ -460,7 +616,7 @@ class ParentState:
         function of the transaction's connection, to decide in the same transaction."""
         taken = []
         try:
-            with self.db.transaction() as conn:
+            with self.fenced() as conn:
                 if callable(count):
                     count = count(conn)
                 with self.lock:
@@ -543,7 +699,7 @@ class ParentState:
 
     def withdraw(self, row):
         """Undo an assignment that never reached the child (a refused push)."""
-        with self.db.transaction() as conn:
+        with self.fenced() as conn:
             conn.execute("delete from assignments where job_id = %s and attempt = %s",
                          (row["job_id"], row["attempts"]))
             conn.execute("update jobs set status = 'pending', child_id = null, "
@@ -560,7 +716,7 @@ class ParentState:
         """Record a child's results, [(job_id, success, result)], in one transaction; returns
         one (acknowledged, message) per result. Only the child holding a job records its
         result; a repeated report of a recorded result is acknowledged again."""
-        with self.db.transaction() as conn:
+        with self.fenced() as conn:
             self._seen(conn, child_id)
             outcome = self._record(conn, child_id, results)
         # Logged only once committed: the log never shows a result the database lacks.
@@ -645,8 +801,10 @@ class ParentState:
 
     def stats(self):
         """The seed design's statistics, plus the queue by priority, its oldest job's age, the
-        number of failed jobs and of cancelled ones by reason."""
+        number of failed jobs and of cancelled ones by reason, and this parent's role: "active"
+        or "standby" (which reads the same database), with the active parent's host:port."""
         children = self.children()
+        leader = self.db.query("select epoch, endpoint from leadership")[0]
         queue = self.db.query(
             """select priority, count(*) as n, extract(epoch from now() - min(created_at))
                  as oldest from jobs where status = 'pending' group by priority""")
@@ -668,6 +826,9 @@ class ParentState:
             "failed_jobs": failed,
             "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
             "auth_failures": self.verifier.failures if self.verifier else 0,
+            "role": "active" if not self.leadership or self.leadership.active() else "standby",
+            "active_parent": leader["endpoint"],
+            "leadership_epoch": leader["epoch"],
         }
 
 
@@ -844,6 +1005,7 @@ class ParentService(common.ServiceBase):
 
     def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
                        signature=b""):
+        self._check_active()
         verifier = self.state.verifier
         if verifier:
             if hotkey not in self.state.cfg.allowed_child_hotkeys:
@@ -859,7 +1021,13 @@ class ParentService(common.ServiceBase):
         self.child_id = childId
         return {"success": True, "message": message}
 
+    def _check_active(self):
+        """A standby answers ping and getStats only."""
+        if self.state.leadership:
+            self.state.leadership.refuse_unless_active()
+
     def _check_bound(self, method, child_id):
+        self._check_active()
         if self.state.verifier and child_id != self.child_id:
             self.state.verifier.refuse(f"{method} for {child_id!r}",
                                        f"the connection is registered as {self.child_id!r}",
@@ -908,30 +1076,101 @@ class ParentService(common.ServiceBase):
 
 
 # ---------------------------------------------------------------------------------------------
-# Main: start the RPC service, then read the chain every sync_frequency seconds
+# Main: start the RPC service; stand by until this parent is the active one; then read the
+# chain every sync_frequency seconds, until stopped or until the leadership is lost
 # ---------------------------------------------------------------------------------------------
 
 def run(cfg, stop):
     common.setup_logging(cfg)
-    chain = chains.open_chain(cfg)
-    db = common.Database(common.database_dsn(cfg, stop), SCHEMA)
+    chain = chains.open_chain(cfg)  # read only while active
+    dsn = common.database_dsn(cfg, stop)
+    # A transaction left open by this parent frozen mid-way must not hold up a takeover for
+    # long: the server ends such a session after leader_timeout_seconds.
+    db = common.Database(dsn, SCHEMA, session="set idle_in_transaction_session_timeout = "
+                                              f"{int(cfg.leader_timeout_seconds * 1000)}")
     weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
     identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
     tls_server, tls_client = common.tls_contexts(cfg)
-    state = ParentState(db, cfg, identity, verifier)
+    leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
+                            cfg.leader_timeout_seconds)
+    state = ParentState(db, cfg, identity, verifier, leadership)
     if cfg.metrics_port:
         prometheus_client.REGISTRY.register(QueueMetrics(state))
         common.serve_metrics(cfg)
+    PARENT_ACTIVE.set(0)
+    # A parent that can lead at once serves as the active one from its first call.
+    with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
+        if leadership.take():
+            state.take_over()
     rpc = common.RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
                      cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
     log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,
              " (TLS 1.3)" if tls_server else "")
     pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
+    while not stop.is_set():
+        if not leadership.active():
+            if not stand_by(stop, leadership):
+                break
+            state.take_over()
+        lead(cfg, stop, state, chain, pusher, weights)
+    log.info("Parent validator stopping")
+    rpc.stop()
+    if leadership.active():  # after the RPC service stopped: never two parents serving
+        leadership.resign()
+    db.close()
+
+
+def stand_by(stop, leadership):
+    """Until `stop`, try to take the leadership every STANDBY_RETRY_SECONDS; True once taken.
+    Meanwhile the RPC service answers ping and getStats and refuses the rest ("standby")."""
+    outage = common.Outage("Leadership check failed", "Leadership check recovered", 30.0)
+    announced = None
+    while not stop.is_set():
+        try:
+            if leadership.take():
+                outage.succeeded()
+                return True
+            outage.succeeded()
+            if leadership.active_parent != announced:
+                announced = leadership.active_parent
+                log.info("Parent validator is a standby; the active parent is %s",
+                         announced or "unknown")
+            stop.wait(STANDBY_RETRY_SECONDS)
+        except common.DatabaseUnavailable as e:
+            stop.wait(outage.failed(e))
+    return False
+
+
+def lead(cfg, stop, state, chain, pusher, weights):
+    """The active parent's loop: read the chain every sync_frequency seconds; every second
+    confirm the leadership, look after the leases and take an operator's changes. Returns on
+    `stop`, or when the leadership is lost (this parent is then a standby)."""
+    leadership = state.leadership
     sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
     upkeep = common.Outage("Queue upkeep failed", "Queue upkeep recovered", 30.0)
     next_sync = next_upkeep = time.monotonic()
     while not stop.is_set():
+        if time.monotonic() >= next_upkeep:
+            lost = leadership.confirm()
+            if lost:
+                leadership.step_down(lost)
+                state.step_down()
+                return
+            # Leases, an operator's changes and pushes are checked every second, whatever
+            # the chain's pace.
+            try:
+                state.expire_leases()
+                state.reload_queue()
+                if pusher:
+                    pusher.push()
+                upkeep.succeeded()
+                next_upkeep = time.monotonic() + 1.0
+            except common.Standby:
+                next_upkeep = time.monotonic()  # confirm() says why, at once
+                continue
+            except common.DatabaseUnavailable as e:
+                next_upkeep = time.monotonic() + upkeep.failed(e)
         if time.monotonic() >= next_sync:
             try:
                 try:
@@ -944,26 +1183,14 @@ def run(cfg, stop):
                     pusher.push()
                 sync.succeeded()
                 next_sync = time.monotonic() + cfg.neuron.sync_frequency
+            except common.Standby:
+                next_upkeep = time.monotonic()
+                continue
             except (chains.ChainUnavailable, common.DatabaseUnavailable) as e:
                 next_sync = time.monotonic() + sync.failed(e)
-        if time.monotonic() >= next_upkeep:
-            # Leases, an operator's changes and pushes are checked every second, whatever
-            # the chain's pace.
-            try:
-                state.expire_leases()
-                state.reload_queue()
-                if pusher:
-                    pusher.push()
-                upkeep.succeeded()
-                next_upkeep = time.monotonic() + 1.0
-            except common.DatabaseUnavailable as e:
-                next_upkeep = time.monotonic() + upkeep.failed(e)
         if weights:
             weights.maybe_set()  # returns at once unless a check is due
         stop.wait(max(0.0, min(next_sync, next_upkeep) - time.monotonic()))
-    log.info("Parent validator stopping")
-    rpc.stop()
-    db.close()
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@
     python -m validator --config FILE       the same, the seed design's way
     python validator.py demo                a parent, two children and a simulated chain, locally
     python validator.py status --parent-host H --parent-port P [--json]
+    python validator.py status --parents H:P H:P ...   each parent's role, then the statistics
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
     python validator.py weights [--config FILE] [--json]   the weights the parent would set now
@@ -56,6 +57,14 @@ def fetch_stats(host, port, tls=None):
     return json.loads(reply["json"])
 
 
+def format_role(endpoint, stats):
+    """One line: a parent's role ("active" or "standby"), from its statistics."""
+    role = stats.get("role", "active")  # a parent without standbys says nothing
+    if role == "active":
+        return f"parent {endpoint}: active (leadership epoch {stats.get('leadership_epoch', '-')})"
+    return f"parent {endpoint}: standby; the active parent is {stats['active_parent'] or 'unknown'}"
+
+
 def format_stats(stats):
     by_priority = ", ".join(f"{n} at priority {p}" for p, n in stats["pending_by_priority"].items())
     oldest = stats["oldest_pending_age"]
@@ -80,19 +89,33 @@ def status(argv):
                                 description="Print a running parent validator's statistics.")
     p.add_argument("--parent-host", default="localhost")
     p.add_argument("--parent-port", type=int, default=8001)
+    p.add_argument("--parents", nargs="+", metavar="HOST:PORT",
+                   help="several parents (Running two parents): each one's role is printed")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--config", help="a config whose TLS keys to use (tls_cert, tls_key, tls_ca)")
     args = p.parse_args(argv)
+    endpoints = args.parents or [f"{args.parent_host}:{args.parent_port}"]
     try:
         tls = common.tls_contexts(common.load_config(args.config))[1] if args.config else None
-        stats = fetch_stats(args.parent_host, args.parent_port, tls)
-    except common.ConfigError as e:
+        addresses = [common.split_endpoint(endpoint) for endpoint in endpoints]
+    except (common.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except common.PeerUnavailable as e:
-        print(f"error: parent validator unreachable: {e}", file=sys.stderr)
+    found = {}
+    for endpoint, (host, port) in zip(endpoints, addresses):
+        try:
+            found[endpoint] = fetch_stats(host, port, tls)
+        except common.PeerUnavailable as e:
+            print(f"error: parent validator unreachable: {e}", file=sys.stderr)
+    if not found:
         return 1
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.json:
+        print(json.dumps(found if args.parents else found[endpoints[0]], indent=2))
+        return 0
+    for endpoint, stats in found.items():
+        print(format_role(endpoint, stats))
+    # Every parent reads the same database: any one's statistics are everyone's.
+    print(format_stats(next(iter(found.values()))))
     return 0
 
 

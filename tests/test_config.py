@@ -57,6 +57,11 @@ def test_command_line_flags_override_the_file():
      "key 'subtensor' must be a table"),
     ({"pg_database": "x", "is_parent_validator": True, "max_result_bytes": (16 << 20) + 1},
      "key 'max_result_bytes' must be between 1 and 16777216 (16 MiB)"),
+    ({"pg_database": "x", "validator_id": "c1", "auth": "off",
+      "parent_hosts": ["host-a:8001", "host-b"]},
+     "key 'parent_hosts': endpoint 'host-b' is not host:port"),
+    ({"pg_database": "x", "is_parent_validator": True, "leader_timeout_seconds": 1},
+     "key 'leader_timeout_seconds' must be at least 2"),
 ])
 def test_a_bad_config_names_the_file_and_the_key(tmp_path, table, message):
     path = write_toml(tmp_path / "bad.toml", table)
