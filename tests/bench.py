@@ -1,9 +1,10 @@
-"""Benchmark: the performance figures of issue 7, measured on this machine in one run, each
-next to a baseline measured in the same run (the `_ratio` keys).
+"""Benchmark: the performance figures of issues 7 and 18, measured on this machine in one run,
+each next to a baseline or ideal measured in the same run (the `_ratio` keys).
 
-    python tests/bench.py            # the full run (a few minutes), then a table
+    python tests/bench.py            # the full run (some ten minutes), then a table
     python tests/bench.py --json     # the same figures as one JSON object on stdout
-    python tests/bench.py --quick    # a smaller run, for a smoke test (well under a minute)
+    python tests/bench.py --quick    # a smaller run, for a smoke test (a minute or two)
+    python tests/bench.py --only utilization,recovery   # some sections only (see SECTIONS)
 
 Everything runs against one embedded PostgreSQL server started here (as `validator.py demo`
 does), with validators started as real processes (`python validator.py --config FILE`, on a file
@@ -30,6 +31,18 @@ The figures, one function each below:
    restart time (until it serves, its queue rebuilt); baseline: the same with no job.
 5. chain()       calls to the bittensor substrate seam per sync for a subnet of 256 miners vs a
    subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py).
+6. utilization() a seeded batch of 300 jobs whose evaluator sleeps a long-tailed duration
+   (median 0.3 s, one in 50 at 3 s) on 2 children x 4 slots: the makespan against the ideal,
+   max(sum of durations / slots, longest job); utilization_ratio = ideal / makespan. Also
+   against the same order given out with no overhead, and with prefetch_jobs = 2.
+7. recovery()    a child killed -9 while it runs jobs: seconds until each of them starts on the
+   other child (child_timeout_seconds is 5 s for the run: the baseline). The parent killed -9
+   and started again at once: seconds until it serves, until its children registered again,
+   and until a job of a commitment made meanwhile starts. (With a standby parent, the
+   standby's takeover is a figure still to add once the standby exists.)
+8. idle_footprint() a parent and two children with every timing key at its default, idle for
+   60 s: the CPU of each and of PostgreSQL (baseline: PostgreSQL alone, before they start), and
+   the memory of each.
 """
 
 import argparse
@@ -73,7 +86,7 @@ FULL = dict(
     pending_jobs=1_000_000, restarts=3, heartbeat_calls=50,
     chain_miners=256,
     utilization_jobs=300, utilization_repeats=3,  # figure 6: jobs per batch, batches
-    recovery_repeats=3,   # figure 7: kills of a child, and of the parent
+    recovery_child_kills=3, recovery_parent_kills=3,  # figure 7
     recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
 )
@@ -83,7 +96,8 @@ QUICK = dict(
     pending_jobs=20_000, restarts=2, heartbeat_calls=10,
     chain_miners=256,
     utilization_jobs=40, utilization_repeats=2,
-    recovery_repeats=2, recovery_child_timeout=5.0, recovery_job_seconds=4.0,
+    recovery_child_kills=1, recovery_parent_kills=2, recovery_child_timeout=5.0,
+    recovery_job_seconds=4.0,
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
@@ -870,6 +884,7 @@ SLEEP_EVALUATOR = ["/bin/sh", "-c", SLEEP_SCRIPT]
 # Children as an operator runs them (poll_interval and prefetch_jobs at their defaults).
 SLEEPING_CHILD = {"evaluator": {"command": SLEEP_EVALUATOR}}
 UTILIZATION_CHILDREN, UTILIZATION_SLOTS = 2, 4
+UTILIZATION_PREFETCH = 2  # the second batch's prefetch_jobs: a freed slot need not wait a poll
 UTILIZATION_SEED = 18  # the issue's number: the seed was not chosen for its figure
 
 
@@ -895,12 +910,13 @@ def fifo_makespan(durations, slots):
     return max(free_at)
 
 
-def utilization(pg, workdir, size):
+def utilization(pg, workdir, size, prefetch=0):
     """A batch of `utilization_jobs` jobs of job_durations(), created at once (one chain read),
-    on 2 children x 4 slots: the makespan, from the jobs' creation at the parent to the last
-    result recorded there (PostgreSQL's clock), once per repeat; and the durations."""
+    on 2 children x 4 slots keeping `prefetch` jobs queued beyond them: the makespan, from the
+    jobs' creation at the parent to the last result recorded there (PostgreSQL's clock), once
+    per repeat; and the durations."""
     durations = job_durations(size["utilization_jobs"])
-    fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, name="utilization", sync_frequency=0.1,
+    fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, prefetch, name=f"utilization{prefetch}",
                   child_config=SLEEPING_CHILD)
     makespans = []
     try:
@@ -912,7 +928,8 @@ def utilization(pg, workdir, size):
                 row = db.execute("select extract(epoch from max(finished_at) - min(created_at))"
                                  " as s from jobs where job_id = any(%s)", (job_ids,)).fetchone()
                 makespans.append(float(row["s"]))
-                progress(f"  utilization, repeat {r + 1}: {len(job_ids)} jobs in "
+                progress(f"  utilization, prefetch_jobs {prefetch}, repeat {r + 1}: "
+                         f"{len(job_ids)} jobs in "
                          f"{makespans[-1]:.2f} s")
     finally:
         fleet.stop()
@@ -928,18 +945,18 @@ RECOVERY_JOBS = 4  # per child kill: as many as a child has slots, so the other 
 
 def recovery(pg, workdir, size):
     """A parent whose child_timeout_seconds is `recovery_child_timeout`, and two children
-    (4 slots each) running sleeping jobs. First, `recovery_repeats` times: kill_a_child(), and
-    a new child takes its place. Then, as many times: kill_the_parent()."""
+    (4 slots each) running sleeping jobs. First, `recovery_child_kills` times: kill_a_child(),
+    and a new child takes its place. Then, `recovery_parent_kills` times: kill_the_parent()."""
     fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, name="recovery", child_config=SLEEPING_CHILD,
                   parent_config={"child_timeout_seconds": size["recovery_child_timeout"]})
     child_kills, parent_kills = [], []
     try:
         fleet.add_children(2)
         with common.connect(fleet.parent.dsn) as db:
-            for _ in range(size["recovery_repeats"]):
+            for _ in range(size["recovery_child_kills"]):
                 child_kills.append(kill_a_child(fleet, db, size))
                 fleet.add_children(1)  # in the place of the one killed
-            for r in range(size["recovery_repeats"]):
+            for _ in range(size["recovery_parent_kills"]):
                 parent_kills.append(kill_the_parent(fleet, db))
     finally:
         fleet.stop()
@@ -1212,6 +1229,7 @@ def measure_utilization(run):
     progress(f"6. utilization: {size['utilization_jobs']} jobs of long-tailed durations on "
              f"{UTILIZATION_CHILDREN} children x {UTILIZATION_SLOTS} slots")
     durations, makespans = utilization(run.pg, run.workdir, size)
+    _, prefetched = utilization(run.pg, run.workdir, size, UTILIZATION_PREFETCH)
     slots = UTILIZATION_CHILDREN * UTILIZATION_SLOTS
     ideal = max(sum(durations) / slots, max(durations))
     fifo = fifo_makespan(durations, slots)
@@ -1220,14 +1238,19 @@ def measure_utilization(run):
         utilization_median_job_s=median(durations), utilization_longest_job_s=max(durations),
         utilization_makespan_s=median(makespans), utilization_ideal_s=ideal,
         utilization_ratio=ideal / median(makespans),
-        utilization_fifo_ideal_s=fifo, utilization_fifo_ratio=fifo / median(makespans))
-    run.repeats["utilization_makespan_s"] = makespans
+        utilization_fifo_ideal_s=fifo, utilization_fifo_ratio=fifo / median(makespans),
+        utilization_prefetch_jobs=UTILIZATION_PREFETCH,
+        utilization_prefetch_makespan_s=median(prefetched),
+        utilization_prefetch_ratio=ideal / median(prefetched))
+    run.repeats.update(utilization_makespan_s=makespans,
+                       utilization_prefetch_makespan_s=prefetched)
 
 
 def measure_recovery(run):
     size = run.size
-    progress(f"7. recovery: a child killed -9 with its jobs running, then the parent killed "
-             f"-9, {size['recovery_repeats']} times each")
+    progress(f"7. recovery: a child killed -9 with its jobs running "
+             f"({size['recovery_child_kills']} times), then the parent killed -9 "
+             f"({size['recovery_parent_kills']} times)")
     child_kills, parent_kills = recovery(run.pg, run.workdir, size)
     timeout = size["recovery_child_timeout"]
     last = [max(seconds) for seconds in child_kills]  # all of its jobs run elsewhere
@@ -1317,6 +1340,8 @@ TABLE = [
      "utilization_ratio", "ratio >= 0.95"),
     ("6. ...vs their order with no overhead", "utilization_makespan_s", "s",
      "utilization_fifo_ideal_s", "utilization_fifo_ratio", ""),
+    ("6. makespan, prefetch_jobs = F", "utilization_prefetch_makespan_s", "s",
+     "utilization_ideal_s", "utilization_prefetch_ratio", "ratio >= 0.95"),
     ("7. child killed: its jobs run elsewhere", "recovery_child_kill_s", "s",
      "recovery_child_timeout_s", "recovery_child_kill_ratio", ""),
     ("7. parent killed: it serves again", "recovery_parent_serving_s", "s", "", "", ""),
@@ -1338,7 +1363,8 @@ TABLE = [
 SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),
     ("M miners", "{chain_miners} miners"), ("J jobs", "{utilization_jobs} jobs"),
-    ("S slots", "{utilization_slots} slots"), ("W s", "{idle_footprint_seconds:g} s"),
+    ("S slots", "{utilization_slots} slots"), ("jobs = F", "jobs = {utilization_prefetch_jobs}"),
+    ("W s", "{idle_footprint_seconds:g} s"),
     ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
 ]
 
