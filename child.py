@@ -354,8 +354,8 @@ class ChildStore:
     def _finish_many(conn, finishes):
         """finishes: [(job_id, status, result)]."""
         conn.execute("update child_jobs c set status = s.status, result = s.result, "
-                     "finished_at = now(), evaluator = null from unnest(%b::bigint[], %b::text[], %b::text[]) "
-                     "as s(job_id, status, result) "
+                     "finished_at = now(), evaluator = null "
+                     "from unnest(%b::bigint[], %b::text[], %b::text[]) as s(job_id, status, result) "
                      "where c.job_id = s.job_id and finished_at is null",
                      [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)

@@ -1,9 +1,10 @@
-"""Benchmark: the performance figures of issue 7, measured on this machine in one run, each
-next to a baseline measured in the same run (the `_ratio` keys).
+"""Benchmark: the performance figures of issues 7 and 18, measured on this machine in one run,
+each next to a baseline or ideal measured in the same run (the `_ratio` keys).
 
-    python tests/bench.py            # the full run (a few minutes), then a table
+    python tests/bench.py            # the full run (some ten minutes), then a table
     python tests/bench.py --json     # the same figures as one JSON object on stdout
-    python tests/bench.py --quick    # a smaller run, for a smoke test (well under a minute)
+    python tests/bench.py --quick    # a smaller run, for a smoke test (a minute or two)
+    python tests/bench.py --only utilization,recovery   # some sections only (see SECTIONS)
 
 Everything runs against one embedded PostgreSQL server started here (as `validator.py demo`
 does), with validators started as real processes (`python validator.py --config FILE`, on a file
@@ -30,12 +31,25 @@ The figures, one function each below:
    restart time (until it serves, its queue rebuilt); baseline: the same with no job.
 5. chain()       calls to the bittensor substrate seam per sync for a subnet of 256 miners vs a
    subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py).
+6. utilization() a seeded batch of 300 jobs whose evaluator sleeps a long-tailed duration
+   (median 0.3 s, one in 50 at 3 s) on 2 children x 4 slots: the makespan against the ideal,
+   max(sum of durations / slots, longest job); utilization_ratio = ideal / makespan. Also
+   against the same order given out with no overhead, and with prefetch_jobs = 2.
+7. recovery()    a child killed -9 while it runs jobs: seconds until each of them starts on the
+   other child (child_timeout_seconds is 5 s for the run: the baseline). The parent killed -9
+   and started again at once: seconds until it serves, until its children registered again,
+   and until a job of a commitment made meanwhile starts. (With a standby parent, the
+   standby's takeover is a figure still to add once the standby exists.)
+8. idle_footprint() a parent and two children with every timing key at its default, idle for
+   60 s: the CPU of each and of PostgreSQL (baseline: PostgreSQL alone, before they start), and
+   the memory of each.
 """
 
 import argparse
 import asyncio
 import contextlib
 import datetime
+import heapq
 import json
 import math
 import os
@@ -71,12 +85,20 @@ FULL = dict(
     scale_children=200, scale_seconds=20.0, idle_seconds=10.0,
     pending_jobs=1_000_000, restarts=3, heartbeat_calls=50,
     chain_miners=256,
+    utilization_jobs=300, utilization_repeats=3,  # figure 6: jobs per batch, batches
+    recovery_child_kills=3, recovery_parent_kills=3,  # figure 7
+    recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
+    idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
     scale_children=20, scale_seconds=2.0, idle_seconds=1.0,
     pending_jobs=20_000, restarts=2, heartbeat_calls=10,
     chain_miners=256,
+    utilization_jobs=40, utilization_repeats=2,
+    recovery_child_kills=1, recovery_parent_kills=2, recovery_child_timeout=5.0,
+    recovery_job_seconds=4.0,
+    idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
@@ -153,6 +175,16 @@ class Postgres:
         return (cpu_seconds([postmaster, *postmaster.children(recursive=True)])
                 + ended.children_user + ended.children_system)
 
+    def memory_mb(self):
+        """The server's memory: the PSS of the postmaster and its processes, summed (each
+        counts its share of the pages they share, so shared_buffers count once)."""
+        postmaster = psutil.Process(self.server.get_pid())
+        total = 0
+        for proc in [postmaster, *postmaster.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_full_info().pss
+        return total / 2**20
+
     def cleanup(self):
         self.server.cleanup()
 
@@ -185,6 +217,23 @@ class Validator:
         poll(found, timeout, f"{self.name} to log {pattern!r}", interval=0.01)
         return time.monotonic() - self.started
 
+    def kill(self):
+        """kill -9, as a crash or the OOM killer does; returns the time.time() of the kill."""
+        killed_at = time.time()
+        self.proc.kill()
+        self.proc.wait()
+        self.log_file.close()
+        return killed_at
+
+    def evaluator_groups(self):
+        """The process groups of the evaluators it runs now (each starts its own session)."""
+        groups = []
+        for proc in self.ps.children():
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                if os.getpgid(proc.pid) == proc.pid:
+                    groups.append(proc.pid)
+        return groups
+
     def stop(self, timeout=20.0):
         """SIGTERM, as systemd stops it. Idle, a validator stops within a second or two; one
         that does not within `timeout` is killed, and that is reported (it is a bug)."""
@@ -216,13 +265,16 @@ class Chain:
         self.registered = None
         self.clear()
 
-    def publish(self, count):
+    def publish(self, count, repos=None):
+        """`count` new miners commit; `repos` names each one's repo id (else org/model-N)."""
         self.block += 1
         self.first = self.miners + 1
         self.miners += count
-        write_chain(self.path, self.block, [commitment(i, block=self.block)
-                                            for i in range(self.first, self.miners + 1)],
-                    self.registered)
+        repos = repos or [None] * count
+        write_chain(self.path, self.block, [
+            commitment(i, block=self.block, data=repo and json.dumps(
+                {"provider": "HF", "repo_id": repo, "revision": f"{i:040x}"}))
+            for i, repo in zip(range(self.first, self.miners + 1), repos)], self.registered)
 
     def clear(self):
         write_chain(self.path, self.block, [], self.registered or [
@@ -238,9 +290,9 @@ class Parent:
     """A parent validator process on its own database and chain file. start() after stop() is a
     restart, on the same database and port."""
 
-    def __init__(self, pg, workdir, name, max_jobs, sync_frequency=300.0):
+    def __init__(self, pg, workdir, name, max_jobs, sync_frequency=300.0, config=None):
         self.workdir, self.name, self.max_jobs = workdir, name, max_jobs  # max_jobs_per_child
-        self.sync_frequency = sync_frequency
+        self.sync_frequency, self.config = sync_frequency, config or {}
         self.port = free_port()
         self.chain = Chain(workdir / f"{name}-chain.json")
         self.dsn = pg.database(f"{name}_parent")
@@ -255,7 +307,7 @@ class Parent:
             "data_dir": str(self.workdir / f"{self.name}-parent"),
             "push_jobs": push, "max_jobs_per_child": self.max_jobs,
             "subtensor": {"network": "file", "commitments_file": str(self.chain.path)},
-            "neuron": {"sync_frequency": self.sync_frequency},
+            "neuron": {"sync_frequency": self.sync_frequency}, **self.config,
         })
         self.proc = Validator(f"{self.name}-parent-{self.incarnation}", config, self.workdir)
         return self.proc.wait_for_log("Parent validator serving on", timeout=300)
@@ -265,14 +317,20 @@ class Parent:
             self.proc.stop()
 
 
+NO_OP_CHILD = {"poll_interval": POLL_INTERVAL, "evaluator": {"demo_seconds": 0}}
+
+
 class Fleet:
     """A parent and its children, each a process with its own database, on a file chain that
-    the parent reads every 0.1 s (so that a commitment becomes a job at once)."""
+    the parent reads every `sync_frequency` seconds (by default 0.1 s, so that a commitment
+    becomes a job at once). The children run no-op jobs and poll every POLL_INTERVAL unless
+    `child_config` says otherwise; `parent_config` adds keys to the parent's."""
 
-    def __init__(self, pg, workdir, slots, prefetch=0, name="fleet"):
+    def __init__(self, pg, workdir, slots, prefetch=0, name="fleet", sync_frequency=0.1,
+                 child_config=NO_OP_CHILD, parent_config=None):
         self.pg, self.workdir, self.name = pg, workdir, name
-        self.slots, self.prefetch = slots, prefetch
-        self.parent = Parent(pg, workdir, name, slots + prefetch, sync_frequency=0.1)
+        self.slots, self.prefetch, self.child_config = slots, prefetch, child_config
+        self.parent = Parent(pg, workdir, name, slots + prefetch, sync_frequency, parent_config)
         self.parent.start()
         self.children, self.child_dsns = [], {}
 
@@ -295,9 +353,9 @@ class Fleet:
                 "data_dir": str(self.workdir / child_id), "listen_host": "127.0.0.1",
                 "child_host": "127.0.0.1", "child_port": free_port(),
                 "parent_host": "127.0.0.1", "parent_port": self.parent.port,
-                "poll_interval": POLL_INTERVAL, "max_concurrent_jobs": self.slots,
+                "max_concurrent_jobs": self.slots,
                 **({"prefetch_jobs": self.prefetch} if self.prefetch else {}),
-                "evaluator": {"demo_seconds": 0},
+                **self.child_config,
             })
             self.child_dsns[child_id] = dsn
             child = Validator(child_id, config, self.workdir)
@@ -306,11 +364,14 @@ class Fleet:
         for child in started:
             child.wait_for_log(f"Successfully registered with parent validator as {child.name}")
 
-    def create_jobs(self, db, count):
-        """Publish `count` new commitments; wait until the parent made them jobs. Returns
-        the new job ids."""
+    def live_children(self):
+        return [child for child in self.children if child.proc.poll() is None]
+
+    def create_jobs(self, db, count, repos=None):
+        """Publish `count` new commitments (of these repo ids); wait until the parent made them
+        jobs. Returns the new job ids."""
         before = db.execute("select coalesce(max(job_id), 0) as n from jobs").fetchone()["n"]
-        self.parent.chain.publish(count)
+        self.parent.chain.publish(count, repos)
         poll(lambda: db.execute("select count(*) as n from jobs where job_id > %s",
                                 (before,)).fetchone()["n"] == count,
              30, f"the parent to create {count} jobs")
@@ -819,125 +880,424 @@ def chain(workdir, size):
 
 
 # ---------------------------------------------------------------------------------------------
+# Figure 6: the slots' utilization on jobs of realistic, long-tailed durations
+# ---------------------------------------------------------------------------------------------
+
+# The evaluator of figures 6 and 7: it sleeps the seconds its job's repo id names
+# (bench/sleep-0.312), as a real evaluation takes time; a shell, sed and sleep cost a few ms of
+# CPU a job (a Python evaluator would cost some 20 ms, a tenth of a short job's length).
+SLEEP_SCRIPT = r"""
+d=$(sed -n 's/.*"hfRepoId": "bench\/sleep-\([0-9.]*\)".*/\1/p')
+sleep "${d:-0}"
+echo "{\"slept\": ${d:-0}}"
+"""
+SLEEP_EVALUATOR = ["/bin/sh", "-c", SLEEP_SCRIPT]
+# Children as an operator runs them (poll_interval and prefetch_jobs at their defaults).
+SLEEPING_CHILD = {"evaluator": {"command": SLEEP_EVALUATOR}}
+UTILIZATION_CHILDREN, UTILIZATION_SLOTS = 2, 4
+UTILIZATION_PREFETCH = 2  # the second batch's prefetch_jobs: a freed slot need not wait a poll
+UTILIZATION_SEED = 18  # the issue's number: the seed was not chosen for its figure
+
+
+def sleep_repos(durations):
+    return [f"bench/sleep-{d:.3f}" for d in durations]
+
+
+def job_durations(count, seed=UTILIZATION_SEED):
+    """`count` job durations in seconds, the same ones for a given seed: log-normal, median
+    0.3 s (nine in ten between 0.13 and 0.69 s), capped at 3 s; and one job in 50 or so that
+    takes 3 s, ten times the median."""
+    rng = random.Random(seed)
+    return [round(3.0 if rng.random() < 0.02 else min(3.0, 0.3 * rng.lognormvariate(0, 0.5)), 3)
+            for _ in range(count)]
+
+
+def fifo_makespan(durations, slots):
+    """The makespan of these jobs given out in this order, each to the first free slot, with no
+    overhead at all: the best a queue that does not know the durations can do."""
+    free_at = [0.0] * slots
+    for duration in durations:
+        heapq.heappush(free_at, heapq.heappop(free_at) + duration)
+    return max(free_at)
+
+
+def utilization(pg, workdir, size, prefetch=0):
+    """A batch of `utilization_jobs` jobs of job_durations(), created at once (one chain read),
+    on 2 children x 4 slots keeping `prefetch` jobs queued beyond them: the makespan, from the
+    jobs' creation at the parent to the last result recorded there (PostgreSQL's clock), once
+    per repeat; and the durations."""
+    durations = job_durations(size["utilization_jobs"])
+    fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, prefetch, name=f"utilization{prefetch}",
+                  child_config=SLEEPING_CHILD)
+    makespans = []
+    try:
+        fleet.add_children(UTILIZATION_CHILDREN)
+        with common.connect(fleet.parent.dsn) as db:
+            for r in range(size["utilization_repeats"]):
+                job_ids = fleet.create_jobs(db, len(durations), sleep_repos(durations))
+                fleet.wait_finished(db, job_ids, timeout=60 + 3 * sum(durations))
+                row = db.execute("select extract(epoch from max(finished_at) - min(created_at))"
+                                 " as s from jobs where job_id = any(%s)", (job_ids,)).fetchone()
+                makespans.append(float(row["s"]))
+                progress(f"  utilization, prefetch_jobs {prefetch}, repeat {r + 1}: "
+                         f"{len(job_ids)} jobs in "
+                         f"{makespans[-1]:.2f} s")
+    finally:
+        fleet.stop()
+    return durations, makespans
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 7: recovery: a child killed -9 while it runs jobs; the parent killed -9
+# ---------------------------------------------------------------------------------------------
+
+RECOVERY_JOBS = 4  # per child kill: as many as a child has slots, so the other has room
+
+
+def recovery(pg, workdir, size):
+    """A parent whose child_timeout_seconds is `recovery_child_timeout`, and two children
+    (4 slots each) running sleeping jobs. First, `recovery_child_kills` times: kill_a_child(),
+    and a new child takes its place. Then, `recovery_parent_kills` times: kill_the_parent()."""
+    fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, name="recovery", child_config=SLEEPING_CHILD,
+                  parent_config={"child_timeout_seconds": size["recovery_child_timeout"]})
+    child_kills, parent_kills = [], []
+    try:
+        fleet.add_children(2)
+        with common.connect(fleet.parent.dsn) as db:
+            for _ in range(size["recovery_child_kills"]):
+                child_kills.append(kill_a_child(fleet, db, size))
+                fleet.add_children(1)  # in the place of the one killed
+            for _ in range(size["recovery_parent_kills"]):
+                parent_kills.append(kill_the_parent(fleet, db))
+    finally:
+        fleet.stop()
+    return child_kills, parent_kills
+
+
+def kill_a_child(fleet, db, size):
+    """RECOVERY_JOBS jobs of `recovery_job_seconds`, which the two live children share as their
+    polls come; once all run, the child holding most is killed -9 (its evaluators too, which
+    would otherwise run on, orphaned). Returns, for each of its jobs, the seconds from the kill
+    to the job's start on the other child (the child's started_at)."""
+    job_ids = fleet.create_jobs(db, RECOVERY_JOBS,
+                                sleep_repos([size["recovery_job_seconds"]] * RECOVERY_JOBS))
+    with contextlib.ExitStack() as stack:
+        dbs = {child.name: stack.enter_context(common.connect(fleet.child_dsns[child.name]))
+               for child in fleet.live_children()}
+
+        def running():
+            held = {name: [row["job_id"] for row in child_db.execute(
+                "select job_id from child_jobs where job_id = any(%s) and status = 'running'",
+                (job_ids,))] for name, child_db in dbs.items()}
+            return held if sum(map(len, held.values())) == len(job_ids) else None
+        held = poll(running, 60, f"{len(job_ids)} jobs to run on the children", interval=0.05)
+        victim = max(fleet.live_children(), key=lambda child: len(held[child.name]))
+        (survivor,) = [child for child in fleet.live_children() if child is not victim]
+        groups = victim.evaluator_groups()
+        killed_at = victim.kill()
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        moved = held[victim.name]
+
+        def restarted():
+            rows = dbs[survivor.name].execute(
+                "select job_id, started_at from child_jobs where job_id = any(%s) "
+                "and started_at is not null", (moved,)).fetchall()
+            return rows if len(rows) == len(moved) else None
+        rows = poll(restarted, size["recovery_child_timeout"] + 60,
+                    f"the jobs of {victim.name} to start on {survivor.name}", interval=0.05)
+    seconds = sorted(row["started_at"].timestamp() - killed_at for row in rows)
+    progress(f"  {victim.name} killed with {len(moved)} jobs running; they started on "
+             f"{survivor.name} after " + " ".join(f"{s:.2f}" for s in seconds) + " s")
+    fleet.wait_finished(db, job_ids, timeout=size["recovery_child_timeout"] + 60)
+    return seconds
+
+
+def kill_the_parent(fleet, db):
+    """The parent is killed -9 while its children wait for work; a new commitment appears on
+    the chain meanwhile; the parent is started again at once (a supervisor would first wait its
+    RestartSec). Returns the seconds from the kill until it serves again, until every live
+    child registered again, and until the new commitment's job started on a child."""
+    children = fleet.live_children()
+    before = db.execute("select coalesce(max(job_id), 0) as n from jobs").fetchone()["n"]
+    killed_at = fleet.parent.proc.kill()
+    fleet.parent.chain.publish(1, sleep_repos([0.1]))
+    fleet.parent.start()
+    serving = time.time() - killed_at
+    for child in children:
+        fleet.parent.proc.wait_for_log(f"Child {child.name} registered from")
+    registered = time.time() - killed_at
+    job = poll(lambda: db.execute("select job_id, child_id from jobs where job_id > %s and "
+                                  "child_id is not null", (before,)).fetchone(),
+               60, "the new job to go to a child")
+    with common.connect(fleet.child_dsns[job["child_id"]]) as child_db:
+        started_at = poll(lambda: child_db.execute(
+            "select started_at from child_jobs where job_id = %s and started_at is not null",
+            (job["job_id"],)).fetchone(),
+            30, f"job {job['job_id']} to start on {job['child_id']}")["started_at"]
+    started = started_at.timestamp() - killed_at
+    fleet.wait_finished(db, [job["job_id"]], timeout=30)
+    fleet.parent.chain.clear()
+    progress(f"  parent killed: serving again after {serving:.2f} s, its {len(children)} "
+             f"children registered after {registered:.2f} s, a new job started after "
+             f"{started:.2f} s")
+    return serving, registered, started
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 8: the idle footprint of a parent and two children
+# ---------------------------------------------------------------------------------------------
+
+def idle_footprint(pg, workdir, rpc, size):
+    """A parent and two children as an operator starts them (every timing key at its default:
+    the parent reads the chain every 300 s, the children poll every 2 s), with nothing to do.
+    First PostgreSQL alone for the same window (the baseline); then, once the children have
+    registered and `idle_settle_seconds` passed, the CPU (% of one core) of each process and of
+    PostgreSQL over `idle_footprint_seconds`, and each one's memory at its end."""
+    seconds = size["idle_footprint_seconds"]
+    before, started = pg.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)  # the measure's window: nothing to wait for
+    pg_alone = (pg.cpu_seconds() - before) / (time.monotonic() - started) * 100
+    fleet = Fleet(pg, workdir, 2, name="idle", sync_frequency=300.0, child_config={})
+    try:
+        fleet.add_children(2)
+        time.sleep(size["idle_settle_seconds"])  # the start's imports and first queries end
+        processes = {"parent": fleet.parent.proc.ps,
+                     **{f"child_{i}": child.ps for i, child in enumerate(fleet.children, 1)}}
+        before = {name: cpu_seconds([ps]) for name, ps in processes.items()}
+        before["postgres"], started = pg.cpu_seconds(), time.monotonic()
+        time.sleep(seconds)  # the measure's window
+        elapsed = time.monotonic() - started
+        cpu = {name: (cpu_seconds([ps]) - before[name]) / elapsed * 100
+               for name, ps in processes.items()}
+        cpu["postgres"] = (pg.cpu_seconds() - before["postgres"]) / elapsed * 100
+        memory = {name: ps.memory_info().rss / 2**20 for name, ps in processes.items()}
+        memory["postgres"] = pg.memory_mb()
+        stats = json.loads(common.RpcClient(rpc, "127.0.0.1", fleet.parent.port)
+                           .call("getStats")["json"])
+        if stats["active_children"] != 2:  # idle, not dead
+            raise BenchError(f"the parent counts {stats['active_children']} active children")
+    finally:
+        fleet.stop()
+    progress(f"  idle for {elapsed:.0f} s, CPU: " + ", ".join(
+        f"{name} {value:.2f}%" for name, value in cpu.items())
+        + f" (PostgreSQL alone {pg_alone:.2f}%); memory: "
+        + ", ".join(f"{name} {value:.0f} MB" for name, value in memory.items()))
+    return cpu, memory, pg_alone
+
+
+# ---------------------------------------------------------------------------------------------
 # The run, the table and the JSON
 # ---------------------------------------------------------------------------------------------
 
-def run(size, workdir):
-    figures, repeats = {}, {}
+class Run:
+    """What every section of the run shares: its sizes, its files, the PostgreSQL server, the
+    RPC thread, and the figures and repeats measured so far."""
+
+    def __init__(self, size, workdir, pg, rpc):
+        self.size, self.workdir, self.pg, self.rpc = size, workdir, pg, rpc
+        self.figures, self.repeats = {}, {}
+
+
+def measure_idle(run):
+    progress(f"8. idle footprint: a parent and two children for "
+             f"{run.size['idle_footprint_seconds']:g} s")
+    cpu, memory, pg_alone = idle_footprint(run.pg, run.workdir, run.rpc, run.size)
+    run.figures.update(idle_footprint_seconds=run.size["idle_footprint_seconds"],
+                       idle_total_cpu_percent=sum(cpu.values()),
+                       idle_postgres_alone_cpu_percent=pg_alone)
+    for name, value in cpu.items():
+        run.figures[f"idle_{name}_cpu_percent"] = value
+    for name, value in memory.items():
+        run.figures[f"idle_{name}_{'pss' if name == 'postgres' else 'rss'}_mb"] = value
+
+
+def measure_chain(run):
+    progress("5. chain reads per sync")
+    size = run.size
+    results = chain(run.workdir, size)
+    few, many = results[1], results[size["chain_miners"]]
+    run.figures.update(
+        chain_miners=size["chain_miners"],
+        chain_calls_per_sync=median(many[0]), chain_calls_per_sync_1_miner=median(few[0]),
+        chain_calls_ratio=median(many[0]) / median(few[0]),
+        chain_read_ms=median(many[1]), chain_read_1_miner_ms=median(few[1]),
+        chain_read_ratio=median(many[1]) / median(few[1]))
+    run.repeats.update(chain_read_ms=many[1], chain_read_1_miner_ms=few[1])
+
+
+def measure_rpc(run):
+    progress("3. RPC overhead: common.RpcClient vs bare pycapnp")
+    results = rpc_overhead(run.rpc, run.size)
+    for method, key in (("ping", "rpc_ping"), ("requestJobs", "rpc_request_jobs_100")):
+        ours, bare = results[method, "ours"], results[method, "bare"]
+        run.figures.update({f"{key}_us": median(ours), f"{key}_bare_us": median(bare),
+                            f"{key}_ratio": median(ours) / median(bare)})
+        run.repeats.update({f"{key}_us": ours, f"{key}_bare_us": bare})
+
+
+def measure_throughput(run):
+    """Figures 1 and 2, which share their fleet."""
+    pg, workdir, size, figures, repeats = run.pg, run.workdir, run.size, run.figures, run.repeats
+    progress("1. end-to-end throughput; baseline: pgqueuer's consumer alone")
+    baseline, cpu = pgqueuer_baseline(pg, size)
+    figures.update(pgqueuer_jobs_per_s=median(baseline), pgqueuer_cpu_ms_per_job=median(cpu))
+    repeats["pgqueuer_jobs_per_s"] = baseline
+    progress("2. dispatch latency; baseline: pgqueuer's enqueue -> start")
+    latencies = pgqueuer_dispatch_baseline(pg, size)
+    figures.update(dispatch_pgqueuer_p50_ms=median(latencies),
+                   dispatch_pgqueuer_p99_ms=percentile(latencies, 99))
+    repeats["dispatch_pgqueuer_ms"] = latencies
+
+    fleet = Fleet(pg, workdir, size["slots"], size["prefetch"])
+    try:
+        with common.connect(fleet.parent.dsn) as db:
+            for children in (1, 2, 4):
+                fleet.add_children(children - len(fleet.children))
+                rates, cpu = throughput(fleet, db, size, children)
+                key = f"end_to_end_{children}_child{'ren' if children > 1 else ''}"
+                figures[f"{key}_jobs_per_s"] = median(rates)
+                figures[f"{key}_ratio"] = median(rates) / figures["pgqueuer_jobs_per_s"]
+                repeats[f"{key}_jobs_per_s"] = rates
+                if children == 2:
+                    for name, values in cpu.items():
+                        figures[f"end_to_end_cpu_ms_per_job_{name}"] = median(values)
+                    total = sum(median(values) for values in cpu.values())
+                    figures["end_to_end_cpu_ms_per_job"] = total
+                    figures["end_to_end_cpu_ratio"] = total / figures["pgqueuer_cpu_ms_per_job"]
+                    # The dispatch latencies, with these two children: pull, then push.
+                    for mode in ("pull", "push"):
+                        if mode == "push":
+                            fleet.restart_parent(push=True)
+                        latencies, parent_share = dispatch(fleet, db, size, mode)
+                        if mode == "push":
+                            if not parent_share:
+                                raise BenchError("no job was pushed: see the parent's log")
+                            figures["dispatch_push_parent_p50_ms"] = median(parent_share)
+                        figures[f"dispatch_{mode}_p50_ms"] = median(latencies)
+                        figures[f"dispatch_{mode}_p99_ms"] = percentile(latencies, 99)
+                        figures[f"dispatch_{mode}_ratio"] = \
+                            median(latencies) / figures["dispatch_pgqueuer_p50_ms"]
+                        repeats[f"dispatch_{mode}_ms"] = latencies
+                    fleet.restart_parent(push=False)
+        figures["end_to_end_ratio"] = figures["end_to_end_2_children_ratio"]
+    finally:
+        fleet.stop()
+    progress("1. end-to-end throughput, 2 children without prefetch_jobs (its default)")
+    fleet = Fleet(pg, workdir, size["slots"], name="default")
+    try:
+        with common.connect(fleet.parent.dsn) as db:
+            fleet.add_children(2)
+            rates, _ = throughput(fleet, db, size, 2)
+        figures["end_to_end_2_children_no_prefetch_jobs_per_s"] = median(rates)
+        figures["end_to_end_2_children_no_prefetch_ratio"] = \
+            median(rates) / figures["pgqueuer_jobs_per_s"]
+        repeats["end_to_end_2_children_no_prefetch_jobs_per_s"] = rates
+    finally:
+        fleet.stop()
+
+
+def measure_scale(run):
+    size = run.size
+    progress(f"4. scale: {size['scale_children']} children heartbeating")
+    idle, loaded, beats = scale(run.pg, run.workdir, run.rpc, size)
+    run.figures.update(
+        scale_children=size["scale_children"],
+        scale_ping_p50_ms=median(loaded[0]), scale_ping_p99_ms=percentile(loaded[0], 99),
+        scale_ping_idle_p99_ms=percentile(idle[0], 99),
+        scale_ping_p99_ratio=percentile(loaded[0], 99) / percentile(idle[0], 99),
+        scale_heartbeat_p99_ms=percentile(beats, 99),
+        scale_parent_cpu_percent=loaded[1], scale_parent_cpu_idle_percent=idle[1],
+        scale_parent_cpu_ratio=loaded[1] / idle[1],
+        scale_postgres_cpu_percent=loaded[2], scale_postgres_cpu_idle_percent=idle[2])
+
+
+def measure_pending(run):
+    size = run.size
+    progress(f"4. scale: {size['pending_jobs']} pending jobs")
+    empty, full = pending(run.pg, run.workdir, run.rpc, size)
+    run.figures.update(
+        pending_jobs=size["pending_jobs"],
+        pending_restart_s=median(full["restart_s"]),
+        pending_restart_empty_s=median(empty["restart_s"]),
+        pending_restart_ratio=median(full["restart_s"]) / median(empty["restart_s"]),
+        pending_rss_mb=full["rss_mb"], pending_rss_empty_mb=empty["rss_mb"],
+        pending_rss_ratio=full["rss_mb"] / empty["rss_mb"],
+        pending_peak_rss_mb=full["peak_rss_mb"],
+        pending_heartbeat_ms=median(full["heartbeat_ms"]),
+        pending_heartbeat_empty_ms=median(empty["heartbeat_ms"]),
+        pending_heartbeat_ratio=median(full["heartbeat_ms"]) / median(empty["heartbeat_ms"]),
+        pending_parent_cpu_percent=full["parent_cpu"],
+        pending_postgres_cpu_percent=full["pg_cpu"],
+        pending_postgres_cpu_empty_percent=empty["pg_cpu"])
+    run.repeats.update(pending_restart_s=full["restart_s"],
+                       pending_restart_empty_s=empty["restart_s"])
+
+
+def measure_utilization(run):
+    size = run.size
+    progress(f"6. utilization: {size['utilization_jobs']} jobs of long-tailed durations on "
+             f"{UTILIZATION_CHILDREN} children x {UTILIZATION_SLOTS} slots")
+    durations, makespans = utilization(run.pg, run.workdir, size)
+    _, prefetched = utilization(run.pg, run.workdir, size, UTILIZATION_PREFETCH)
+    slots = UTILIZATION_CHILDREN * UTILIZATION_SLOTS
+    ideal = max(sum(durations) / slots, max(durations))
+    fifo = fifo_makespan(durations, slots)
+    run.figures.update(
+        utilization_jobs=len(durations), utilization_slots=slots,
+        utilization_median_job_s=median(durations), utilization_longest_job_s=max(durations),
+        utilization_makespan_s=median(makespans), utilization_ideal_s=ideal,
+        utilization_ratio=ideal / median(makespans),
+        utilization_fifo_ideal_s=fifo, utilization_fifo_ratio=fifo / median(makespans),
+        utilization_prefetch_jobs=UTILIZATION_PREFETCH,
+        utilization_prefetch_makespan_s=median(prefetched),
+        utilization_prefetch_ratio=ideal / median(prefetched))
+    run.repeats.update(utilization_makespan_s=makespans,
+                       utilization_prefetch_makespan_s=prefetched)
+
+
+def measure_recovery(run):
+    size = run.size
+    progress(f"7. recovery: a child killed -9 with its jobs running "
+             f"({size['recovery_child_kills']} times), then the parent killed -9 "
+             f"({size['recovery_parent_kills']} times)")
+    child_kills, parent_kills = recovery(run.pg, run.workdir, size)
+    timeout = size["recovery_child_timeout"]
+    last = [max(seconds) for seconds in child_kills]  # all of its jobs run elsewhere
+    serving, registered, started = (list(values) for values in zip(*parent_kills))
+    run.figures.update(
+        recovery_child_timeout_s=timeout,
+        recovery_child_kill_s=median(last), recovery_child_kill_ratio=median(last) / timeout,
+        recovery_parent_serving_s=median(serving),
+        recovery_parent_registered_s=median(registered),
+        recovery_parent_registered_ratio=median(registered) / median(serving),
+        recovery_parent_job_s=median(started),
+        recovery_parent_job_ratio=median(started) / median(serving))
+    run.repeats.update(recovery_child_kill_s=[s for seconds in child_kills for s in seconds],
+                       recovery_parent_serving_s=serving,
+                       recovery_parent_registered_s=registered, recovery_parent_job_s=started)
+
+
+# The sections in the order they run; `--only` picks some. The idle footprint goes first, while
+# the server holds few databases (autovacuum visits each one in turn).
+SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
+            "throughput": measure_throughput, "scale": measure_scale, "pending": measure_pending,
+            "utilization": measure_utilization, "recovery": measure_recovery}
+
+
+def run_sections(size, workdir, only=None):
     rpc = common.RpcThread()
     pg = Postgres(workdir)
+    run = Run(size, workdir, pg, rpc)
     try:
-        progress("5. chain reads per sync")
-        results = chain(workdir, size)
-        few, many = results[1], results[size["chain_miners"]]
-        figures.update(
-            chain_miners=size["chain_miners"],
-            chain_calls_per_sync=median(many[0]), chain_calls_per_sync_1_miner=median(few[0]),
-            chain_calls_ratio=median(many[0]) / median(few[0]),
-            chain_read_ms=median(many[1]), chain_read_1_miner_ms=median(few[1]),
-            chain_read_ratio=median(many[1]) / median(few[1]))
-        repeats.update(chain_read_ms=many[1], chain_read_1_miner_ms=few[1])
-
-        progress("3. RPC overhead: common.RpcClient vs bare pycapnp")
-        results = rpc_overhead(rpc, size)
-        for method, key in (("ping", "rpc_ping"), ("requestJobs", "rpc_request_jobs_100")):
-            ours, bare = results[method, "ours"], results[method, "bare"]
-            figures.update({f"{key}_us": median(ours), f"{key}_bare_us": median(bare),
-                            f"{key}_ratio": median(ours) / median(bare)})
-            repeats.update({f"{key}_us": ours, f"{key}_bare_us": bare})
-
-        progress("1. end-to-end throughput; baseline: pgqueuer's consumer alone")
-        baseline, cpu = pgqueuer_baseline(pg, size)
-        figures.update(pgqueuer_jobs_per_s=median(baseline), pgqueuer_cpu_ms_per_job=median(cpu))
-        repeats["pgqueuer_jobs_per_s"] = baseline
-        progress("2. dispatch latency; baseline: pgqueuer's enqueue -> start")
-        latencies = pgqueuer_dispatch_baseline(pg, size)
-        figures.update(dispatch_pgqueuer_p50_ms=median(latencies),
-                       dispatch_pgqueuer_p99_ms=percentile(latencies, 99))
-        repeats["dispatch_pgqueuer_ms"] = latencies
-
-        fleet = Fleet(pg, workdir, size["slots"], size["prefetch"])
-        try:
-            with common.connect(fleet.parent.dsn) as db:
-                for children in (1, 2, 4):
-                    fleet.add_children(children - len(fleet.children))
-                    rates, cpu = throughput(fleet, db, size, children)
-                    key = f"end_to_end_{children}_child{'ren' if children > 1 else ''}"
-                    figures[f"{key}_jobs_per_s"] = median(rates)
-                    figures[f"{key}_ratio"] = median(rates) / figures["pgqueuer_jobs_per_s"]
-                    repeats[f"{key}_jobs_per_s"] = rates
-                    if children == 2:
-                        for name, values in cpu.items():
-                            figures[f"end_to_end_cpu_ms_per_job_{name}"] = median(values)
-                        total = sum(median(values) for values in cpu.values())
-                        figures["end_to_end_cpu_ms_per_job"] = total
-                        figures["end_to_end_cpu_ratio"] = \
-                            total / figures["pgqueuer_cpu_ms_per_job"]
-                        # The dispatch latencies, with these two children: pull, then push.
-                        for mode in ("pull", "push"):
-                            if mode == "push":
-                                fleet.restart_parent(push=True)
-                            latencies, parent_share = dispatch(fleet, db, size, mode)
-                            if mode == "push":
-                                if not parent_share:
-                                    raise BenchError("no job was pushed: see the parent's log")
-                                figures["dispatch_push_parent_p50_ms"] = median(parent_share)
-                            figures[f"dispatch_{mode}_p50_ms"] = median(latencies)
-                            figures[f"dispatch_{mode}_p99_ms"] = percentile(latencies, 99)
-                            figures[f"dispatch_{mode}_ratio"] = \
-                                median(latencies) / figures["dispatch_pgqueuer_p50_ms"]
-                            repeats[f"dispatch_{mode}_ms"] = latencies
-                        fleet.restart_parent(push=False)
-            figures["end_to_end_ratio"] = figures["end_to_end_2_children_ratio"]
-        finally:
-            fleet.stop()
-        progress("1. end-to-end throughput, 2 children without prefetch_jobs (its default)")
-        fleet = Fleet(pg, workdir, size["slots"], name="default")
-        try:
-            with common.connect(fleet.parent.dsn) as db:
-                fleet.add_children(2)
-                rates, _ = throughput(fleet, db, size, 2)
-            figures["end_to_end_2_children_no_prefetch_jobs_per_s"] = median(rates)
-            figures["end_to_end_2_children_no_prefetch_ratio"] = \
-                median(rates) / figures["pgqueuer_jobs_per_s"]
-            repeats["end_to_end_2_children_no_prefetch_jobs_per_s"] = rates
-        finally:
-            fleet.stop()
-
-        progress(f"4. scale: {size['scale_children']} children heartbeating")
-        idle, loaded, beats = scale(pg, workdir, rpc, size)
-        figures.update(
-            scale_children=size["scale_children"],
-            scale_ping_p50_ms=median(loaded[0]), scale_ping_p99_ms=percentile(loaded[0], 99),
-            scale_ping_idle_p99_ms=percentile(idle[0], 99),
-            scale_ping_p99_ratio=percentile(loaded[0], 99) / percentile(idle[0], 99),
-            scale_heartbeat_p99_ms=percentile(beats, 99),
-            scale_parent_cpu_percent=loaded[1], scale_parent_cpu_idle_percent=idle[1],
-            scale_parent_cpu_ratio=loaded[1] / idle[1],
-            scale_postgres_cpu_percent=loaded[2], scale_postgres_cpu_idle_percent=idle[2])
-
-        progress(f"4. scale: {size['pending_jobs']} pending jobs")
-        empty, full = pending(pg, workdir, rpc, size)
-        figures.update(
-            pending_jobs=size["pending_jobs"],
-            pending_restart_s=median(full["restart_s"]),
-            pending_restart_empty_s=median(empty["restart_s"]),
-            pending_restart_ratio=median(full["restart_s"]) / median(empty["restart_s"]),
-            pending_rss_mb=full["rss_mb"], pending_rss_empty_mb=empty["rss_mb"],
-            pending_rss_ratio=full["rss_mb"] / empty["rss_mb"],
-            pending_peak_rss_mb=full["peak_rss_mb"],
-            pending_heartbeat_ms=median(full["heartbeat_ms"]),
-            pending_heartbeat_empty_ms=median(empty["heartbeat_ms"]),
-            pending_heartbeat_ratio=median(full["heartbeat_ms"]) / median(empty["heartbeat_ms"]),
-            pending_parent_cpu_percent=full["parent_cpu"],
-            pending_postgres_cpu_percent=full["pg_cpu"],
-            pending_postgres_cpu_empty_percent=empty["pg_cpu"])
-        repeats.update(pending_restart_s=full["restart_s"],
-                       pending_restart_empty_s=empty["restart_s"])
+        for name, measure in SECTIONS.items():
+            if only is None or name in only:
+                measure(run)
     finally:
         rpc.stop()
         pg.cleanup()
-    return figures, repeats
+    return run.figures, run.repeats
 
 
 # One row per figure: label, key, unit, the baseline's key, the ratio's key, the target.
@@ -986,6 +1346,37 @@ TABLE = [
      "chain_calls_per_sync_1_miner", "chain_calls_ratio", "ratio 1 (constant)"),
     ("5. chain read per sync, M miners", "chain_read_ms", "ms", "chain_read_1_miner_ms",
      "chain_read_ratio", ""),
+    # Figure 6's ratios are ideal / measured (1 is perfect), the others measured / baseline.
+    ("6. makespan, J jobs on S slots", "utilization_makespan_s", "s", "utilization_ideal_s",
+     "utilization_ratio", "ratio >= 0.95"),
+    ("6. ...vs their order with no overhead", "utilization_makespan_s", "s",
+     "utilization_fifo_ideal_s", "utilization_fifo_ratio", ""),
+    ("6. makespan, prefetch_jobs = F", "utilization_prefetch_makespan_s", "s",
+     "utilization_ideal_s", "utilization_prefetch_ratio", "ratio >= 0.95"),
+    ("7. child killed: its jobs run elsewhere", "recovery_child_kill_s", "s",
+     "recovery_child_timeout_s", "recovery_child_kill_ratio", ""),
+    ("7. parent killed: it serves again", "recovery_parent_serving_s", "s", "", "", ""),
+    ("7. parent killed: children registered", "recovery_parent_registered_s", "s",
+     "recovery_parent_serving_s", "recovery_parent_registered_ratio", ""),
+    ("7. parent killed: a new job starts", "recovery_parent_job_s", "s",
+     "recovery_parent_serving_s", "recovery_parent_job_ratio", ""),
+    ("8. idle W s: CPU, all together", "idle_total_cpu_percent", "%", "", "", "< 1 %"),
+    ("8. idle: CPU, the parent", "idle_parent_cpu_percent", "%", "", "", ""),
+    ("8. idle: CPU, child 1", "idle_child_1_cpu_percent", "%", "", "", ""),
+    ("8. idle: CPU, child 2", "idle_child_2_cpu_percent", "%", "", "", ""),
+    ("8. idle: CPU, PostgreSQL", "idle_postgres_cpu_percent", "%",
+     "idle_postgres_alone_cpu_percent", "", ""),
+    ("8. idle: RSS, the parent", "idle_parent_rss_mb", "MB", "", "", ""),
+    ("8. idle: RSS, child 1", "idle_child_1_rss_mb", "MB", "", "", ""),
+    ("8. idle: RSS, child 2", "idle_child_2_rss_mb", "MB", "", "", ""),
+    ("8. idle: PSS, PostgreSQL", "idle_postgres_pss_mb", "MB", "", "", ""),
+]
+SUBSTITUTIONS = [  # in the labels: the run's sizes
+    ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),
+    ("M miners", "{chain_miners} miners"), ("J jobs", "{utilization_jobs} jobs"),
+    ("S slots", "{utilization_slots} slots"), ("jobs = F", "jobs = {utilization_prefetch_jobs}"),
+    ("W s", "{idle_footprint_seconds:g} s"),
+    ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
 ]
 
 
@@ -998,9 +1389,11 @@ def format_table(figures):
 
     rows = [("figure", "value", "unit", "baseline", "ratio", "target")]
     for label, key, unit, base, ratio, target in TABLE:
-        label = label.replace("N children", f"{figures['scale_children']} children") \
-            .replace("P pending", f"{figures['pending_jobs']:,} pending") \
-            .replace("M miners", f"{figures['chain_miners']} miners")
+        if key not in figures:  # a section that --only left out
+            continue
+        for words, size in SUBSTITUTIONS:
+            if words in label:
+                label = label.replace(words, size.format(**figures))
         rows.append((label, number(key), unit, number(base), number(ratio), target))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) if 0 < i < 5 else cell.ljust(w)
@@ -1008,11 +1401,22 @@ def format_table(figures):
                      for row in rows)
 
 
+def sections(text):
+    names = text.split(",")
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no section {unknown[0]!r}; the sections: "
+                                         + ", ".join(SECTIONS))
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Measure the parent-child validator's figures.")
     p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     p.add_argument("--quick", action="store_true", help="a smaller run, for a smoke test")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--only", metavar="NAME[,NAME]", type=sections,
+                   help="run only these sections: " + ", ".join(SECTIONS))
     p.add_argument("--serve-canned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_canned:
@@ -1023,7 +1427,7 @@ def main(argv=None):
     progress(f"bench ({'quick' if args.quick else 'full'}), files in {workdir}")
     started = time.monotonic()
     try:
-        figures, repeats = run(size, workdir)
+        figures, repeats = run_sections(size, workdir, args.only)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -1032,7 +1436,9 @@ def main(argv=None):
         progress(f"WARNING: killed after SIGTERM did not stop them: {', '.join(STOP_FAILURES)}")
     if args.json:  # the table goes to stderr then, the JSON alone to stdout
         print(format_table(figures), file=sys.stderr)
+        targets = {key: target for _, key, _, _, _, target in TABLE if target}
         print(json.dumps({**figures, "repeats": repeats, "validators_killed": STOP_FAILURES,
+                          "targets": targets,
                           "settings": {**size, "poll_interval": POLL_INTERVAL,
                                        "heartbeat_interval": HEARTBEAT_INTERVAL,
                                        "cpus": os.cpu_count()}}, indent=1))

@@ -25,7 +25,6 @@ from chain_codec import decoded
 from conftest import ROOT, wait_until
 
 import chain as chains
-import parent
 
 NETUID = 2
 RAO = 10**9

@@ -7,7 +7,6 @@ import pytest
 from conftest import commitment, write_chain
 
 import chain as chains
-import parent
 
 
 @pytest.mark.parametrize("text, expected", [
