@@ -241,3 +241,28 @@ def make_state(tmp_path, make_dsn):
         return parent.ParentState(common.Database(dsn, parent.SCHEMA),
                                   common.load_config(path))
     return make
+
+
+@pytest.fixture
+def token_symbol_cache(tmp_path, monkeypatch):
+    """The SDK caches token symbols on connect; keep that file out of ~/.bittensor."""
+    path = tmp_path / "token_symbols.json"
+    monkeypatch.setenv("BTCLI_TOKEN_SYMBOLS_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
+def make_chain():
+    """make_chain(substrate, **kwargs) -> a BittensorChain on that substrate, closed after."""
+    import chain
+    made = []
+
+    def make(substrate, **kwargs):
+        netuid = kwargs.pop("netuid", 2)  # test_bittensor_chain.NETUID
+        bittensor_chain = chain.BittensorChain("local", netuid, substrate=substrate, **kwargs)
+        made.append(bittensor_chain)
+        return bittensor_chain
+
+    yield make
+    for bittensor_chain in made:
+        bittensor_chain.close()

@@ -244,28 +244,7 @@ def submission(repo_id, revision):
     return json.dumps({"provider": "HF", "repo_id": repo_id, "revision": revision})
 
 
-@pytest.fixture(autouse=True)
-def token_symbol_cache(tmp_path, monkeypatch):
-    """The SDK caches token symbols on connect; keep that file out of ~/.bittensor."""
-    path = tmp_path / "token_symbols.json"
-    monkeypatch.setenv("BTCLI_TOKEN_SYMBOLS_CACHE", str(path))
-    return path
-
-
-@pytest.fixture
-def make_chain():
-    """make_chain(substrate, **kwargs) -> a BittensorChain on that substrate, closed after."""
-    made = []
-
-    def make(substrate, **kwargs):
-        chain = chains.BittensorChain("local", kwargs.pop("netuid", NETUID), substrate=substrate,
-                                      **kwargs)
-        made.append(chain)
-        return chain
-
-    yield make
-    for chain in made:
-        chain.close()
+pytestmark = pytest.mark.usefixtures("token_symbol_cache")
 
 
 def test_a_sync_returns_each_visible_commitment_with_its_hotkey_uid_stake_and_block(

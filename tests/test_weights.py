@@ -15,13 +15,13 @@ import prometheus_client
 import pytest
 from bittensor.sp_core import Keypair
 from conftest import ROOT, free_port, wait_until, write_chain, write_toml
-from test_bittensor_chain import NETUID, FakeSubstrate, Neuron, hotkey, make_chain  # noqa: F401
-from test_bittensor_chain import token_symbol_cache  # noqa: F401
+from test_bittensor_chain import NETUID, FakeSubstrate, Neuron, hotkey
 
 import chain as chains
 import common
 import parent
 
+pytestmark = pytest.mark.usefixtures("token_symbol_cache")
 U16 = 65535
 
 
