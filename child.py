@@ -555,6 +555,9 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 
 class ChildService(common.ServiceBase):
+    """One per connection. A receiveJob whose signature checks out (any, with auth off)
+    registers the connection: it is the parent's pusher."""
+
     role = "child"
 
     def __init__(self, cfg, store, wake, stop, verifier):
@@ -570,6 +573,7 @@ class ChildService(common.ServiceBase):
             if reason:
                 self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
                                      self.peer)
+        self.registered = True  # our parent's connection: the limits of a registered one
         if self.stop.is_set():
             raise Refused("the child is stopping")
         if not job.get("jobId") or not job.get("hfRepoId"):
@@ -696,8 +700,7 @@ def run(cfg, stop):
     identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
     tls_server, tls_client = common.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
-                     lambda: ChildService(cfg, store, wake, stop, verifier),
-                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
+                     lambda: ChildService(cfg, store, wake, stop, verifier), cfg, tls_server)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
