@@ -823,6 +823,8 @@ class FrameGuard(asyncio.BufferedProtocol):
                 step = min(self.body_left, len(data) - at)
                 self.body_left, at = self.body_left - step, at + step
                 continue
+            # A header: the number of segments less one (4 bytes), each segment's size in
+            # 8-byte words (4 bytes each), padded to a multiple of 8 bytes; then the segments.
             segments = int.from_bytes(self.header[:4], "little") + 1 if len(self.header) >= 4 \
                 else None
             need = 4 if segments is None else (4 + 4 * segments + 7) // 8 * 8

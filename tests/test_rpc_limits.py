@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, commitment, wait_until, write_chain
+from conftest import ROOT, IdleFlood, commitment, wait_until, write_chain
 
 import common
 
@@ -48,40 +48,6 @@ def parent(tmp_path, parent_config, processes, wallets):
     return proc
 
 
-class Flood:
-    """Connections that never send a byte, from addresses 127.0.0.2 and up (loopback), held
-    open and opened again as soon as the server closes them, until stop()."""
-
-    def __init__(self, port, addresses, per_address):
-        self.port, self.opened, self.running = port, 0, True
-        self.sources = [f"127.0.0.{2 + k}" for k in range(addresses) for _ in range(per_address)]
-        self.socks = [self._open(source) for source in self.sources]
-        self.thread = threading.Thread(target=self._hold, daemon=True)
-        self.thread.start()
-
-    def _open(self, source):
-        sock = socket.socket()
-        sock.bind((source, 0))
-        sock.connect(("127.0.0.1", self.port))
-        self.opened += 1
-        return sock
-
-    def _hold(self):
-        while self.running:
-            readable, _, _ = select.select(self.socks, [], [], 0.1)
-            for sock in readable[:100]:  # at most 1000 new connections a second
-                k = self.socks.index(sock)
-                sock.close()
-                self.socks[k] = self._open(self.sources[k])
-            time.sleep(0.1)
-
-    def stop(self):
-        self.running = False
-        self.thread.join()
-        for sock in self.socks:
-            sock.close()
-
-
 def status(parent):
     run = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--config",
                           parent.config, "--parent-port", str(parent.port), "--json"],
@@ -92,7 +58,7 @@ def status(parent):
 
 def test_a_flood_of_idle_connections_locks_out_neither_a_child_nor_status(
         tmp_path, parent, child_config, processes, wallets):
-    flood = Flood(parent.port, addresses=30, per_address=10)  # 300: more than 256 connections
+    flood = IdleFlood(parent.port, addresses=30, per_address=10)  # 300: more than 256 connections
     try:
         wait_until(lambda: flood.opened >= 400, what="the server closing idle connections")
         assert status(parent)["total_children"] == 0
