@@ -213,9 +213,9 @@ def load_config(path, overrides=None):
     if not 1024 <= cfg.rpc_unregistered_max_message_bytes <= MAX_MESSAGE_BYTES:
         raise ConfigError(f"{path}: key 'rpc_unregistered_max_message_bytes' must be between "
                           f"1024 and {MAX_MESSAGE_BYTES}")
-    if cfg.rpc_register_timeout_seconds <= 0 or cfg.rpc_idle_timeout_seconds <= 0:
-        raise ConfigError(f"{path}: keys 'rpc_register_timeout_seconds' and "
-                          "'rpc_idle_timeout_seconds' must be more than 0")
+    for key in ("rpc_register_timeout_seconds", "rpc_idle_timeout_seconds"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{path}: key '{key}' must be more than 0")
     return cfg
 
 
