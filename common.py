@@ -637,8 +637,9 @@ class RpcThread:
         under `limits` (the rpc_* keys of a config; None: their defaults), see Connections.
         With `tls` (an ssl.SSLContext) only TLS connections are taken. Returns the bound port
         (useful with port 0)."""
-        connections = Connections(limits or types.SimpleNamespace(
-            **{key: rule[1] for key, rule in CONFIG_KEYS.items() if key.startswith("rpc_")}))
+        limits = limits or types.SimpleNamespace(
+            **{key: rule[1] for key, rule in CONFIG_KEYS.items() if key.startswith("rpc_")})
+        connections = Connections(limits)
 
         def accept():
             # What capnp.AsyncIoStream.create_server does for each connection, with a
@@ -649,7 +650,11 @@ class RpcThread:
             return guard
 
         async def start():
-            return await asyncio.get_running_loop().create_server(accept, host, port, ssl=tls)
+            # A TLS connection reaches Connections only after its handshake: one that stalls
+            # before is closed by asyncio after the same deadline as an unregistered one.
+            return await asyncio.get_running_loop().create_server(
+                accept, host, port, ssl=tls,
+                ssl_handshake_timeout=limits.rpc_register_timeout_seconds if tls else None)
 
         server = self.run(start(), timeout=10)
         self.servers.append(server)
