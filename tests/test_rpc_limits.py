@@ -198,3 +198,28 @@ def test_a_registered_connection_sends_what_its_traffic_needs(
     assert reply["error"] == "10001 heldJobs in one call; the limit is 10000"
     assert client.call("requestJobs", childId="c1", maxJobs=0,
                        heldJobs=[1] * 10_000)["error"] == ""
+
+
+def test_a_flood_of_a_childs_port_does_not_stop_its_parents_pushes(
+        tmp_path, parent_config, child_config, processes, wallets):
+    write_chain(tmp_path / "chain.json", 100, [commitment(1)])
+    config = parent_config(auth="on", **identity(wallets, "parent"), push_jobs=True,
+                           allowed_child_hotkeys=[wallets["c1"].ss58_address])
+    parent = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    parent.wait_for_log("New job 1 ")
+    port = common.load_config(config).parent_port
+    # Polls 30 s apart: a new job reaches the child by a push or not at all.
+    path = child_config("c1", port, auth="on", **identity(wallets, "c1"), poll_interval=30.0,
+                        parent_hotkey=wallets["parent"].ss58_address)
+    child = processes(["child.py", "--config", path], tmp_path / "c1.log")
+    parent.wait_for_log("Child c1 completed job 1")
+    flood = IdleFlood(common.load_config(path).child_port, addresses=30, per_address=10)
+    try:
+        wait_until(lambda: flood.opened >= 400, what="the child closing idle connections")
+        for block, job_id in ((101, 2), (102, 3)):
+            write_chain(tmp_path / "chain.json", block,
+                        [commitment(i) for i in range(1, job_id + 1)])
+            parent.wait_for_log(f"Pushed job {job_id} to child c1", timeout=20)
+    finally:
+        flood.stop()
+    assert child.proc.poll() is None
