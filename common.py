@@ -839,12 +839,12 @@ class FrameGuard(asyncio.BufferedProtocol):
             if len(self.header) == 4:
                 segments = int.from_bytes(self.header, "little") + 1
                 if segments > self.MAX_SEGMENTS:
-                    return 4 + 4 * segments
+                    return 8 * segments  # at least
             elif len(self.header) == need:
+                # The message's size as Cap'n Proto counts it (its limit): its segments.
                 self.body_left = 8 * sum(struct.unpack_from(f"<{segments}I", self.header, 4))
-                size = need + self.body_left
-                if size > self.message_limit(self.service):
-                    return size
+                if self.body_left > self.message_limit(self.service):
+                    return self.body_left
                 self.header.clear()
         return None
 

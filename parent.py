@@ -115,7 +115,7 @@ def replies_message(answers):
 
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
-MAX_HELD_JOBS = 10_000  # ids in a requestJobs' heldJobs; a child holds a few, max_jobs_per_child
+MAX_HELD_JOBS = 10_000  # ids in one requestJobs' heldJobs: a child holds far fewer
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 
 JOBS_FINISHED = prometheus_client.Counter(

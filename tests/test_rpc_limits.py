@@ -156,8 +156,8 @@ def test_huge_calls_from_unregistered_connections_are_dropped_before_they_are_re
 
 
 def frame_header(size_bytes):
-    """The header of a one-segment Cap'n Proto frame whose message is size_bytes long."""
-    return struct.pack("<II", 0, (size_bytes - 8) // 8)
+    """The header of a Cap'n Proto frame whose message (one segment) is size_bytes long."""
+    return struct.pack("<II", 0, size_bytes // 8)
 
 
 @pytest.mark.parametrize("over", [False, True], ids=["at-the-limit", "past-the-limit"])
