@@ -80,7 +80,6 @@ UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProv
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 REPORT_BATCH = 100  # results per call at most; and at most common.RESULTS_BUDGET bytes of them
 RESULT_OVERHEAD = 64  # bytes a result takes in a message besides its text
-MAX_HELD_IDS = 100_000  # ids of held jobs a poll sends at most (8 bytes each)
 MAX_WAIT = 5.0  # seconds an idle poll may wait for a job at the parent: below the call timeout
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
@@ -800,6 +799,9 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 
 class ChildService(common.ServiceBase):
+    """One per connection. A receiveJob whose signature checks out (any, with auth off)
+    registers the connection: it is the parent's pusher."""
+
     role = "child"
 
     def __init__(self, cfg, store, wake, stop, verifier):
@@ -815,6 +817,7 @@ class ChildService(common.ServiceBase):
             if reason:
                 self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
                                      self.peer)
+        self.registered = True  # our parent's connection: the limits of a registered one
         if self.stop.is_set():
             raise Refused("the child is stopping")
         if not job.get("jobId") or not job.get("hfRepoId"):
@@ -937,7 +940,7 @@ def poll(parent, store, child_id, interval=0.0, evaluations=None):
     idle = free == store.capacity
     wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
     # Without heldJobs (more than a message should carry) the parent sends nothing again.
-    held = {"heldJobs": held} if len(held) <= MAX_HELD_IDS else {}
+    held = {"heldJobs": held} if len(held) <= common.MAX_HELD_JOBS else {}
     reply = parent.call("requestJobs", childId=child_id, maxJobs=free, **held,
                         results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
     # A parent built from the seed's schema answers neither error nor replies.
@@ -991,8 +994,7 @@ def run(cfg, stop):
     identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
     tls_server, tls_client = common.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
-                     lambda: ChildService(cfg, store, wake, stop, verifier),
-                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
+                     lambda: ChildService(cfg, store, wake, stop, verifier), cfg, tls_server)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 

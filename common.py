@@ -8,9 +8,11 @@ pycapnp's RPC runs on an asyncio event loop; callers hand it coroutines and get 
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import faulthandler
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import re
 import secrets
 import signal
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -39,6 +42,8 @@ except ModuleNotFoundError:  # Python < 3.11
 HERE = Path(__file__).resolve().parent
 # Loaded once, here only: loading the same schema id twice aborts the process.
 SCHEMA = capnp.load(str(HERE / "validator.capnp"))
+# The largest message Cap'n Proto takes (its readers' default limit, which senders check too).
+MAX_MESSAGE_BYTES = 64 << 20
 
 log = logging.getLogger("validator")
 
@@ -50,10 +55,11 @@ log = logging.getLogger("validator")
 # Cap'n Proto refuses a message over 64 MiB, at the sender and at the receiver, and drops the
 # connection with it. What a validator sends is bounded to stay under it: a result is at most
 # MAX_RESULT_BYTES (the most max_result_bytes may be), results go in batches of at most
-# RESULTS_BUDGET bytes, and the other lists are bounded in count (their items in size).
-MESSAGE_LIMIT = 64 << 20
-RESULTS_BUDGET = MESSAGE_LIMIT // 2
-MAX_RESULT_BYTES = MESSAGE_LIMIT // 4
+# RESULTS_BUDGET bytes, and the other lists are bounded in count (their items in size): a poll
+# names at most MAX_HELD_JOBS held jobs (a child that holds more leaves the list out).
+RESULTS_BUDGET = MAX_MESSAGE_BYTES // 2
+MAX_RESULT_BYTES = MAX_MESSAGE_BYTES // 4
+MAX_HELD_JOBS = 10_000
 
 REQUIRED = object()
 # key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented
@@ -80,6 +86,10 @@ CONFIG_KEYS = {
     "listen_host": (str, "0.0.0.0"),
     "rpc_idle_timeout_seconds": (float, 120.0),
     "rpc_max_connections": (int, 256),
+    "rpc_register_timeout_seconds": (float, 5.0),
+    "rpc_max_unregistered": (int, 64),
+    "rpc_max_unregistered_per_address": (int, 8),
+    "rpc_unregistered_max_message_bytes": (int, 64 << 10),
     "max_result_bytes": (int, 1 << 20),
     "parent_host": (str, "localhost"),
     "parent_port": (int, 8001),
@@ -234,6 +244,15 @@ def load_config(path, overrides=None):
     if cfg.weights.every_blocks < 0:
         raise ConfigError(f"{path}: key 'weights.every_blocks' must be 0 (the subnet's tempo) "
                           "or more")
+    for key in ("rpc_max_connections", "rpc_max_unregistered", "rpc_max_unregistered_per_address"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{path}: key '{key}' must be at least 1")
+    if not 1024 <= cfg.rpc_unregistered_max_message_bytes <= MAX_MESSAGE_BYTES:
+        raise ConfigError(f"{path}: key 'rpc_unregistered_max_message_bytes' must be between "
+                          f"1024 and {MAX_MESSAGE_BYTES}")
+    for key in ("rpc_register_timeout_seconds", "rpc_idle_timeout_seconds"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{path}: key '{key}' must be more than 0")
     return cfg
 
 
@@ -670,49 +689,29 @@ class RpcThread:
             e.__context__ = e.__cause__ = None
             return None, e
 
-    def serve(self, host, port, service_factory, max_connections=256, idle_timeout=120.0,
-              tls=None):
-        """Listen on host:port; each connection gets service_factory() as its bootstrap object.
-        A connection that makes no call for idle_timeout seconds (one that never sends, or
-        sends half a message) is closed; past max_connections a new one is closed at once.
-        With `tls` (an ssl.SSLContext) only TLS connections are taken.
-        Returns the bound port (useful with port 0)."""
-        connections = set()
-
-        async def on_connection(stream, peer):
-            if len(connections) >= max_connections:
-                log.warning("Refused a connection from %s: %d open already", peer,
-                            max_connections)
-                stream.close()
-                return
-            service = service_factory()
-            service.peer = peer
-            server = capnp.TwoPartyServer(stream, bootstrap=service)
-            disconnected = asyncio.ensure_future(server.on_disconnect())
-            connections.add(disconnected)
-            try:
-                while not disconnected.done():
-                    idle = time.monotonic() - service.last_call
-                    if idle >= idle_timeout:
-                        log.debug("Closing the connection from %s, idle for %.0fs", peer, idle)
-                        stream.close()
-                        break
-                    await asyncio.wait({disconnected}, timeout=idle_timeout - idle)
-            except asyncio.CancelledError:  # we are stopping
-                pass
-            finally:
-                connections.discard(disconnected)
-                disconnected.cancel()
+    def serve(self, host, port, service_factory, limits=None, tls=None):
+        """Listen on host:port; each connection gets service_factory() as its bootstrap object,
+        under `limits` (the rpc_* keys of a config; None: their defaults), see Connections.
+        With `tls` (an ssl.SSLContext) only TLS connections are taken. Returns the bound port
+        (useful with port 0)."""
+        limits = limits or types.SimpleNamespace(
+            **{key: rule[1] for key, rule in CONFIG_KEYS.items() if key.startswith("rpc_")})
+        connections = Connections(limits)
 
         def accept():
-            # What capnp.AsyncIoStream.create_server does for each connection, keeping hold of
-            # the protocol: its transport knows the peer's address, which the stream hides.
-            protocol = capnp.AsyncIoStream._connect(
-                lambda stream: on_connection(stream, peer_address(protocol.transport)))
-            return protocol
+            # What capnp.AsyncIoStream.create_server does for each connection, with a
+            # FrameGuard between the transport and pycapnp's protocol.
+            guard = FrameGuard(connections.message_limit)
+            guard.inner = capnp.AsyncIoStream._connect(
+                lambda stream: connections.serve(stream, guard, service_factory()))
+            return guard
 
         async def start():
-            return await asyncio.get_running_loop().create_server(accept, host, port, ssl=tls)
+            # A TLS connection reaches Connections only after its handshake: one that stalls
+            # before is closed by asyncio after the same deadline as an unregistered one.
+            return await asyncio.get_running_loop().create_server(
+                accept, host, port, ssl=tls,
+                ssl_handshake_timeout=limits.rpc_register_timeout_seconds if tls else None)
 
         server = self.run(start(), timeout=10)
         self.servers.append(server)
@@ -722,6 +721,189 @@ class RpcThread:
         if self.loop and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._stopped.set)
             self.thread.join(timeout=5)
+
+
+RPC_CONNECTIONS_CLOSED = prometheus_client.Counter(
+    "validator_rpc_connections_closed", "Connections the RPC server closed, by reason",
+    ["reason"])
+
+
+class Connections:
+    """The open connections of one RPC server, and the limits that keep any peer from holding
+    it: every size and count here holds whatever peers do.
+
+    A connection is unregistered until its service says otherwise (service.registered: the
+    parent's after a registerChild that checked out, the child's after a signed receiveJob).
+    An unregistered connection must make a call within rpc_register_timeout_seconds of opening
+    and of its last call (a status query's ping or getStats does), may send messages of at most
+    rpc_unregistered_max_message_bytes, and is one of at most rpc_max_unregistered, and of at
+    most rpc_max_unregistered_per_address from its address (an IPv6 /64 counts as one). A new
+    connection that would pass a limit closes the oldest unregistered one of the address that
+    holds the most. A registered connection is never evicted: it is closed only after
+    rpc_idle_timeout_seconds without a call, and may send what Cap'n Proto takes. Past
+    rpc_max_connections with none unregistered to evict, a new connection is closed at once."""
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.open = {}  # service -> its stream, oldest first
+        self.closed, self.last_log = collections.Counter(), 0.0
+
+    def message_limit(self, service):
+        if service is not None and service.registered:
+            return MAX_MESSAGE_BYTES
+        return self.limits.rpc_unregistered_max_message_bytes
+
+    async def serve(self, stream, guard, service):
+        service.peer, service.address = peer_address(guard.transport)
+        guard.service = service
+        if not self._make_room(service):
+            self._close(stream, service, "full")
+            return
+        self.open[service] = stream
+        server = capnp.TwoPartyServer(stream, bootstrap=service)
+        disconnected = asyncio.ensure_future(server.on_disconnect())
+        try:
+            while not disconnected.done():
+                idle, allowed = time.monotonic() - service.last_call, self._allowed_idle(service)
+                if idle >= allowed and not service.calls:
+                    self._close(stream, service, "idle" if service.registered
+                                else "unregistered")
+                    break
+                await asyncio.wait({disconnected}, timeout=max(0.05, allowed - idle))
+            if guard.refused:
+                self._count(service, "too large")
+        except asyncio.CancelledError:  # we are stopping
+            pass
+        finally:
+            self.open.pop(service, None)
+            disconnected.cancel()
+
+    def _allowed_idle(self, service):
+        if service.registered:
+            return self.limits.rpc_idle_timeout_seconds
+        return self.limits.rpc_register_timeout_seconds
+
+    def _make_room(self, newcomer):
+        """Close what the newcomer's arrival puts over a limit; False if it cannot come in."""
+        limits = self.limits
+        unregistered = [s for s in self.open if not s.registered]
+        by_address = collections.defaultdict(list)
+        for service in unregistered:
+            by_address[service.address].append(service)
+        if len(by_address[newcomer.address]) >= limits.rpc_max_unregistered_per_address:
+            victim = by_address[newcomer.address][0]
+        elif unregistered and (len(unregistered) >= limits.rpc_max_unregistered
+                               or len(self.open) >= limits.rpc_max_connections):
+            victim = max(by_address.values(), key=len)[0]  # max keeps the first, the oldest
+        elif len(self.open) >= limits.rpc_max_connections:
+            return False
+        else:
+            return True
+        self._close(self.open.pop(victim), victim, "evicted")
+        return True
+
+    def _close(self, stream, service, reason):
+        log.debug("Closing the connection from %s (%s)", service.peer, reason)
+        self._count(service, reason)
+        stream.close()
+
+    def _count(self, service, reason):
+        """Count a closing; say how many at most once every 10 s (a flood must not flood the
+        log)."""
+        RPC_CONNECTIONS_CLOSED.labels(reason).inc()
+        self.closed[reason] += 1
+        if time.monotonic() - self.last_log >= 10.0:
+            self.last_log = time.monotonic()
+            log.warning("Closed RPC connections lately (last from %s): %s", service.peer,
+                        ", ".join(f"{n} {CLOSINGS[r]}" for r, n in sorted(self.closed.items())))
+            self.closed.clear()
+
+
+CLOSINGS = {
+    "full": "refused: rpc_max_connections open, all registered",
+    "evicted": "unregistered, closed to make room (rpc_max_unregistered, "
+               "rpc_max_unregistered_per_address)",
+    "unregistered": "without a call within rpc_register_timeout_seconds",
+    "idle": "idle for rpc_idle_timeout_seconds",
+    "too large": "sent a message over the connection's limit",
+}
+
+
+class FrameGuard(asyncio.BufferedProtocol):
+    """Stands between a connection's transport and pycapnp's protocol (`inner`) and reads the
+    Cap'n Proto frame headers as the bytes arrive. Each header gives the message's size (its
+    segment table) before the message is read: one larger than message_limit(service) allows,
+    or with more segments than Cap'n Proto takes, never reaches pycapnp, which would read it
+    whole and decode it; the connection is closed instead. Everything else passes untouched."""
+
+    MAX_SEGMENTS = 512  # as Cap'n Proto's own reader
+
+    def __init__(self, message_limit):
+        self.message_limit, self.service, self.inner = message_limit, None, None
+        self.transport, self.buffer = None, None
+        self.header = bytearray()  # the current frame header, as far as it has arrived
+        self.body_left = 0  # bytes of the current message still to pass
+        self.refused = None  # the size of the message refused, if one was
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, error):
+        self.inner.connection_lost(error)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def pause_writing(self):
+        self.inner.pause_writing()
+
+    def resume_writing(self):
+        self.inner.resume_writing()
+
+    def get_buffer(self, size_hint):
+        self.buffer = self.inner.get_buffer(size_hint)
+        return self.buffer
+
+    def buffer_updated(self, size):
+        data, self.buffer = memoryview(self.buffer)[:size], None
+        if self.refused is None:
+            self.refused = self._check(data)
+            if self.refused is None:
+                self.inner.buffer_updated(size)
+                return
+            log.debug("Closing the connection from %s: a message of %d bytes, over its "
+                      "limit of %d", self.service and self.service.peer, self.refused,
+                      self.message_limit(self.service))
+        self.transport.abort()
+
+    def _check(self, data):
+        """Follow the frames through `data`; the size of a message that may not pass, or None."""
+        at = 0
+        while at < len(data):
+            if self.body_left:
+                step = min(self.body_left, len(data) - at)
+                self.body_left, at = self.body_left - step, at + step
+                continue
+            # A header: the number of segments less one (4 bytes), each segment's size in
+            # 8-byte words (4 bytes each), padded to a multiple of 8 bytes; then the segments.
+            segments = int.from_bytes(self.header[:4], "little") + 1 if len(self.header) >= 4 \
+                else None
+            need = 4 if segments is None else (4 + 4 * segments + 7) // 8 * 8
+            take = min(need - len(self.header), len(data) - at)
+            self.header += data[at:at + take]
+            at += take
+            if len(self.header) == 4:
+                segments = int.from_bytes(self.header, "little") + 1
+                if segments > self.MAX_SEGMENTS:
+                    return 8 * segments  # at least
+            elif len(self.header) == need:
+                # The message's size as Cap'n Proto counts it (its limit): its segments.
+                self.body_left = 8 * sum(struct.unpack_from(f"<{segments}I", self.header, 4))
+                if self.body_left > self.message_limit(self.service):
+                    return self.body_left
+                self.header.clear()
+        return None
 
 
 # For each method: the results that say "refused", and the field that carries the reason.
@@ -743,25 +925,45 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
     runs on a worker thread, off the event loop; a coroutine method (one that waits, as the
     parent's held requestJobs does) runs on the loop. A method the role does not serve, a text
     parameter that is not UTF-8, or any failure is answered with a message, never with an
-    exception: pycapnp would send the client our traceback."""
+    exception: pycapnp would send the client our traceback.
+
+    Before the parameters are decoded, precheck() looks at what costs nothing to read: the
+    lengths of lists (LIST_LIMITS) and whatever the role checks; the message itself was
+    bounded before it was read (FrameGuard). A call that registers() the connection lifts the
+    limits of an unregistered one (see Connections)."""
 
     role = "validator"
+    LIST_LIMITS = {}  # method -> {list parameter: most items}
 
     def __init__(self):
-        self.last_call = time.monotonic()  # for the idle timeout of this connection
-        self.peer = "an unknown address"  # RpcThread.serve sets host:port
+        self.last_call = time.monotonic()  # for the idle timeouts of this connection
+        self.calls = 0  # in progress: a connection is not idle while it waits for an answer
+        self.registered = False
+        self.peer, self.address = "an unknown address", "unknown"  # RpcThread.serve sets them
 
     def ping(self):
         return {"pong": f"pong from {self.role}"}
 
+    def precheck(self, method, params):
+        """Raise Refused for a call that is refused on what its reader shows cheaply."""
+        for name, most in self.LIST_LIMITS.get(method, {}).items():
+            if len(getattr(params, name)) > most:
+                raise Refused(f"{len(getattr(params, name))} {name} in one call; the limit is "
+                              f"{most}")
+
+    def registers(self, method):
+        """True if an answered (not refused) call of `method` registers the connection."""
+        return False
+
     async def _serve(self, method, context):
-        self.last_call = time.monotonic()
+        self.last_call, self.calls = time.monotonic(), self.calls + 1
         RPC_CALLS.labels(method).inc()
         handler = getattr(self, re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), method), None)
         try:
             if handler is None:
                 raise Refused(f"{method} is not served by a {self.role} validator")
             try:
+                self.precheck(method, context.params)
                 params = context.params.to_dict()
             except UnicodeDecodeError:
                 raise Refused("a text parameter is not valid UTF-8") from None
@@ -771,6 +973,7 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
                       else asyncio.to_thread(handler, **params))
             # The reason field is always set: an unset text field is absent from to_dict().
             results = {REFUSALS[method][1]: "", **await answer}
+            self.registered = self.registered or self.registers(method)
         except Refused as e:
             RPC_REFUSALS.labels(method).inc()
             results = refusal(method, str(e))
@@ -783,9 +986,10 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
             RPC_REFUSALS.labels(method).inc()
             log.exception("RPC method %s failed", method)
             results = refusal(method, "internal error in the validator; see its log")
+        finally:
+            self.last_call, self.calls = time.monotonic(), self.calls - 1
         for field, value in results.items():
             setattr(context.results, field, value)
-        self.last_call = time.monotonic()  # a held call is not idleness
 
     def __getattr__(self, name):
         # pycapnp answers a call of method M with <M>_context(context) if there is one: every
@@ -797,10 +1001,15 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
 
 
 def peer_address(transport):
+    """(host:port to show, the address its limits count by: an IPv4 address or an IPv6 /64)."""
     peer = transport.get_extra_info("peername") if transport else None
     if not peer:
-        return "an unknown address"
-    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        return "an unknown address", "unknown"
+    shown = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+    address = ipaddress.ip_address(peer[0].split("%")[0])
+    if address.version == 6 and not address.ipv4_mapped:
+        return shown, str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return shown, str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def contains_nul(value):

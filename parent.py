@@ -995,13 +995,32 @@ def _close_assignment(conn, job_id):
 
 class ParentService(common.ServiceBase):
     """One per connection. With auth on, a connection serves only the child that registered
-    on it, with a hotkey in allowed_child_hotkeys and a fresh signature."""
+    on it, with a hotkey in allowed_child_hotkeys and a fresh signature; a call for any other
+    child is refused before its parameters are decoded. With auth off, a call a child makes
+    (registerChild, requestJobs, report...) that is answered registers the connection."""
 
     role = "parent"
+    CHILD_METHODS = ("requestJobs", "reportJobCompletion", "reportJobCompletions")
+    LIST_LIMITS = {"requestJobs": {"heldJobs": common.MAX_HELD_JOBS,
+                                   "results": MAX_RESULTS_PER_REPORT},
+                   "reportJobCompletions": {"results": MAX_RESULTS_PER_REPORT}}
 
     def __init__(self, state):
         super().__init__()
         self.state, self.child_id = state, None
+
+    def precheck(self, method, params):
+        if method in self.CHILD_METHODS:
+            self._check_active()
+        verifier = self.state.verifier
+        if verifier and method in self.CHILD_METHODS and params.childId != self.child_id:
+            verifier.refuse(f"{method} for {params.childId!r}",
+                            f"the connection is registered as {self.child_id!r}", self.peer)
+        super().precheck(method, params)
+
+    def registers(self, method):
+        return method == "registerChild" or (
+            not self.state.verifier and method in self.CHILD_METHODS)
 
     def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
                        signature=b""):
@@ -1026,19 +1045,11 @@ class ParentService(common.ServiceBase):
         if self.state.leadership:
             self.state.leadership.refuse_unless_active()
 
-    def _check_bound(self, method, child_id):
-        self._check_active()
-        if self.state.verifier and child_id != self.child_id:
-            self.state.verifier.refuse(f"{method} for {child_id!r}",
-                                       f"the connection is registered as {self.child_id!r}",
-                                       self.peer)
-
     async def request_jobs(self, childId, maxJobs, heldJobs=None, results=(), waitMs=0):
         """A poll; with waitMs, one that gets no job waits for one (see Arrivals), then
         polls again, until it gets jobs or the wait is over. pycapnp cancels a call whose
         connection dropped, so the held call of a child that died takes no job. A client built
         from the seed's schema sends neither heldJobs (no redelivery then), results nor waitMs."""
-        self._check_bound("requestJobs", childId)
         results, cfg = self._results(results), self.state.cfg
         # With push_jobs the pusher sends the new jobs; a held call would race it.
         wait = 0 if cfg.push_jobs else min(waitMs / 1000, MAX_WAIT_SECONDS,
@@ -1054,20 +1065,15 @@ class ParentService(common.ServiceBase):
         return {"jobs": jobs, "replies": replies_message(replies), "revoked": revoked}
 
     def report_job_completion(self, childId, jobId, success, result):
-        self._check_bound("reportJobCompletion", childId)
         acknowledged, message = self.state.report_completion(childId, jobId, success, result)
         return {"acknowledged": acknowledged, "message": message}
 
     def report_job_completions(self, childId, results=()):
-        self._check_bound("reportJobCompletions", childId)
         return {"replies": replies_message(
             self.state.report_completions(childId, self._results(results)))}
 
     @staticmethod
     def _results(results):
-        if len(results) > MAX_RESULTS_PER_REPORT:
-            raise Refused(f"{len(results)} results in one call; the limit is "
-                          f"{MAX_RESULTS_PER_REPORT}")
         return [(r.get("jobId", 0), r.get("success", False), r.get("result", ""))
                 for r in results]
 
@@ -1103,8 +1109,8 @@ def run(cfg, stop):
         if leadership.take():
             state.take_over()
     rpc = common.RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state),
-                     cfg.rpc_max_connections, cfg.rpc_idle_timeout_seconds, tls_server)
+    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
+                     tls_server)
     log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,
              " (TLS 1.3)" if tls_server else "")
     pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None

@@ -306,6 +306,8 @@ class Parent:
             "listen_host": "127.0.0.1", "parent_port": self.port, "log_level": "INFO",
             "data_dir": str(self.workdir / f"{self.name}-parent"),
             "push_jobs": push, "max_jobs_per_child": self.max_jobs,
+            # Every simulated child connects from this one address, all at once.
+            "rpc_max_unregistered": 256, "rpc_max_unregistered_per_address": 256,
             "subtensor": {"network": "file", "commitments_file": str(self.chain.path)},
             "neuron": {"sync_frequency": self.sync_frequency}, **self.config,
         })
@@ -609,6 +611,9 @@ def serve_canned():
 
         def request_jobs(self, childId, maxJobs, **_):
             return {"jobs": jobs[:maxJobs]}
+
+        def registers(self, method):  # the bench's clients are children, not strangers
+            return True
 
     rpc = common.RpcThread()
     port = rpc.serve("127.0.0.1", 0, Canned)

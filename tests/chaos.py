@@ -21,7 +21,11 @@ The run, top to bottom:
 5. The faults, one after another at moments drawn from random.Random(seed) (fault_schedule):
    kill -9 the parent and restart it; kill -9 a child while it runs evaluations (none of its
    evaluator processes may outlive it) and restart it; stop one child for good
-   (SIGTERM; the parent must take its jobs back); stop and start the children's PostgreSQL.
+   (SIGTERM; the parent must take its jobs back); stop and start the children's PostgreSQL;
+   a flood of idle connections at a validator's port from other loopback addresses, held
+   open and opened again when closed, while `validator.py status` must still answer (and, at
+   the parent's port, a child killed meanwhile must register again); and unauthenticated
+   requestJobs calls of 60 MB, which the parent must drop within a second.
 6. After --duration seconds the miners stop committing, and we wait (with a deadline) until
    the parent has a job for every commitment on chain and none pending or assigned, and the
    live children have nothing left to run or report.
@@ -42,6 +46,8 @@ import random
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,7 +63,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import common  # noqa: E402
-from conftest import free_port, write_chain, write_toml  # noqa: E402
+from conftest import IdleFlood, free_port, write_chain, write_toml  # noqa: E402
 from validator import fetch_stats  # noqa: E402
 
 TICK = 0.25                # seconds between blocks on the chain
@@ -355,6 +361,7 @@ class Cluster:
         self.outlived = []  # (child, evaluator pids still running 5 s after its kill -9)
         self.evaluator = evaluator
         self.exit_codes = {}            # validator -> exit code of its SIGTERM stop
+        self.hostile = []               # what went wrong with the hostile peers' faults
 
     def validators(self):
         return [v for v in (self.parent, *self.children.values()) if v is not None]
@@ -405,9 +412,10 @@ class Cluster:
 @dataclasses.dataclass
 class Fault:
     at: float       # seconds after the start of the run
-    kind: str       # kill-parent, kill-child, stop-child, restart-postgres
+    kind: str       # kill-parent, kill-child, stop-child, restart-postgres, idle-flood,
+    #                 oversized-calls
     target: str     # "parent", a child's name, or "postgres"
-    down: float     # seconds it stays down before it is started again
+    down: float     # seconds it stays down before it is started again (or the flood lasts)
     mode: str       # restart-postgres: how pg_ctl stops it (fast, or immediate: a crash)
 
     def __str__(self):
@@ -417,6 +425,10 @@ class Fault:
             "stop-child": f"stop {self.target} for good (SIGTERM) once it holds jobs",
             "restart-postgres": f"stop the children's PostgreSQL ({self.mode}), start it "
                                 f"{self.down:g}s later",
+            "idle-flood": f"flood {self.target}'s port with {FLOOD_CONNECTIONS} idle "
+                          f"connections for {self.down:g}s",
+            "oversized-calls": f"send the parent {OVERSIZED_CALLS} unauthenticated requestJobs "
+                               "of 60 MB",
         }[self.kind]
 
 
@@ -427,7 +439,8 @@ def fault_schedule(seed, duration, children):
     rng = random.Random(seed)
     live = [f"child_{k}" for k in range(1, children + 1)]
     repeated = ["kill-parent", "kill-child", "restart-postgres"]
-    kinds = repeated + (["stop-child"] if children >= 2 else [])
+    kinds = repeated + (["stop-child"] if children >= 2 else []) + ["idle-flood",
+                                                                   "oversized-calls"]
     first = rng.sample(kinds, len(kinds))
     faults, at = [], 0.0
     while True:
@@ -435,12 +448,13 @@ def fault_schedule(seed, duration, children):
         if at > duration - 1:
             return faults
         kind = first.pop(0) if first else rng.choice(repeated)
-        target = {"kill-parent": "parent", "restart-postgres": "postgres"}.get(kind) \
-            or rng.choice(live)
+        target = {"kill-parent": "parent", "restart-postgres": "postgres",
+                  "oversized-calls": "parent"}.get(kind) \
+            or rng.choice(live + ["parent"] if kind == "idle-flood" else live)
         if kind == "stop-child":
             live.remove(target)
         # A database down for longer than child_timeout_seconds makes its children unseen.
-        down = round(rng.uniform(1.0, 5.0) if kind == "restart-postgres"
+        down = round(rng.uniform(1.0, 5.0) if kind in ("restart-postgres", "idle-flood")
                      else rng.uniform(0.0, 2.0), 1)
         faults.append(Fault(round(at, 1), kind, target, down, rng.choice(["fast", "immediate"])))
 
@@ -485,12 +499,76 @@ def inject(fault, cluster):
         code = cluster.exit_codes[fault.target] = cluster.children[fault.target].terminate()
         return (f"held {held} jobs; exited with code {code} after "
                 f"{time.monotonic() - began:.1f}s")
+    if fault.kind == "idle-flood":
+        return idle_flood(cluster, fault)
+    if fault.kind == "oversized-calls":
+        return oversized_calls(cluster)
     if not cluster.children_pg.restartable:
         return "SKIPPED: PostgreSQL is an external server (--pg-dsn); we restart only our own"
     cluster.children_pg.stop(fault.mode)
     time.sleep(fault.down)
     cluster.children_pg.start()
     return f"up again after {time.monotonic() - began:.1f}s"
+
+
+FLOOD_CONNECTIONS = 300  # from 30 addresses: past rpc_max_connections and every budget
+OVERSIZED_CALLS = 4
+
+
+def idle_flood(cluster, fault):
+    """Hold idle connections at a validator's port for fault.down seconds; meanwhile its
+    registered peers go on (the run's checks), the parent's status must answer, and in a
+    flood of the parent a child killed with -9 must come back and register again."""
+    port = cluster.parent_port if fault.target == "parent" else \
+        common.load_config(cluster.children[fault.target].config).child_port
+    flood = IdleFlood(port, addresses=30, per_address=FLOOD_CONNECTIONS // 30)
+    began, done = time.monotonic(), []
+    try:
+        time.sleep(fault.down / 2)
+        try:
+            fetch_stats("127.0.0.1", cluster.parent_port)
+            done.append(f"status answered after {time.monotonic() - began:.1f}s")
+        except common.PeerUnavailable as e:
+            done.append(f"status did not answer: {e}")
+            cluster.hostile.append(f"during a flood of {fault.target}'s port, {done[-1]}")
+        if fault.target == "parent":
+            child = cluster.children[sorted(cluster.live)[0]]
+            child.kill9()
+            cluster.kills[child.name] += 1
+            child.start()
+            child.wait_until_ready()  # registered again: RunFailed if it cannot
+            done.append(f"{child.name} killed and registered again")
+        time.sleep(max(0.0, began + fault.down - time.monotonic()))
+    finally:
+        flood.stop()
+    return f"{flood.opened} connections opened; " + "; ".join(done)
+
+
+def oversized_call(port):
+    """A frame that announces a 60 MB message, then its body, on a connection that never
+    registered: seconds until the server closed the connection (None: it read it all)."""
+    header = struct.pack("<II", 0, 60_000_000 // 8)
+    chunk = b"\0" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        began = time.monotonic()
+        try:
+            sock.sendall(header)
+            for _ in range(60):
+                sock.sendall(chunk)
+            sock.recv(1)
+        except OSError:  # reset, broken pipe, or the timeout
+            pass
+        seconds = time.monotonic() - began
+        return None if seconds >= 10 else seconds
+
+
+def oversized_calls(cluster):
+    took = [oversized_call(cluster.parent_port) for _ in range(OVERSIZED_CALLS)]
+    slow = [t for t in took if t is None or t > 1.0]
+    if slow:
+        cluster.hostile.append(f"{len(slow)} of {OVERSIZED_CALLS} oversized calls were not "
+                               f"dropped within a second: {took}")
+    return "dropped after " + ", ".join("never" if t is None else f"{t:.2f}s" for t in took)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +743,8 @@ def check_all(cluster, chain, stats):
     problems = [f"{name} exited with code {code} on SIGTERM"
                 for name, code in sorted(cluster.exit_codes.items()) if code != 0]
     checks.append(("every validator stopped by SIGTERM exits with code 0", problems))
+    checks.append(("status answered during idle floods; oversized unauthenticated calls were "
+                   "dropped within a second", cluster.hostile))
     return checks, jobs
 
 

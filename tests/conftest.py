@@ -4,6 +4,7 @@ validator processes on real ports, and a helper to write TOML configs."""
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -50,6 +52,41 @@ def run_foreign_client(schema_path, port, body):
         "asyncio.run(capnp.run(main()))"])
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
+
+
+class IdleFlood:
+    """Connections to 127.0.0.1:port that never send a byte, `per_address` from each of
+    `addresses` loopback addresses from 127.0.0.2 up, held open and opened again as soon as the
+    server closes them (at most 1000 a second), until stop(). `opened` counts them."""
+
+    def __init__(self, port, addresses, per_address):
+        self.port, self.opened, self.running = port, 0, True
+        self.sources = [f"127.0.0.{2 + k}" for k in range(addresses) for _ in range(per_address)]
+        self.socks = [self._open(source) for source in self.sources]
+        self.thread = threading.Thread(target=self._hold, name="idle-flood", daemon=True)
+        self.thread.start()
+
+    def _open(self, source):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", self.port))
+        self.opened += 1
+        return sock
+
+    def _hold(self):
+        while self.running:
+            readable, _, _ = select.select(self.socks, [], [], 0.1)
+            for sock in readable[:100]:  # closed by the server (or, never, sent something)
+                k = self.socks.index(sock)
+                sock.close()
+                self.socks[k] = self._open(self.sources[k])
+            time.sleep(0.1)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        for sock in self.socks:
+            sock.close()
 
 
 def free_port():

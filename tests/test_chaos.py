@@ -1,7 +1,8 @@
 """The chaos run (tests/chaos.py) at a size that takes about a minute: a parent and three
 children, killed, restarted and stopped at moments drawn from a seed while miners commit, with
-their PostgreSQL restarted and evaluators that hang or crash, lose no job and record no result
-twice. See chaos.py for the run and its checks.
+their PostgreSQL restarted, evaluators that hang or crash, floods of idle connections and
+oversized unauthenticated calls, lose no job and record no result twice. See chaos.py for the
+run and its checks.
 
 CHAOS_SEED=N picks another fault schedule (the default is fixed, so a failure reproduces);
 `python tests/chaos.py --seed N` runs the same thing longer or larger by hand."""
@@ -33,7 +34,8 @@ def test_a_chaos_run_loses_no_job_and_records_no_result_twice():
         f"\n{run.stdout}\n{run.stderr}")
     # Every kind of fault was injected (the schedule takes each kind once first).
     for fault in ("FAULT kill -9 the parent", "FAULT kill -9 child_",
-                  "FAULT stop child_", "FAULT stop the children's PostgreSQL"):
+                  "FAULT stop child_", "FAULT stop the children's PostgreSQL",
+                  "FAULT flood ", "FAULT send the parent 4 unauthenticated requestJobs"):
         assert fault in run.stdout
     assert re.search(r"killed with [1-9]\d* evaluators running, 0 left after it", run.stdout)
     assert "chaos: PASS" in run.stdout

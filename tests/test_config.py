@@ -88,3 +88,21 @@ def test_each_entry_point_exits_with_one_line_on_a_bad_config(tmp_path, script):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {path}: unknown key 'wallet'"
+
+
+@pytest.mark.parametrize("key, bad, good", [
+    ("rpc_max_connections", 0, 1),
+    ("rpc_max_unregistered", 0, 1),
+    ("rpc_max_unregistered_per_address", 0, 1),
+    ("rpc_unregistered_max_message_bytes", 1023, 1024),
+    ("rpc_unregistered_max_message_bytes", common.MAX_MESSAGE_BYTES + 1,
+     common.MAX_MESSAGE_BYTES),
+    ("rpc_register_timeout_seconds", 0.0, 0.1),
+    ("rpc_idle_timeout_seconds", 0.0, 0.1),
+])
+def test_the_rpc_limits_are_refused_past_their_edge(tmp_path, key, bad, good):
+    base = {"pg_database": "x", "is_parent_validator": True}
+    assert getattr(common.load_config(write_toml(tmp_path / "good.toml", {**base, key: good})),
+                   key) == good
+    with pytest.raises(common.ConfigError, match=f"bad.toml: key '{key}' must be"):
+        common.load_config(write_toml(tmp_path / "bad.toml", {**base, key: bad}))

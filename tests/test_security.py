@@ -4,6 +4,7 @@ the child that registered on it, and a child takes pushed jobs only from its par
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -214,3 +215,17 @@ def test_unreadable_tls_files_name_the_keys(tmp_path):
                                 tls_key=str(tmp_path / "none.key"), tls_ca="")
     with pytest.raises(common.ConfigError, match="x.toml: keys 'tls_cert', 'tls_key', 'tls_ca'"):
         common.tls_contexts(cfg)
+
+
+def test_a_tls_handshake_that_never_comes_is_closed_after_the_register_timeout(
+        tmp_path, parent_config, processes, certificates):
+    write_chain(tmp_path / "chain.json", 100, [])
+    config = parent_config(**certificates["good"], rpc_register_timeout_seconds=1.0)
+    parent = processes(["parent.py", "--config", config], tmp_path / "parent.log")
+    parent.wait_for_log(r"Parent validator serving on 127.0.0.1:\d+ \(TLS 1.3\)")
+    silent = socket.create_connection(("127.0.0.1", common.load_config(config).parent_port))
+    silent.settimeout(10)  # asyncio's own handshake deadline is 60 s
+    started = time.monotonic()
+    assert silent.recv(1) == b""
+    assert time.monotonic() - started < 5
+    silent.close()
