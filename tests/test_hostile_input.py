@@ -3,7 +3,6 @@ message that names it (never a traceback), and registered children are served th
 
 import json
 import os
-import re
 import socket
 import struct
 import time
