@@ -89,6 +89,17 @@ class IdleFlood:
             sock.close()
 
 
+def process_alive(pid):
+    """True while process `pid` runs: not gone, and not a zombie (finished, its status not yet
+    read by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):  # gone, or going meanwhile
+        return False
+    return state not in ("Z", "X")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

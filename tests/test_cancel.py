@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, commitment, wait_until, write_chain
+from conftest import ROOT, commitment, process_alive, wait_until, write_chain
 
 import common
 
@@ -31,16 +31,6 @@ EVALUATOR = textwrap.dedent("""
 """)
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has finished: only its parent has not read its status yet.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture
 def evaluator(tmp_path):
     """(command, pids(job_id)): an evaluator that records its runs; every run still alive at
@@ -56,7 +46,7 @@ def evaluator(tmp_path):
     yield [sys.executable, str(tmp_path / "evaluator.py"), str(runs)], pids
     for path in runs.iterdir():
         for pid in map(int, path.read_text().split()):
-            if alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -74,7 +64,7 @@ def query(dsn, sql):
 
 def assert_stopped_within_the_bound(pid, since):
     """The evaluator's process is gone within poll_interval + 1 s of `since`."""
-    wait_until(lambda: not alive(pid), 30, f"evaluator {pid} to be stopped")
+    wait_until(lambda: not process_alive(pid), 30, f"evaluator {pid} to be stopped")
     assert time.monotonic() - since <= POLL_INTERVAL + 1.0
 
 
@@ -138,7 +128,7 @@ def test_a_lease_that_expired_and_moved_stops_on_the_old_holder(
     finally:
         children["old"].proc.send_signal(signal.SIGCONT)
     resumed = time.monotonic()
-    assert alive(pid)
+    assert process_alive(pid)
     assert_stopped_within_the_bound(pid, resumed)
     children["old"].wait_for_log(r"Job 1 cancelled by the parent \(completed by child new\)")
     [row] = query(parent_cfg.pg_database, "select status, child_id, result from jobs")

@@ -11,11 +11,11 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ROOT, commitment, free_port, wait_until, write_chain
+from conftest import (ROOT, commitment, free_port, process_alive, wait_until,
+                      write_chain)
 
 import child
 import common
@@ -490,13 +490,6 @@ SLOW_EVALUATOR = """
 """
 
 
-def alive(pid):
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.exists():
-        return False
-    return stat.read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def test_after_the_grace_running_evaluations_are_killed_and_their_jobs_run_after_restart(
         cluster, tmp_path):
     (tmp_path / "evaluator.py").write_text(textwrap.dedent(SLOW_EVALUATOR))
@@ -513,7 +506,8 @@ def test_after_the_grace_running_evaluations_are_killed_and_their_jobs_run_after
     c.child.wait_for_log(r"Shutdown grace of 1s expired: stopped the running evaluations "
                          r"\(1 evaluator process groups killed\)")
     for pid in map(int, pids):
-        wait_until(lambda: not alive(pid), 10, f"process {pid} of the evaluator's group gone")
+        wait_until(lambda: not process_alive(pid), 10,
+                   f"process {pid} of the evaluator's group gone")
     # The job is queued again, its start not counted, and the parent was told nothing.
     [row] = c.child_rows()
     assert (row["status"], row["attempts"], row["finished_at"], row["reported_at"]) == \
@@ -561,12 +555,14 @@ def test_evaluators_die_with_a_child_killed_with_sigkill_and_run_once_after_its_
         for job_id in (1, 2)}
     c.child.kill()
     for evaluator, helper in pids.values():
-        wait_until(lambda: not alive(evaluator), 10, f"evaluator {evaluator} gone with the child")
-        assert alive(helper)  # in the evaluator's group: the next start kills it
+        wait_until(lambda: not process_alive(evaluator), 10,
+                   f"evaluator {evaluator} gone with the child")
+        assert process_alive(helper)  # in the evaluator's group: the next start kills it
     (tmp_path / "hold").unlink()
     c.start("child")
     for job_id, (_, helper) in pids.items():
-        wait_until(lambda: not alive(helper), 30, f"process {helper} left by job {job_id} gone")
+        wait_until(lambda: not process_alive(helper), 30,
+                   f"process {helper} left by job {job_id} gone")
         c.child.wait_for_log(f"Killed the evaluator processes that job {job_id} left running")
     wait_until(lambda: c.parent_status() == {1: "completed", 2: "completed"}, 60,
                "both jobs completed")
