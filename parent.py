@@ -296,6 +296,10 @@ PARENT_ACTIVE = prometheus_client.Gauge(
     "validator_parent_active", "1 while this parent is the active one, 0 while a standby")
 
 
+def too_big(job_id, size, limit):
+    return f"result of job {job_id} is {size} bytes; the limit is {limit} (max_result_bytes)"
+
+
 def returned_position():
     """Queue position of a job given back: ahead of every new job of its priority (those have
     position 0 and go by job id), behind the jobs given back before it."""
@@ -723,11 +727,15 @@ class ParentState:
         return self._answers(child_id, results, *outcome)
 
     def _record(self, conn, child_id, results):
-        """Write the results that fit; returns what _answers needs to answer each."""
+        """Write the results; returns what _answers needs to answer each. A result over
+        max_result_bytes is recorded as a failure that says so: refused, the child would send
+        it again at every poll (a child whose max_result_bytes is larger than ours)."""
         sizes = [len(result.encode()) for _, _, result in results]
+        limit = self.cfg.max_result_bytes
         # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
-        fits = [r for r, size in zip(results, sizes)
-                if size <= self.cfg.max_result_bytes and r[0] < 2**63]
+        written = [(job_id, False, json.dumps({"error": too_big(job_id, size, limit)}))
+                   if size > limit else (job_id, success, result)
+                   for (job_id, success, result), size in zip(results, sizes) if job_id < 2**63]
         recorded = {row["job_id"] for row in conn.execute(
             """with reported as (
                    select * from unnest(%b::bigint[], %b::boolean[], %b::text[])
@@ -745,21 +753,21 @@ class ParentState:
                    from finished where assignments.job_id = finished.job_id
                        and assignments.attempt = finished.attempts)
                select job_id from finished""",
-            ([job_id for job_id, _, _ in fits], [success for _, success, _ in fits],
-             [result for _, _, result in fits], child_id))}
+            (*map(list, zip(*written)), child_id) if written else ([], [], [], child_id))}
         others = {row["job_id"]: row for row in conn.execute(
             "select job_id, status, child_id from jobs where job_id = any(%b)",
-            ([job_id for job_id, _, _ in results if job_id < 2**63],))}
+            ([job_id for job_id, _, _ in written],))}
         return sizes, recorded, others
 
     def _answers(self, child_id, results, sizes, recorded, others):
         answers = []
         for (job_id, success, result), size in zip(results, sizes):
-            if size > self.cfg.max_result_bytes:
-                outcome = "too big", size
-            elif job_id in recorded:
-                outcome = "recorded", None
+            if job_id in recorded:
                 recorded.discard(job_id)  # the same result twice in one call: once recorded
+                if size > self.cfg.max_result_bytes:
+                    outcome = "too big", size
+                else:
+                    outcome = "recorded", None
             else:
                 outcome = "not held", others.get(job_id)
             answers.append(self._answer(child_id, job_id, success, result, *outcome))
@@ -767,8 +775,10 @@ class ParentState:
 
     def _answer(self, child_id, job_id, success, result, outcome, detail):
         if outcome == "too big":
-            return False, (f"result of job {job_id} is {detail} bytes; the limit is "
-                           f"{self.cfg.max_result_bytes} (max_result_bytes)")
+            JOBS_FINISHED.labels("failed").inc()
+            reason = too_big(job_id, detail, self.cfg.max_result_bytes)
+            log.warning("Job %s failed on child %s: %s", job_id, child_id, reason)
+            return True, f"recorded as failed: {reason}"
         if outcome == "recorded":
             JOBS_FINISHED.labels("completed" if success else "failed").inc()
             log.info("Child %s completed job %s", child_id, job_id)

@@ -134,9 +134,14 @@ def test_sizes_and_counts_up_to_and_past_every_limit(tmp_path, parent_config, pr
         answers = reply.get("replies", [reply] if method == "reportJobCompletion" else [])
         for result, answer in zip(sent, answers) if values.get("childId") == "good" else ():
             too_big = len(result["result"]) > RESULT_LIMIT
-            assert answer["acknowledged"] is not too_big, (result["jobId"], answer)
             if answer["message"] == "recorded":
+                assert not too_big, (result["jobId"], answer)
                 recorded[result["jobId"]] = (result["success"], result["result"])
+            elif answer["message"].startswith("recorded as failed: "):
+                # Over max_result_bytes: a failure that says so, so that it is not resent.
+                assert too_big, (result["jobId"], answer)
+                reason = answer["message"].removeprefix("recorded as failed: ")
+                recorded[result["jobId"]] = (False, json.dumps({"error": reason}))
 
     fuzz()
     assert dropped and recorded

@@ -139,16 +139,16 @@ def test_bad_values_get_a_message_that_names_them_and_change_nothing(parent):
     assert "Traceback" not in parent.log()
 
 
-def test_a_result_over_max_result_bytes_is_refused_with_a_message(parent):
+def test_a_result_over_max_result_bytes_is_recorded_as_a_failure_that_says_so(parent):
     [job] = parent.client.call("requestJobs", childId="good", maxJobs=1)["jobs"]
     big = "x" * 60_000_000
     reply = parent.client.call("reportJobCompletion", childId="good", jobId=job["jobId"],
                                success=True, result=big)
-    assert reply == {"acknowledged": False, "message": f"result of job {job['jobId']} is "
-                     "60000000 bytes; the limit is 1000 (max_result_bytes)"}
+    assert reply == {"acknowledged": True, "message": f"recorded as failed: result of job "
+                     f"{job['jobId']} is 60000000 bytes; the limit is 1000 (max_result_bytes)"}
     assert parent.client.call("reportJobCompletion", childId="good", jobId=job["jobId"],
                               success=True, result="{}") == {"acknowledged": True,
-                                                            "message": "recorded"}
+                                                            "message": "already recorded"}
 
 
 def test_text_that_is_not_utf8_gets_a_message_not_a_traceback(tmp_path, parent):

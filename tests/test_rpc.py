@@ -31,7 +31,7 @@ def run_parent(tmp_path, config, processes, rpc):
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log(r"New job 3 ")
     port = common.load_config(config).parent_port
-    proc.port = port
+    proc.port, proc.dsn = port, common.load_config(config).pg_database
     proc.client = common.RpcClient(rpc, "127.0.0.1", port)
     return proc
 
@@ -176,14 +176,20 @@ def test_report_job_completions_answers_each_result_of_one_call(parent):
         {"acknowledged": False, "message": "unknown job 999"}]}
     assert report("c1", 1)["replies"] == [{"acknowledged": True, "message": "already recorded"}]
     big = "x" * ((1 << 20) + 1)
-    assert report("c2", 3, result=big)["replies"] == [{"acknowledged": False, "message": (
-        "result of job 3 is 1048577 bytes; the limit is 1048576 (max_result_bytes)")}]
+    too_big = "result of job 3 is 1048577 bytes; the limit is 1048576 (max_result_bytes)"
+    # Recorded as a failure that says why: refused, the child would send it again forever.
+    assert report("c2", 3, result=big)["replies"] == [
+        {"acknowledged": True, "message": f"recorded as failed: {too_big}"}]
+    with common.connect(parent.dsn) as conn:
+        assert conn.execute("select success, result from jobs where job_id = 3").fetchall() \
+            == [{"success": False, "result": json.dumps({"error": too_big})}]
     assert report("c2")["replies"] == []  # a heartbeat, in effect
     assert report("stranger", 3) == {
         "replies": [], "error": "unknown child 'stranger': call registerChild first"}
     parent.wait_for_log("Job 2 failed on child c1")
     stats = json.loads(parent.client.call("getStats")["json"])
-    assert (stats["failed_jobs"], stats["children"][0]["total_jobs_completed"]) == (1, 2)
+    assert (stats["failed_jobs"], stats["children"][0]["total_jobs_completed"]) == (2, 2)
+    assert stats["children"][1]["total_jobs_completed"] == 1  # c2's job 3, too big
     assert parent.log().count("completed job 1\n") == 1
 
 
