@@ -488,7 +488,8 @@ def weights_report(cfg, db, chain):
     if isinstance(chain, FileChain):
         snapshot = chain.read()
         block = snapshot.block
-        neurons = [Neuron(c.uid, c.hotkey, 0) for c in snapshot.commitments if c.uid is not None]
+        neurons = [Neuron(uid, hotkey, 0) for hotkey, uid in snapshot.neurons.items()
+                   if uid is not None]
         note = "a file chain: there is no chain to set these weights on"
         rows = weight_table(db, cfg.weights, neurons, set())
     else:

@@ -398,11 +398,14 @@ def test_the_weights_command_on_a_file_chain(tmp_path, make_dsn):
     db = common.Database(dsn, parent.SCHEMA)
     add_job(db, "5Miner001", 90, score(3.0))
     add_job(db, "5Miner002", 90, score(1.0))
+    add_job(db, "5Miner003", 90, score(4.0))
     add_job(db, "5Gone", 90, score(9.0))
     db.close()
+    # Miner 3 is registered and has a score, but no commitment now: it is weighed too.
     write_chain(tmp_path / "chain.json", 120, [
         {"hotkey": "5Miner001", "uid": 1, "block": 90, "stake": 1.0, "data": "org/a@1"},
-        {"hotkey": "5Miner002", "uid": 2, "block": 90, "stake": 1.0, "data": "org/b@2"}])
+        {"hotkey": "5Miner002", "uid": 2, "block": 90, "stake": 1.0, "data": "org/b@2"}],
+        [{"hotkey": f"5Miner00{uid}", "uid": uid} for uid in (1, 2, 3)])
     config = write_toml(tmp_path / "p.toml", {
         "pg_database": dsn, "is_parent_validator": True,
         "subtensor": {"network": "file", "commitments_file": str(tmp_path / "chain.json")}})
@@ -419,10 +422,11 @@ def test_the_weights_command_on_a_file_chain(tmp_path, make_dsn):
 
     assert report["block"] == 120 and report["attempts"] == []
     assert [(r["uid"], r["hotkey"], r["score"], r["weight"], r["u16"])
-            for r in report["rows"]] == [(1, "5Miner001", 3.0, 0.75, None),
-                                         (2, "5Miner002", 1.0, 0.25, None)]
+            for r in report["rows"]] == [(1, "5Miner001", 3.0, 0.375, None),
+                                         (2, "5Miner002", 1.0, 0.125, None),
+                                         (3, "5Miner003", 4.0, 0.5, None)]
     assert "no chain to set these weights on" in report["note"]
-    assert "5Miner001" in text and "0.7500" in text and "no chain to set" in text
+    assert "5Miner001" in text and "0.3750" in text and "no chain to set" in text
 
 
 def test_the_weights_report_on_a_chain_shows_the_sdks_u16_values(make_chain, weights_db,
