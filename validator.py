@@ -6,7 +6,7 @@
     python validator.py status --parent-host H --parent-port P [--json]
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
-    python validator.py bench [--json] [--quick]   the figures of the README's Benchmark
+    python validator.py bench [--json] [--quick]   the figures of docs/benchmark.md
 """
 
 import argparse
@@ -297,7 +297,7 @@ def print_jobs(parent_dsn):
 
 
 def bench(argv):
-    """python validator.py bench [--json] [--quick]: the figures of the README's Benchmark."""
+    """python validator.py bench [--json] [--quick]: the figures of docs/benchmark.md."""
     return subprocess.call([sys.executable, str(HERE / "tests" / "bench.py"), *argv])
 
 
