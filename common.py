@@ -62,8 +62,9 @@ MAX_RESULT_BYTES = MAX_MESSAGE_BYTES // 4
 MAX_HELD_JOBS = 10_000
 
 REQUIRED = object()
-# key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented
-# in the README; a key not listed here is refused so that a typo never passes silently.
+# key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented,
+# with its default, in docs/configuration.md (tests/test_docs.py checks both); a key not listed
+# here is refused so that a typo never passes silently.
 CONFIG_KEYS = {
     "version": (str, "0.0.1"),
     "log_level": (str, "INFO"),

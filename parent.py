@@ -109,7 +109,7 @@ create table if not exists weight_attempts (
     message       text not null default ''
 );
 """, """
--- Which of the parents sharing this database is active (README, "Running two parents"). The
+-- Which of the parents sharing this database is active (docs/operations.md, two parents). The
 -- epoch goes up at each takeover; every transaction that hands out, records or gives back a
 -- job checks it (Leadership.fence).
 create table if not exists leadership (

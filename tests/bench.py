@@ -74,7 +74,7 @@ from conftest import ROOT, commitment, free_port, write_chain, write_toml  # noq
 import capnp  # noqa: E402
 import common  # noqa: E402  (conftest put the project on sys.path)
 
-# Run sizes. The full run is what the README reports; --quick only proves the bench works.
+# Run sizes. The full run is what docs/benchmark.md reports; --quick only proves the bench works.
 FULL = dict(
     repeats=5,            # repeats of each throughput, RPC and chain measure
     batch=300,            # no-op jobs per throughput repeat

@@ -1,6 +1,6 @@
 """A smoke test of the benchmark (tests/bench.py, run as `validator.py bench`): its quick run
 ends well and reports every figure as a number. It asserts nothing about speed: the figures
-are for the README, not a gate."""
+are for docs/benchmark.md, not a gate."""
 
 import json
 import math

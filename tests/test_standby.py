@@ -1,4 +1,4 @@
-"""Two parents on one database (README, "Running two parents"): one active, one standby that
+"""Two parents on one database (docs/operations.md, two parents): one active, one standby that
 takes over by itself, fenced, with real processes and one real PostgreSQL server."""
 
 import signal
