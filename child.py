@@ -696,6 +696,40 @@ def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
     wake.set()
 
 
+JOB_END_RETRY = 1.0  # seconds between tries to record a job's end in pgqueuer after a failure
+
+
+def record_job_ends_at_once():
+    """Make pgqueuer record each job's end as soon as the job ends.
+
+    pgqueuer 1.6's consumer keeps the ends of jobs in a buffer (JobStatusLogBuffer, made
+    inside QueueManager.run, with no setting for it) and writes them when batch_size ends are
+    waiting or every 0.1 s. Until then a finished job's entry still counts as running, so the
+    freed slot waits for that timer before it takes the next queued job, and the timer wakes
+    the consumer ten times a second while nothing runs. Our jobs take seconds, not
+    microseconds: one write per job end costs nothing, so this buffer writes each end at once
+    (the buffer's size is 1) and its timer only retries a write that failed. This replaces a
+    class inside pgqueuer, so it applies only to the version it was written and tested for
+    (requirements.txt pins it); another version keeps pgqueuer's own buffer."""
+    from pgqueuer.core import buffers
+    if pgqueuer_version() != "1.6.0" or hasattr(buffers.JobStatusLogBuffer, "at_once"):
+        return
+
+    class JobEndsAtOnce(buffers.JobStatusLogBuffer):
+        at_once = True
+
+        def __init__(self, max_size, repository, **_):
+            super().__init__(max_size=1, repository=repository,
+                             timeout=datetime.timedelta(seconds=JOB_END_RETRY))
+
+    buffers.JobStatusLogBuffer = JobEndsAtOnce
+
+
+def pgqueuer_version():
+    import pgqueuer
+    return pgqueuer.__version__
+
+
 class Worker:
     """Runs queued jobs, up to max_concurrent_jobs at once. pgqueuer's consumer is asyncio-only;
     it lives on this thread, and the evaluations on a thread pool, so callers never see asyncio.
@@ -715,6 +749,8 @@ class Worker:
         self.pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="evaluate")
         self.ready, self.stopping = threading.Event(), threading.Event()
         self.error, self.failures = None, 0
+        # The running consumer's loop and shutdown event, for stop_taking() on another thread.
+        self.lock, self.consumer = threading.Lock(), None
         self.thread = threading.Thread(target=self._thread, name="worker", daemon=True)
 
     def start(self):
@@ -748,6 +784,7 @@ class Worker:
             params["port"] = int(params["port"])
         connection = await asyncpg.connect(**{k: v for k, v in params.items()
                                               if k in ASYNCPG_PARAMS and v})
+        record_job_ends_at_once()
         pgq = PgQueuer(AsyncpgDriver(connection))
         loop = asyncio.get_running_loop()
 
@@ -762,29 +799,33 @@ class Worker:
                             parse_queue_key(job.payload.decode())[0], e)
                 raise RetryRequested(datetime.timedelta(seconds=5), str(e)) from None
 
-        async def stop_when_asked():
-            # stop_taking() runs on another thread; polling an Event avoids racing a restart.
-            while not self.stopping.is_set():
-                await asyncio.sleep(0.1)
-            pgq.shutdown.set()
-
         if self.failures:
             log.info("The job worker reconnected after %d failed attempts", self.failures)
             self.failures = 0
+        # stop_taking() wakes this loop; registered under the lock, so that a stop asked
+        # before the registration is seen here and one asked after it reaches this loop.
+        with self.lock:
+            self.consumer = (loop, pgq.shutdown)
+            if self.stopping.is_set():
+                pgq.shutdown.set()
         self.ready.set()
-        watcher = asyncio.create_task(stop_when_asked())
         try:
             await pgq.run(batch_size=self.slots, max_concurrent_tasks=2 * self.slots,
                           heartbeat_timeout=datetime.timedelta(seconds=self.heartbeat),
                           dequeue_timeout=datetime.timedelta(seconds=self.heartbeat / 3))
         finally:
-            watcher.cancel()
+            with self.lock:  # before the loop closes: nothing may be scheduled on it after
+                self.consumer = None
             with contextlib.suppress(Exception):  # a broken connection cannot close cleanly
                 await connection.close(timeout=5)
 
     def stop_taking(self):
         """Take no new job; the running ones go on (pgqueuer waits for them)."""
         self.stopping.set()
+        with self.lock:
+            if self.consumer:
+                loop, shutdown = self.consumer
+                loop.call_soon_threadsafe(shutdown.set)
 
     def wait(self, timeout):
         """Wait up to `timeout` seconds for the running jobs to end; True once they have."""
