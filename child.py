@@ -461,13 +461,17 @@ class Evaluations:
             proc = subprocess.Popen(command, start_new_session=True,
                                     preexec_fn=die_with_parent(os.getpid()), **options)
             self.groups[job_id] = proc.pid
+        return proc
+
+    def started(self, job_id, proc):
+        """Keep the evaluator's process group in the database (`record`). Called once it has
+        its job: the evaluator need not wait for this transaction to start working."""
         if self.record:
             try:
                 self.record(job_id, proc.pid)
             except common.DatabaseUnavailable:  # the evaluator still dies with the child
                 log.warning("Job %d: the evaluator's process group %d is not recorded: the "
                             "database is unavailable", job_id, proc.pid)
-        return proc
 
     def forget(self, job_id):
         """The evaluator has ended: kill what it left in its group, and forget the group."""
@@ -576,7 +580,8 @@ def evaluate(cfg, job, logs_dir, running=None):
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
         try:
-            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout)
+            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout,
+                           functools.partial(running.started, job_id, proc))
         except subprocess.TimeoutExpired:
             return failure(f"evaluator timed out after {timeout:g}s")
         finally:
@@ -602,11 +607,12 @@ def evaluate(cfg, job, logs_dir, running=None):
     return True, text
 
 
-def exchange(proc, job, limit, timeout):
-    """Write the job to the evaluator's stdin and read its stdout until it exits; returns
-    what it printed, or None if that was over `limit` bytes: then its process group is killed
-    at once, so that an evaluator printing without end costs no more than `limit` of memory.
-    Raises subprocess.TimeoutExpired (its group killed) after `timeout` seconds."""
+def exchange(proc, job, limit, timeout, sent=lambda: None):
+    """Write the job to the evaluator's stdin, call `sent`, and read its stdout until it
+    exits; returns what it printed, or None if that was over `limit` bytes: then its process
+    group is killed at once, so that an evaluator printing without end costs no more than
+    `limit` of memory. Raises subprocess.TimeoutExpired (its group killed) after `timeout`
+    seconds."""
     printed, over = bytearray(), []
 
     def read():
@@ -623,6 +629,7 @@ def exchange(proc, job, limit, timeout):
         proc.stdin.write(job)
         proc.stdin.close()
     try:
+        sent()
         wait_for_exit(proc, timeout)
     except subprocess.TimeoutExpired:
         kill_process_group(proc.pid)
