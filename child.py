@@ -775,7 +775,7 @@ class Worker:
         self.pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="evaluate")
         self.ready, self.stopping = threading.Event(), threading.Event()
         self.error, self.failures = None, 0
-        # The running consumer's loop and shutdown event, for stop_taking() on another thread.
+        # The running consumer's loop and PgQueuer, for stop_taking() on another thread.
         self.lock, self.consumer = threading.Lock(), None
         self.thread = threading.Thread(target=self._thread, name="worker", daemon=True)
 
@@ -808,8 +808,14 @@ class Worker:
         params["database"] = params.pop("dbname", None)
         if params.get("port"):
             params["port"] = int(params["port"])
+        # This session only hands out queue entries and records their ends; the child_jobs
+        # rows decide what runs (ChildStore.start runs nothing for an entry handed out again),
+        # and they are committed durably on another connection, whose commits also flush the
+        # WAL written before them. So its commits need not wait for the disk: a crash of the
+        # server can only undo its last entries' moves, which are then made again.
         connection = await asyncpg.connect(**{k: v for k, v in params.items()
-                                              if k in ASYNCPG_PARAMS and v})
+                                              if k in ASYNCPG_PARAMS and v},
+                                           server_settings={"synchronous_commit": "off"})
         record_job_ends_at_once()
         pgq = PgQueuer(AsyncpgDriver(connection))
         loop = asyncio.get_running_loop()
@@ -831,7 +837,7 @@ class Worker:
         # stop_taking() wakes this loop; registered under the lock, so that a stop asked
         # before the registration is seen here and one asked after it reaches this loop.
         with self.lock:
-            self.consumer = (loop, pgq.shutdown)
+            self.consumer = (loop, pgq)
             if self.stopping.is_set():
                 pgq.shutdown.set()
         self.ready.set()
@@ -850,8 +856,8 @@ class Worker:
         self.stopping.set()
         with self.lock:
             if self.consumer:
-                loop, shutdown = self.consumer
-                loop.call_soon_threadsafe(shutdown.set)
+                loop, pgq = self.consumer
+                loop.call_soon_threadsafe(pgq.shutdown.set)
 
     def wait(self, timeout):
         """Wait up to `timeout` seconds for the running jobs to end; True once they have."""

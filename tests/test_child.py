@@ -2,6 +2,7 @@
 reconnection, the cap on evaluations that kill it, retention, and the staged shutdown. Real
 parent and child processes, real ports, real PostgreSQL."""
 
+import asyncio
 import concurrent.futures
 import json
 import queue
@@ -412,10 +413,11 @@ def voluntary_switches(thread):
     return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
 
 
-def test_an_idle_worker_sleeps_until_something_happens(make_dsn):
+def test_an_idle_worker_sleeps_and_its_queue_session_does_not_wait_for_the_disk(make_dsn):
     """An idle worker's thread wakes only for pgqueuer's slow timers (heartbeats, health
     checks, the queue's re-check every heartbeat / 3), not ten times a second for a timer of
-    its own or for pgqueuer's buffer of job ends; and a stop still reaches it at once."""
+    its own or for pgqueuer's buffer of job ends; and a stop still reaches it at once. Its
+    session's commits (queue entries handed out and ended) do not wait for the disk."""
     dsn = make_dsn()
     store = child.ChildStore(dsn, 2)
     ran = queue.Queue()
@@ -436,6 +438,11 @@ def test_an_idle_worker_sleeps_until_something_happens(make_dsn):
         time.sleep(3.0)  # the window measured: nothing to wait for
         woken = voluntary_switches(worker.thread) - before
         assert woken < 25, f"an idle worker's thread woke {woken} times in 3 s"
+        # Its queue entries' moves are not waited for on disk (see Worker._consume).
+        loop, pgq = worker.consumer
+        [row] = asyncio.run_coroutine_threadsafe(
+            pgq.connection.fetch("show synchronous_commit"), loop).result(30)
+        assert row["synchronous_commit"] == "off"
     finally:
         worker.stop_taking()
         assert worker.wait(30)
