@@ -722,7 +722,7 @@ def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
     wake.set()
 
 
-JOB_END_RETRY = 1.0  # seconds between tries to record a job's end in pgqueuer after a failure
+JOB_END_RETRY = 5.0  # seconds between tries to record a job's end in pgqueuer after a failure
 
 
 def record_job_ends_at_once():
