@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -459,13 +460,17 @@ class Evaluations:
             proc = subprocess.Popen(command, start_new_session=True,
                                     preexec_fn=die_with_parent(os.getpid()), **options)
             self.groups[job_id] = proc.pid
+        return proc
+
+    def started(self, job_id, proc):
+        """Keep the evaluator's process group in the database (`record`). Called once it has
+        its job: the evaluator need not wait for this transaction to start working."""
         if self.record:
             try:
                 self.record(job_id, proc.pid)
             except common.DatabaseUnavailable:  # the evaluator still dies with the child
                 log.warning("Job %d: the evaluator's process group %d is not recorded: the "
                             "database is unavailable", job_id, proc.pid)
-        return proc
 
     def forget(self, job_id):
         """The evaluator has ended: kill what it left in its group, and forget the group."""
@@ -574,7 +579,8 @@ def evaluate(cfg, job, logs_dir, running=None):
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}")
         try:
-            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout)
+            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout,
+                           functools.partial(running.started, job_id, proc))
         except subprocess.TimeoutExpired:
             return failure(f"evaluator timed out after {timeout:g}s")
         finally:
@@ -600,11 +606,12 @@ def evaluate(cfg, job, logs_dir, running=None):
     return True, text
 
 
-def exchange(proc, job, limit, timeout):
-    """Write the job to the evaluator's stdin and read its stdout until it exits; returns
-    what it printed, or None if that was over `limit` bytes: then its process group is killed
-    at once, so that an evaluator printing without end costs no more than `limit` of memory.
-    Raises subprocess.TimeoutExpired (its group killed) after `timeout` seconds."""
+def exchange(proc, job, limit, timeout, sent=lambda: None):
+    """Write the job to the evaluator's stdin, call `sent`, and read its stdout until it
+    exits; returns what it printed, or None if that was over `limit` bytes: then its process
+    group is killed at once, so that an evaluator printing without end costs no more than
+    `limit` of memory. Raises subprocess.TimeoutExpired (its group killed) after `timeout`
+    seconds."""
     printed, over = bytearray(), []
 
     def read():
@@ -621,7 +628,8 @@ def exchange(proc, job, limit, timeout):
         proc.stdin.write(job)
         proc.stdin.close()
     try:
-        proc.wait(timeout)
+        sent()
+        wait_for_exit(proc, timeout)
     except subprocess.TimeoutExpired:
         kill_process_group(proc.pid)
         proc.wait()
@@ -632,6 +640,24 @@ def exchange(proc, job, limit, timeout):
         reader.join()
         proc.stdout.close()
     return None if over else bytes(printed)
+
+
+def wait_for_exit(proc, timeout):
+    """proc.wait(timeout), woken by the exit itself. Popen.wait with a timeout polls, napping
+    up to 50 ms between looks, so each evaluation's end waited some 25 ms for the next look.
+    A pidfd (Linux 5.3 and later) becomes readable when its process exits."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, or an older kernel
+        return proc.wait(timeout)
+    try:
+        watch = select.poll()
+        watch.register(pidfd, select.POLLIN)
+        if not watch.poll(timeout * 1000):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 def kill_process_group(group):
@@ -695,6 +721,40 @@ def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
     wake.set()
 
 
+JOB_END_RETRY = 5.0  # seconds between tries to record a job's end in pgqueuer after a failure
+
+
+def record_job_ends_at_once():
+    """Make pgqueuer record each job's end as soon as the job ends.
+
+    pgqueuer 1.6's consumer keeps the ends of jobs in a buffer (JobStatusLogBuffer, made
+    inside QueueManager.run, with no setting for it) and writes them when batch_size ends are
+    waiting or every 0.1 s. Until then a finished job's entry still counts as running, so the
+    freed slot waits for that timer before it takes the next queued job, and the timer wakes
+    the consumer ten times a second while nothing runs. Our jobs take seconds, not
+    microseconds: one write per job end costs nothing, so this buffer writes each end at once
+    (the buffer's size is 1) and its timer only retries a write that failed. This replaces a
+    class inside pgqueuer, so it applies only to the version it was written and tested for
+    (requirements.txt pins it); another version keeps pgqueuer's own buffer."""
+    from pgqueuer.core import buffers
+    if pgqueuer_version() != "1.6.0" or hasattr(buffers.JobStatusLogBuffer, "at_once"):
+        return
+
+    class JobEndsAtOnce(buffers.JobStatusLogBuffer):
+        at_once = True
+
+        def __init__(self, max_size, repository, **_):
+            super().__init__(max_size=1, repository=repository,
+                             timeout=datetime.timedelta(seconds=JOB_END_RETRY))
+
+    buffers.JobStatusLogBuffer = JobEndsAtOnce
+
+
+def pgqueuer_version():
+    import pgqueuer
+    return pgqueuer.__version__
+
+
 class Worker:
     """Runs queued jobs, up to max_concurrent_jobs at once. pgqueuer's consumer is asyncio-only;
     it lives on this thread, and the evaluations on a thread pool, so callers never see asyncio.
@@ -714,6 +774,8 @@ class Worker:
         self.pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="evaluate")
         self.ready, self.stopping = threading.Event(), threading.Event()
         self.error, self.failures = None, 0
+        # The running consumer's loop and PgQueuer, for stop_taking() on another thread.
+        self.lock, self.consumer = threading.Lock(), None
         self.thread = threading.Thread(target=self._thread, name="worker", daemon=True)
 
     def start(self):
@@ -745,8 +807,15 @@ class Worker:
         params["database"] = params.pop("dbname", None)
         if params.get("port"):
             params["port"] = int(params["port"])
+        # This session only hands out queue entries and records their ends; the child_jobs
+        # rows decide what runs (ChildStore.start runs nothing for an entry handed out again),
+        # and they are committed durably on another connection, whose commits also flush the
+        # WAL written before them. So its commits need not wait for the disk: a crash of the
+        # server can only undo its last entries' moves, which are then made again.
         connection = await asyncpg.connect(**{k: v for k, v in params.items()
-                                              if k in ASYNCPG_PARAMS and v})
+                                              if k in ASYNCPG_PARAMS and v},
+                                           server_settings={"synchronous_commit": "off"})
+        record_job_ends_at_once()
         pgq = PgQueuer(AsyncpgDriver(connection))
         loop = asyncio.get_running_loop()
 
@@ -761,29 +830,33 @@ class Worker:
                             parse_queue_key(job.payload.decode())[0], e)
                 raise RetryRequested(datetime.timedelta(seconds=5), str(e)) from None
 
-        async def stop_when_asked():
-            # stop_taking() runs on another thread; polling an Event avoids racing a restart.
-            while not self.stopping.is_set():
-                await asyncio.sleep(0.1)
-            pgq.shutdown.set()
-
         if self.failures:
             log.info("The job worker reconnected after %d failed attempts", self.failures)
             self.failures = 0
+        # stop_taking() wakes this loop; registered under the lock, so that a stop asked
+        # before the registration is seen here and one asked after it reaches this loop.
+        with self.lock:
+            self.consumer = (loop, pgq)
+            if self.stopping.is_set():
+                pgq.shutdown.set()
         self.ready.set()
-        watcher = asyncio.create_task(stop_when_asked())
         try:
             await pgq.run(batch_size=self.slots, max_concurrent_tasks=2 * self.slots,
                           heartbeat_timeout=datetime.timedelta(seconds=self.heartbeat),
                           dequeue_timeout=datetime.timedelta(seconds=self.heartbeat / 3))
         finally:
-            watcher.cancel()
+            with self.lock:  # before the loop closes: nothing may be scheduled on it after
+                self.consumer = None
             with contextlib.suppress(Exception):  # a broken connection cannot close cleanly
                 await connection.close(timeout=5)
 
     def stop_taking(self):
         """Take no new job; the running ones go on (pgqueuer waits for them)."""
         self.stopping.set()
+        with self.lock:
+            if self.consumer:
+                loop, pgq = self.consumer
+                loop.call_soon_threadsafe(pgq.shutdown.set)
 
     def wait(self, timeout):
         """Wait up to `timeout` seconds for the running jobs to end; True once they have."""

@@ -300,6 +300,12 @@ def too_big(job_id, size, limit):
     return f"result of job {job_id} is {size} bytes; the limit is {limit} (max_result_bytes)"
 
 
+# The leases that expired: of a child unseen since lost_before, or older than job_timeout.
+EXPIRED_LEASES = """from jobs j join children c on c.child_id = j.child_id
+    where j.status = 'assigned' and (c.last_seen < %(lost_before)s or
+          j.assigned_at < now() - make_interval(secs => %(job_timeout)s))"""
+
+
 def returned_position():
     """Queue position of a job given back: ahead of every new job of its priority (those have
     position 0 and go by job id), behind the jobs given back before it."""
@@ -534,24 +540,37 @@ class ParentState:
 
     # -- leases: jobs come back from children that vanish or take too long --------------------
 
+    def upkeep(self):
+        """The active parent's check every second: give back the expired leases and take an
+        operator's changes to the queue. Mostly neither is due, and one plain statement says
+        so: an idle parent costs the database one query a second for this, not two
+        transactions of which one takes a row lock."""
+        row = self.db.query(
+            f"""select (select value from chain_state where key = 'queue_version') as version,
+                       exists (select 1 {EXPIRED_LEASES}) as expired""",
+            self._lease_limits())[0]
+        if row["expired"]:
+            self.expire_leases()
+        if (row["version"] or 0) != self.queue_version:
+            self.reload_queue()
+
+    def _lease_limits(self):
+        now = time.time()
+        # After a restart every child looks unseen: give them child_timeout to come back.
+        lost_before = now - self.cfg.child_timeout_seconds \
+            if now - self.started >= self.cfg.child_timeout_seconds else 0
+        return {"lost_before": lost_before, "job_timeout": self.cfg.job_timeout_seconds}
+
     def expire_leases(self):
         """Give back the jobs of children unseen for child_timeout_seconds and jobs assigned
         longer than job_timeout_seconds. Each return uses an attempt; a job that has used
         more than maxRetries of them ends failed with the reason."""
-        cfg, now = self.cfg, time.time()
-        # After a restart every child looks unseen: give them child_timeout to come back.
-        lost_before = now - cfg.child_timeout_seconds \
-            if now - self.started >= cfg.child_timeout_seconds else 0
-        returned = []
+        cfg, returned = self.cfg, []
         with self.fenced() as conn:
             rows = conn.execute(
-                """select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
-                          c.last_seen < %s as child_lost
-                   from jobs j join children c on c.child_id = j.child_id
-                   where j.status = 'assigned' and (c.last_seen < %s or
-                         j.assigned_at < now() - make_interval(secs => %s))
-                   for update of j""",
-                (lost_before, lost_before, cfg.job_timeout_seconds)).fetchall()
+                f"""select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
+                           c.last_seen < %(lost_before)s as child_lost
+                    {EXPIRED_LEASES} for update of j""", self._lease_limits()).fetchall()
             for row in rows:
                 reason = (f"child {row['child_id']} unseen for {cfg.child_timeout_seconds:g}s"
                           if row["child_lost"] else
@@ -1176,8 +1195,7 @@ def lead(cfg, stop, state, chain, pusher, weights):
             # Leases, an operator's changes and pushes are checked every second, whatever
             # the chain's pace.
             try:
-                state.expire_leases()
-                state.reload_queue()
+                state.upkeep()
                 if pusher:
                     pusher.push()
                 upkeep.succeeded()

@@ -2,9 +2,11 @@
 reconnection, the cap on evaluations that kill it, retention, and the staged shutdown. Real
 parent and child processes, real ports, real PostgreSQL."""
 
+import asyncio
 import concurrent.futures
 import json
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -370,6 +372,80 @@ def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
         worker.stop_taking()
         assert worker.wait(30)
     assert store.holdings() == (1, [4])
+    store.db.close()
+
+
+def test_a_freed_slot_takes_the_next_queued_job_at_once(make_dsn, monkeypatch):
+    """A job's end is recorded in pgqueuer when the job ends: until then its entry counts as
+    running, and the freed slot would not take the job queued behind it. Here the buffer's
+    timer is two minutes, so only the write at the job's end can free the slot: job 2 waits
+    for job 3, which can only run in the slot that job 1 left."""
+    monkeypatch.setattr(child, "JOB_END_RETRY", 120.0)
+    dsn = make_dsn()
+    store = child.ChildStore(dsn, 3)
+    ran, third_ran = queue.Queue(), threading.Event()
+
+    def run_job(key):
+        job_id, delivery = child.parse_queue_key(key)
+        if store.start(job_id, delivery):
+            if job_id == 2:
+                third_ran.wait(30)
+            elif job_id == 3:
+                third_ran.set()
+            store.finish(job_id, True, "{}")
+            ran.put(job_id)
+
+    store.add_jobs([{"jobId": n, "hfRepoId": f"org/{n}"} for n in (1, 2, 3)])
+    worker = child.Worker(dsn, 2, 30.0, run_job)
+    worker.start()
+    try:
+        assert third_ran.wait(30), "job 3 never ran: the slot job 1 left stayed taken"
+        assert sorted(ran.get(timeout=30) for _ in range(3)) == [1, 2, 3]
+    finally:
+        worker.stop_taking()
+        assert worker.wait(30)
+    store.db.close()
+
+
+def voluntary_switches(thread):
+    """How many times `thread` went to sleep and was woken (Linux counts it per thread)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+
+
+def test_an_idle_worker_sleeps_and_its_queue_session_does_not_wait_for_the_disk(make_dsn):
+    """An idle worker's thread wakes only for pgqueuer's slow timers (heartbeats, health
+    checks, the queue's re-check every heartbeat / 3), not ten times a second for a timer of
+    its own or for pgqueuer's buffer of job ends; and a stop still reaches it at once. Its
+    session's commits (queue entries handed out and ended) do not wait for the disk."""
+    dsn = make_dsn()
+    store = child.ChildStore(dsn, 2)
+    ran = queue.Queue()
+
+    def run_job(key):
+        job_id, delivery = child.parse_queue_key(key)
+        if store.start(job_id, delivery):
+            store.finish(job_id, True, "{}")
+            ran.put(job_id)
+
+    worker = child.Worker(dsn, 2, 30.0, run_job)
+    worker.start()
+    try:
+        store.add_jobs([{"jobId": 1, "hfRepoId": "org/a"}])  # the worker is in its loop once
+        assert ran.get(timeout=30) == 1                     # it ran a job and recorded its end
+        wait_until(lambda: not store.db.query("select 1 from pgqueuer"), 30, "the job's end")
+        before = voluntary_switches(worker.thread)
+        time.sleep(3.0)  # the window measured: nothing to wait for
+        woken = voluntary_switches(worker.thread) - before
+        assert woken < 25, f"an idle worker's thread woke {woken} times in 3 s"
+        # Its queue entries' moves are not waited for on disk (see Worker._consume).
+        loop, pgq = worker.consumer
+        [row] = asyncio.run_coroutine_threadsafe(
+            pgq.connection.fetch("show synchronous_commit"), loop).result(30)
+        assert row["synchronous_commit"] == "off"
+    finally:
+        worker.stop_taking()
+        assert worker.wait(30)
     store.db.close()
 
 

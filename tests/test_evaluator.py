@@ -2,9 +2,12 @@
 
 import json
 import sys
+import threading
+import time
 import types
 
 import pytest
+from conftest import wait_until
 
 import child
 
@@ -76,3 +79,43 @@ def test_what_an_evaluator_leaves_behind_does_not_hold_the_evaluation(tmp_path):
             "'import time; time.sleep(120)']); print('{\"score\": 1}')")
     success, result = child.evaluate(config(python(code), timeout=60.0), JOB, tmp_path)
     assert (success, json.loads(result)) == (True, {"score": 1})
+
+
+def test_the_evaluation_ends_when_the_evaluator_exits_not_at_a_later_look(tmp_path,
+                                                                          monkeypatch):
+    """Popen.wait(timeout) looks for the exit between naps of up to 50 ms, and each job's end
+    waited for the next look. The evaluation is woken by the exit itself: the thread that
+    runs it never naps (and a timeout still stops a hung evaluator)."""
+    naps, sleep, me = [], time.sleep, threading.get_ident()
+
+    def counted_sleep(seconds):
+        if threading.get_ident() == me:
+            naps.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", counted_sleep)
+    code = "import sys, time; sys.stdin.read(); time.sleep(0.3); print('{\"score\": 1}')"
+    success, result = child.evaluate(config(python(code)), JOB, tmp_path)
+    assert (success, json.loads(result)) == (True, {"score": 1})
+    assert naps == []
+    success, result = child.evaluate(config(python("import time; time.sleep(60)"),
+                                            timeout=0.5), JOB, tmp_path)
+    assert (success, json.loads(result)) == (False, {"error": "evaluator timed out after 0.5s"})
+
+
+def test_the_evaluator_has_its_job_before_its_process_group_is_recorded(tmp_path):
+    """Recording the evaluator's process group is a database transaction: the evaluator
+    works meanwhile. Here the recording waits for the evaluator to have read its job."""
+    got_job = tmp_path / "got-job"
+    code = (f"import sys, pathlib; sys.stdin.read(); pathlib.Path({str(got_job)!r}).touch(); "
+            "print('{\"score\": 1}')")
+    recorded = []
+
+    def record(job_id, group):
+        wait_until(got_job.exists, 10, "the evaluator to read its job")
+        recorded.append(job_id)
+
+    running = child.Evaluations(record)
+    success, result = child.evaluate(config(python(code)), JOB, tmp_path, running)
+    assert (success, json.loads(result)) == (True, {"score": 1})
+    assert recorded == [5]

@@ -72,6 +72,30 @@ def test_after_a_restart_children_get_child_timeout_to_come_back(make_state):
     assert job_row(state, 1)["status"] == "assigned"
 
 
+def test_the_idle_upkeep_is_one_statement_and_acts_when_something_is_due(make_state,
+                                                                         monkeypatch):
+    """Every second the running parent checks its leases and the operator's changes: when
+    neither is due, that is one statement (one transaction), not two transactions of which one
+    locks rows; an expired lease and a changed queue are still acted on."""
+    state = make_state(child_timeout_seconds=60.0)
+    state.started -= 3600  # the parent has been up for an hour
+    add_jobs(state, 3)
+    register(state, "c1", "c2")
+    assert ids(state.request_jobs("c1", 1)) == [1]
+    transactions = []
+    real = state.db.transaction
+    monkeypatch.setattr(state.db, "transaction", lambda: transactions.append(1) or real())
+    for _ in range(5):
+        state.upkeep()
+    assert len(transactions) == 5
+    monkeypatch.undo()
+    age_child(state, "c1", 61)
+    parent.requeue_job(state.db, 3, priority=5)
+    state.upkeep()
+    assert job_row(state, 1)["status"] == "pending"  # given back
+    assert ids(state.request_jobs("c2", 3)) == [3, 1, 2]  # the operator's priority is seen
+
+
 def test_a_job_past_max_retries_ends_failed_with_the_reason(make_state):
     state = make_state(job_timeout_seconds=0.0, jobs={"max_retries": 1})
     add_jobs(state, 1)
