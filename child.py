@@ -355,7 +355,8 @@ class ChildStore:
         """finishes: [(job_id, status, result)]."""
         conn.execute("update child_jobs c set status = s.status, result = s.result, "
                      "finished_at = now(), evaluator = null "
-                     "from unnest(%b::bigint[], %b::text[], %b::text[]) as s(job_id, status, result) "
+                     "from unnest(%b::bigint[], %b::text[], %b::text[]) "
+                     "as s(job_id, status, result) "
                      "where c.job_id = s.job_id and finished_at is null",
                      [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)

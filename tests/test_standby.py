@@ -132,7 +132,8 @@ def test_kill_9_of_the_active_parent_during_60_jobs_loses_and_repeats_nothing(
     b.wait_for_log(STANDBY)
     children = {}
     for name in ("c1", "c2"):
-        path = child_config(name, pair.ports["a"], parent_hosts=[pair.endpoint("a"), pair.endpoint("b")],
+        path = child_config(name, pair.ports["a"],
+                            parent_hosts=[pair.endpoint("a"), pair.endpoint("b")],
                             max_concurrent_jobs=3, max_backoff_seconds=1.0,
                             evaluator={"demo_seconds": 0.5})
         children[name] = processes(["child.py", "--config", path], tmp_path / f"{name}.log")
@@ -240,7 +241,8 @@ def test_a_parent_that_lost_its_lock_without_knowing_writes_nothing(make_dsn, tm
         with common.connect(dsn) as conn:
             wait_until(lambda: conn.execute(
                 "select 1 from pg_stat_activity where wait_event_type = 'Lock' "
-                "and datname = current_database() and application_name = 'validator parent leadership'").fetchone(),
+                "and datname = current_database() "
+                "and application_name = 'validator parent leadership'").fetchone(),
                 30, "the takeover waiting for the old epoch's transaction")
         assert b.leadership.epoch is None
     taker.join(30)
