@@ -8,7 +8,7 @@
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
     python validator.py weights [--config FILE] [--json]   the weights the parent would set now
-    python validator.py bench [--json] [--quick]   the figures of docs/benchmark.md
+    python validator.py bench [--json] [--quick] [--only NAME,...]   docs/benchmark.md's figures
 """
 
 import argparse
@@ -368,7 +368,8 @@ def print_jobs(parent_dsn):
 
 
 def bench(argv):
-    """python validator.py bench [--json] [--quick]: the figures of docs/benchmark.md."""
+    """python validator.py bench [--json] [--quick] [--only NAME,...]: the figures of
+    docs/benchmark.md."""
     return subprocess.call([sys.executable, str(HERE / "tests" / "bench.py"), *argv])
 
 
