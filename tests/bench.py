@@ -1473,7 +1473,7 @@ TABLE = [
      "recovery_parent_serving_s", "recovery_parent_registered_ratio", ""),
     ("7. parent killed: a new job starts", "recovery_parent_job_s", "s",
      "recovery_parent_serving_s", "recovery_parent_job_ratio", ""),
-    ("7. two parents, the active killed: standby active", "recovery_standby_active_s", "s",
+    ("7. two parents, leader_timeout_seconds T: standby active", "recovery_standby_active_s", "s",
      "recovery_standby_leader_timeout_s", "recovery_standby_active_ratio", ""),
     ("7. two parents: children registered with it", "recovery_standby_registered_s", "s",
      "recovery_standby_active_s", "recovery_standby_registered_ratio", ""),
@@ -1496,8 +1496,7 @@ SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("S slots", "{utilization_slots} slots"), ("jobs = F", "jobs = {utilization_prefetch_jobs}"),
     ("W s", "{idle_footprint_seconds:g} s"),
     ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
-    ("active killed", "active killed, leader_timeout_seconds "
-                      "{recovery_standby_leader_timeout_s:g}"),
+    ("seconds T", "seconds {recovery_standby_leader_timeout_s:g}"),
 ]
 
 
