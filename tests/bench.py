@@ -1080,7 +1080,8 @@ def standby_takeover(pg, workdir, size):
         standby.proc.wait_for_log("Parent validator is a standby")
         fleet.add_children(2)
         with common.connect(active.dsn) as db:
-            for _ in range(size["recovery_standby_kills"]):
+            for kill in range(size["recovery_standby_kills"]):
+                children_back_to_first_backoff(fleet, kill)
                 kills.append(kill_the_active(fleet, db, active, standby))
                 active.start()  # back, as a standby: the active one holds the lock
                 active.proc.wait_for_log("Parent validator is a standby")
@@ -1089,6 +1090,15 @@ def standby_takeover(pg, workdir, size):
         fleet.stop()
         second.stop()
     return kills
+
+
+def children_back_to_first_backoff(fleet, outages):
+    """Wait until each live child logged the end of each of its `outages` (one per kill): a
+    poll went through since it registered again, so its backoff starts again at 1 s. A kill
+    that came before would find it at its third wait (4 s), not its first."""
+    poll(lambda: all(child.log().count("Reconnected to the parent") >= outages
+                     for child in fleet.live_children()),
+         60, "the children's polls to go through since the last kill")
 
 
 def kill_the_active(fleet, db, active, standby):
