@@ -38,8 +38,10 @@ The figures, one function each below:
 7. recovery()    a child killed -9 while it runs jobs: seconds until each of them starts on the
    other child (child_timeout_seconds is 5 s for the run: the baseline). The parent killed -9
    and started again at once: seconds until it serves, until its children registered again,
-   and until a job of a commitment made meanwhile starts. (With a standby parent, the
-   standby's takeover is a figure still to add once the standby exists.)
+   and until a job of a commitment made meanwhile starts. With two parents on one database
+   (the children list both in parent_hosts), the active one killed -9 and not restarted:
+   seconds until the standby serves as the active parent, until the children registered with
+   it, and until a job of a commitment made meanwhile starts (leader_timeout_seconds beside).
 8. idle_footprint() a parent and two children with every timing key at its default, idle for
    60 s: the CPU of each and of PostgreSQL (baseline: PostgreSQL alone, before they start), and
    the memory of each.
@@ -48,6 +50,7 @@ The figures, one function each below:
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime
 import heapq
 import json
@@ -73,6 +76,7 @@ from conftest import ROOT, commitment, free_port, write_chain, write_toml  # noq
 
 import capnp  # noqa: E402
 import common  # noqa: E402  (conftest put the project on sys.path)
+import parent as parent_validator  # noqa: E402  (its standby's retry period, figure 7)
 
 # Run sizes. The full run is what docs/benchmark.md reports; --quick only proves the bench works.
 FULL = dict(
@@ -86,7 +90,7 @@ FULL = dict(
     pending_jobs=1_000_000, restarts=3, heartbeat_calls=50,
     chain_miners=256,
     utilization_jobs=300, utilization_repeats=3,  # figure 6: jobs per batch, batches
-    recovery_child_kills=3, recovery_parent_kills=3,  # figure 7
+    recovery_child_kills=3, recovery_parent_kills=3, recovery_standby_kills=3,  # figure 7
     recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
 )
@@ -96,7 +100,8 @@ QUICK = dict(
     pending_jobs=20_000, restarts=2, heartbeat_calls=10,
     chain_miners=256,
     utilization_jobs=40, utilization_repeats=2,
-    recovery_child_kills=1, recovery_parent_kills=2, recovery_child_timeout=5.0,
+    recovery_child_kills=1, recovery_parent_kills=2, recovery_standby_kills=1,
+    recovery_child_timeout=5.0,
     recovery_job_seconds=4.0,
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
 )
@@ -1050,6 +1055,103 @@ def kill_the_parent(fleet, db):
     return serving, registered, started
 
 
+# Two parents are run with the default leader_timeout_seconds, said beside the figures.
+STANDBY_LEADER_TIMEOUT = common.CONFIG_KEYS["leader_timeout_seconds"][1]
+
+
+def standby_takeover(pg, workdir, size):
+    """Two parents on one database and chain file, one active and one a standby (each its own
+    port; parent_host is the address the children dial), and two idle children with
+    parent_hosts = [both]. `recovery_standby_kills` times: kill_the_active(); then the killed
+    parent is started again, and is the standby that the next kill leaves. Returns each kill's
+    figures."""
+    fleet = Fleet(pg, workdir, UTILIZATION_SLOTS, name="twoparents", child_config=SLEEPING_CHILD,
+                  parent_config={"parent_host": "127.0.0.1",
+                                 "leader_timeout_seconds": STANDBY_LEADER_TIMEOUT})
+    active = fleet.parent
+    second = copy.copy(active)  # the same database, chain file and settings; its own port
+    second.name, second.port, second.proc, second.incarnation = \
+        f"{active.name}-b", free_port(), None, 0
+    fleet.child_config = {**SLEEPING_CHILD, "parent_hosts": [
+        f"127.0.0.1:{parent.port}" for parent in (active, second)]}
+    standby, kills = second, []
+    try:
+        standby.start()
+        standby.proc.wait_for_log("Parent validator is a standby")
+        fleet.add_children(2)
+        with common.connect(active.dsn) as db:
+            for kill in range(size["recovery_standby_kills"]):
+                children_back_to_first_backoff(fleet, kill)
+                kills.append(kill_the_active(fleet, db, active, standby))
+                active.start()  # back, as a standby: the active one holds the lock
+                active.proc.wait_for_log("Parent validator is a standby")
+                active, standby = standby, active
+    finally:
+        fleet.stop()
+        second.stop()
+    return kills
+
+
+def children_back_to_first_backoff(fleet, outages):
+    """Wait until each live child logged the end of each of its `outages` (one per kill): a
+    poll went through since it registered again, so its backoff starts again at 1 s. A kill
+    that came before would find it at its third wait (4 s), not its first."""
+    poll(lambda: all(child.log().count("Reconnected to the parent") >= outages
+                     for child in fleet.live_children()),
+         60, "the children's polls to go through since the last kill")
+
+
+def kill_the_active(fleet, db, active, standby):
+    """The active parent is killed -9 while the children wait for work, and is not started
+    again; a new commitment appears on the chain meanwhile. Returns the seconds from the kill
+    until the standby logs that it is active (it took the lock and loaded the queue), until
+    every live child registered with it (by its log's timestamps), and until the new
+    commitment's job started on a child (the child's started_at)."""
+    children = fleet.live_children()
+    before = db.execute("select coalesce(max(job_id), 0) as n from jobs").fetchone()["n"]
+    killed_at = active.proc.kill()
+    active.chain.publish(1, sleep_repos([0.1]))
+    serving = logged_at(standby.proc, "Parent validator active", killed_at) - killed_at
+    registered = max(logged_at(standby.proc, f"Child {child.name} registered from", killed_at)
+                     for child in children) - killed_at
+    job = poll(lambda: db.execute("select job_id, child_id from jobs where job_id > %s and "
+                                  "child_id is not null", (before,)).fetchone(),
+               60, "the new job to go to a child")
+    with common.connect(fleet.child_dsns[job["child_id"]]) as child_db:
+        started_at = poll(lambda: child_db.execute(
+            "select started_at from child_jobs where job_id = %s and started_at is not null",
+            (job["job_id"],)).fetchone(),
+            30, f"job {job['job_id']} to start on {job['child_id']}")["started_at"]
+    started = started_at.timestamp() - killed_at
+    fleet.wait_finished(db, [job["job_id"]], timeout=30)
+    active.chain.clear()
+    progress(f"  active parent killed: the standby active after {serving:.2f} s, its "
+             f"{len(children)} children registered after {registered:.2f} s, a new job started "
+             f"after {started:.2f} s")
+    return serving, registered, started
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def logged_at(validator, message, since, timeout=60.0):
+    """The time.time() of the first line of `validator`'s log that holds `message`, logged
+    at `since` or later (the log's timestamps have milliseconds; a poll of the log from here
+    would add this process's own delays on a busy machine)."""
+    def found():
+        for line in validator.log().splitlines():
+            stamp = LOG_TIME.match(line)
+            if stamp and message in line:
+                logged = datetime.datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if logged >= since - 0.001:  # the stamp is truncated to the millisecond
+                    return logged
+        if validator.proc.poll() is not None:
+            raise BenchError(f"{validator.name} exited ({validator.proc.returncode}) before "
+                             f"logging {message!r}; its log:\n{validator.log()[-3000:]}")
+        return None
+    return poll(found, timeout, f"{validator.name} to log {message!r}", interval=0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # Figure 8: the idle footprint of a parent and two children
 # ---------------------------------------------------------------------------------------------
@@ -1266,11 +1368,14 @@ def measure_recovery(run):
     size = run.size
     progress(f"7. recovery: a child killed -9 with its jobs running "
              f"({size['recovery_child_kills']} times), then the parent killed -9 "
-             f"({size['recovery_parent_kills']} times)")
+             f"({size['recovery_parent_kills']} times), then the active of two parents "
+             f"killed -9 ({size['recovery_standby_kills']} times)")
     child_kills, parent_kills = recovery(run.pg, run.workdir, size)
+    standby_kills = standby_takeover(run.pg, run.workdir, size)
     timeout = size["recovery_child_timeout"]
     last = [max(seconds) for seconds in child_kills]  # all of its jobs run elsewhere
     serving, registered, started = (list(values) for values in zip(*parent_kills))
+    active, moved, took = (list(values) for values in zip(*standby_kills))
     run.figures.update(
         recovery_child_timeout_s=timeout,
         recovery_child_kill_s=median(last), recovery_child_kill_ratio=median(last) / timeout,
@@ -1278,10 +1383,23 @@ def measure_recovery(run):
         recovery_parent_registered_s=median(registered),
         recovery_parent_registered_ratio=median(registered) / median(serving),
         recovery_parent_job_s=median(started),
-        recovery_parent_job_ratio=median(started) / median(serving))
+        recovery_parent_job_ratio=median(started) / median(serving),
+        # kill -9 closes the lock connection at once: the standby's next try takes the lock,
+        # so its retry period bounds the takeover, not leader_timeout_seconds (a vanished
+        # machine's connection, which only keepalives end).
+        recovery_standby_leader_timeout_s=STANDBY_LEADER_TIMEOUT,
+        recovery_standby_retry_s=parent_validator.STANDBY_RETRY_SECONDS,
+        recovery_standby_active_s=median(active),
+        recovery_standby_active_ratio=median(active) / STANDBY_LEADER_TIMEOUT,
+        recovery_standby_registered_s=median(moved),
+        recovery_standby_registered_ratio=median(moved) / median(active),
+        recovery_standby_job_s=median(took),
+        recovery_standby_job_ratio=median(took) / median(active))
     run.repeats.update(recovery_child_kill_s=[s for seconds in child_kills for s in seconds],
                        recovery_parent_serving_s=serving,
-                       recovery_parent_registered_s=registered, recovery_parent_job_s=started)
+                       recovery_parent_registered_s=registered, recovery_parent_job_s=started,
+                       recovery_standby_active_s=active, recovery_standby_registered_s=moved,
+                       recovery_standby_job_s=took)
 
 
 # The sections in the order they run; `--only` picks some. The idle footprint goes first, while
@@ -1365,6 +1483,12 @@ TABLE = [
      "recovery_parent_serving_s", "recovery_parent_registered_ratio", ""),
     ("7. parent killed: a new job starts", "recovery_parent_job_s", "s",
      "recovery_parent_serving_s", "recovery_parent_job_ratio", ""),
+    ("7. two parents, leader_timeout_seconds T: standby active", "recovery_standby_active_s", "s",
+     "recovery_standby_leader_timeout_s", "recovery_standby_active_ratio", ""),
+    ("7. two parents: children registered with it", "recovery_standby_registered_s", "s",
+     "recovery_standby_active_s", "recovery_standby_registered_ratio", ""),
+    ("7. two parents: a new job starts", "recovery_standby_job_s", "s",
+     "recovery_standby_active_s", "recovery_standby_job_ratio", ""),
     ("8. idle W s: CPU, all together", "idle_total_cpu_percent", "%", "", "", "< 1 %"),
     ("8. idle: CPU, the parent", "idle_parent_cpu_percent", "%", "", "", ""),
     ("8. idle: CPU, child 1", "idle_child_1_cpu_percent", "%", "", "", ""),
@@ -1382,6 +1506,7 @@ SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("S slots", "{utilization_slots} slots"), ("jobs = F", "jobs = {utilization_prefetch_jobs}"),
     ("W s", "{idle_footprint_seconds:g} s"),
     ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
+    ("seconds T", "seconds {recovery_standby_leader_timeout_s:g}"),
 ]
 
 

@@ -9,6 +9,9 @@ import sys
 
 from conftest import ROOT
 
+import common
+import parent
+
 FIGURES = [
     # 1. end-to-end throughput, and pgqueuer's consumer alone
     "pgqueuer_jobs_per_s",
@@ -45,10 +48,13 @@ FIGURES = [
     "utilization_longest_job_s", "utilization_makespan_s", "utilization_ideal_s",
     "utilization_ratio", "utilization_fifo_ideal_s", "utilization_fifo_ratio",
     "utilization_prefetch_jobs", "utilization_prefetch_makespan_s", "utilization_prefetch_ratio",
-    # 7. recovery from kill -9: of a child holding jobs, of the parent
+    # 7. recovery from kill -9: of a child holding jobs, of the parent, of the active of two
     "recovery_child_timeout_s", "recovery_child_kill_s", "recovery_child_kill_ratio",
     "recovery_parent_serving_s", "recovery_parent_registered_s",
     "recovery_parent_registered_ratio", "recovery_parent_job_s", "recovery_parent_job_ratio",
+    "recovery_standby_leader_timeout_s", "recovery_standby_retry_s", "recovery_standby_active_s",
+    "recovery_standby_active_ratio", "recovery_standby_registered_s",
+    "recovery_standby_registered_ratio", "recovery_standby_job_s", "recovery_standby_job_ratio",
     # 8. idle footprint of a parent and two children
     "idle_footprint_seconds", "idle_total_cpu_percent", "idle_parent_cpu_percent",
     "idle_child_1_cpu_percent", "idle_child_2_cpu_percent", "idle_postgres_cpu_percent",
@@ -79,6 +85,13 @@ def test_the_quick_bench_reports_every_figure_as_a_number():
     assert (figures["scale_children"], figures["chain_miners"]) == (20, 256)
     assert (figures["utilization_jobs"], figures["utilization_slots"]) == (40, 8)
     assert figures["recovery_child_timeout_s"] == figures["settings"]["recovery_child_timeout"]
+    # The quick run kills the active of two parents once, with the default leader timeout;
+    # the new commitment's job can start only once the standby is active.
+    assert figures["settings"]["recovery_standby_kills"] == 1
+    assert len(figures["repeats"]["recovery_standby_active_s"]) == 1
+    assert (figures["recovery_standby_leader_timeout_s"], figures["recovery_standby_retry_s"]) \
+        == (common.CONFIG_KEYS["leader_timeout_seconds"][1], parent.STANDBY_RETRY_SECONDS)
+    assert 0 < figures["recovery_standby_active_s"] < figures["recovery_standby_job_s"]
     assert figures["targets"].items() >= TARGETS.items()
     # The makespan cannot beat the ideal; the idle total is the sum of its parts.
     assert figures["utilization_makespan_s"] >= figures["utilization_fifo_ideal_s"] \
@@ -87,7 +100,8 @@ def test_the_quick_bench_reports_every_figure_as_a_number():
     assert math.isclose(figures["idle_total_cpu_percent"],
                         sum(figures[f"idle_{name}_cpu_percent"] for name in parts))
     assert figures["chain_calls_per_sync"] >= 1
-    assert all(len(v) >= 2 for v in figures["repeats"].values() if isinstance(v, list))
+    assert all(len(v) >= 2 for key, v in figures["repeats"].items()
+               if isinstance(v, list) and not key.startswith("recovery_standby_"))
     assert "WARNING" not in result.stderr, result.stderr[-5000:]  # every validator stopped
 
 
