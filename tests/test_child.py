@@ -607,8 +607,9 @@ HELD_EVALUATOR = """
     with open(here / "runs", "a") as runs:
         runs.write(f"{job['jobId']}\\n")
     helper = subprocess.Popen(["sleep", "60"])  # in the evaluator's process group
-    (here / "pids.tmp").write_text(f"{os.getpid()} {helper.pid}")
-    os.replace(here / "pids.tmp", here / f"pids-{job['jobId']}")
+    # A temporary file of its own: the two jobs' evaluators run at once.
+    (here / f"pids-{job['jobId']}.tmp").write_text(f"{os.getpid()} {helper.pid}")
+    os.replace(here / f"pids-{job['jobId']}.tmp", here / f"pids-{job['jobId']}")
     while (here / "hold").exists():
         time.sleep(0.05)
     helper.kill()
