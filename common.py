@@ -462,7 +462,13 @@ class Database:
             try:
                 with self.conn.transaction():
                     yield self.conn
-            except psycopg.OperationalError as e:
+            except psycopg.Error as e:
+                # The server may end a session with an error of another class (a timeout of
+                # idle_in_transaction_session_timeout is class 25): what counts is that the
+                # connection is gone, and the next use opens another.
+                if not (isinstance(e, psycopg.OperationalError) or self.conn.broken
+                        or self.conn.closed):
+                    raise
                 raise DatabaseUnavailable(f"lost the connection to PostgreSQL: {e}") from None
 
     def _connect(self):

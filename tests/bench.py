@@ -1038,6 +1038,17 @@ def kill_the_parent(fleet, db):
     for child in children:
         fleet.parent.proc.wait_for_log(f"Child {child.name} registered from")
     registered = time.time() - killed_at
+    started = new_job_started(fleet, db, before) - killed_at
+    fleet.parent.chain.clear()
+    progress(f"  parent killed: serving again after {serving:.2f} s, its {len(children)} "
+             f"children registered after {registered:.2f} s, a new job started after "
+             f"{started:.2f} s")
+    return serving, registered, started
+
+
+def new_job_started(fleet, db, before):
+    """When (unix time) the first job after job id `before` started on a child; waits for it
+    to finish."""
     job = poll(lambda: db.execute("select job_id, child_id from jobs where job_id > %s and "
                                   "child_id is not null", (before,)).fetchone(),
                60, "the new job to go to a child")
@@ -1046,13 +1057,8 @@ def kill_the_parent(fleet, db):
             "select started_at from child_jobs where job_id = %s and started_at is not null",
             (job["job_id"],)).fetchone(),
             30, f"job {job['job_id']} to start on {job['child_id']}")["started_at"]
-    started = started_at.timestamp() - killed_at
     fleet.wait_finished(db, [job["job_id"]], timeout=30)
-    fleet.parent.chain.clear()
-    progress(f"  parent killed: serving again after {serving:.2f} s, its {len(children)} "
-             f"children registered after {registered:.2f} s, a new job started after "
-             f"{started:.2f} s")
-    return serving, registered, started
+    return started_at.timestamp()
 
 
 # Two parents are run with the default leader_timeout_seconds, said beside the figures.
@@ -1114,16 +1120,7 @@ def kill_the_active(fleet, db, active, standby):
     serving = logged_at(standby.proc, "Parent validator active", killed_at) - killed_at
     registered = max(logged_at(standby.proc, f"Child {child.name} registered from", killed_at)
                      for child in children) - killed_at
-    job = poll(lambda: db.execute("select job_id, child_id from jobs where job_id > %s and "
-                                  "child_id is not null", (before,)).fetchone(),
-               60, "the new job to go to a child")
-    with common.connect(fleet.child_dsns[job["child_id"]]) as child_db:
-        started_at = poll(lambda: child_db.execute(
-            "select started_at from child_jobs where job_id = %s and started_at is not null",
-            (job["job_id"],)).fetchone(),
-            30, f"job {job['job_id']} to start on {job['child_id']}")["started_at"]
-    started = started_at.timestamp() - killed_at
-    fleet.wait_finished(db, [job["job_id"]], timeout=30)
+    started = new_job_started(fleet, db, before) - killed_at
     active.chain.clear()
     progress(f"  active parent killed: the standby active after {serving:.2f} s, its "
              f"{len(children)} children registered after {registered:.2f} s, a new job started "

@@ -7,6 +7,7 @@ import sys
 import uuid
 
 import psycopg
+import pytest
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
@@ -124,3 +125,23 @@ def test_pgqueuer_errors_during_an_outage_are_logged_in_one_line(tmp_path):
             "closed)\n") in info
     assert info.count("Traceback") == 1  # our own errors keep theirs
     assert run("DEBUG").count("Traceback") == 2
+
+
+def test_a_session_the_server_ended_mid_transaction_is_an_outage_not_a_crash(make_dsn):
+    """A parent frozen in a transaction past idle_in_transaction_session_timeout finds, when
+    it resumes, its session ended with an error of class 25, not an OperationalError: it
+    crashed the parent (exit 1). It is an outage like any lost connection, and the next
+    transaction opens a new session."""
+    db = common.Database(make_dsn(), [], session="set idle_in_transaction_session_timeout = 100")
+    with common.connect(db.dsn) as watcher:
+        def ended(pid):
+            return not watcher.execute("select 1 from pg_stat_activity where pid = %s",
+                                       (pid,)).fetchone()
+        with pytest.raises(common.DatabaseUnavailable, match="idle-in-transaction timeout"):
+            with db.transaction() as conn:
+                pid = conn.info.backend_pid
+                conn.execute("select 1")
+                wait_until(lambda: ended(pid), 30, "the server to end the idle session")
+                conn.execute("select 2")
+    assert db.query("select 3 as n") == [{"n": 3}]
+    db.close()
