@@ -282,6 +282,7 @@ MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction 
 # parse_commitment, a hotkey and the config), so an answer stays far under the message limit.
 MAX_JOBS_PER_ANSWER = 1000
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
+MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
 
 JOBS_FINISHED = prometheus_client.Counter(
     "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
@@ -610,14 +611,21 @@ class ParentState:
         except ValueError as e:
             raise Refused(str(e)) from None
         # A child that registers again keeps its id, its counters and the jobs it holds; an id
-        # first registered with a hotkey stays with that hotkey.
-        if not self.db.query(
+        # first registered with a hotkey stays with that hotkey. The ids are bounded: each is a
+        # row here and an entry of every getStats answer.
+        with self.db.transaction() as conn:
+            if conn.execute("select count(*) >= %s and not bool_or(child_id = %s) as full "
+                            "from children", (MAX_CHILDREN, child_id)).fetchone()["full"]:
+                raise Refused(f"the parent knows {MAX_CHILDREN} child ids already, its limit: "
+                              "register with one of them")
+            taken = conn.execute(
                 """insert into children (child_id, endpoint, last_seen, hotkey)
                    values (%s, %s, %s, %s)
                    on conflict (child_id) do update set endpoint = excluded.endpoint,
                        last_seen = excluded.last_seen, hotkey = excluded.hotkey
                    where children.hotkey in ('', excluded.hotkey) returning 1""",
-                (child_id, endpoint, time.time(), hotkey)):
+                (child_id, endpoint, time.time(), hotkey)).fetchone() is None
+        if taken:
             self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
                                  f"the id belongs to another hotkey than {hotkey}", peer)
         log.info("Child %s registered from %s", child_id, endpoint)

@@ -169,6 +169,19 @@ def test_a_re_registered_child_keeps_its_counters(make_state):
     assert state.report_completion("c1", 2, True, "{}") == (True, "recorded")
 
 
+def test_the_child_ids_a_parent_knows_are_bounded(make_state, monkeypatch):
+    """Each id is a row and an entry of every getStats answer: with auth off anyone may
+    register ids, so past MAX_CHILDREN a new one is refused; a known one still registers."""
+    monkeypatch.setattr(parent, "MAX_CHILDREN", 3)
+    state = make_state()
+    for name in ("c1", "c2", "c3"):  # at the limit
+        register(state, name)
+    with pytest.raises(common.Refused, match="knows 3 child ids already, its limit"):
+        register(state, "c4")
+    assert state.register_child("c2", "10.0.0.2:8002") == "registered as c2"
+    assert [c["child_id"] for c in state.stats()["children"]] == ["c1", "c2", "c3"]
+
+
 def test_push_sends_new_jobs_to_the_child_with_room_and_falls_back_to_pull(
         tmp_path, parent_config, child_config, processes):
     write_chain(tmp_path / "chain.json", 100, [])
