@@ -279,8 +279,10 @@ def replies_message(answers):
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
 MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
 # Jobs in one answer, those sent again included: each is under 1 KiB (its texts are bounded by
-# parse_commitment, a hotkey and the config), so an answer stays far under the message limit.
+# parse_commitment, MAX_HOTKEY_CHARS and the config), so an answer stays far under the message
+# limit.
 MAX_JOBS_PER_ANSWER = 1000
+MAX_HOTKEY_CHARS = 64  # an ss58 address has 47-48
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
 
@@ -463,12 +465,16 @@ class ParentState:
                 if oldest is not None and c.block < oldest:
                     continue
                 try:
+                    # Every text of a job is bounded, so that an answer of MAX_JOBS_PER_ANSWER
+                    # jobs is too: a file chain's hotkeys are not ss58 addresses by nature.
+                    if not 1 <= len(c.hotkey) <= MAX_HOTKEY_CHARS:
+                        raise ValueError(f"a hotkey of {len(c.hotkey)} characters")
                     repo_id, revision = chains.parse_commitment(c.data)
                 except ValueError as e:
                     if (c.hotkey, c.data) not in self.skipped:
                         self.skipped.add((c.hotkey, c.data))
                         log.warning("Skipping commitment of %s at block %d: %s",
-                                    c.hotkey, c.block, e)
+                                    c.hotkey[:MAX_HOTKEY_CHARS], c.block, e)
                     continue
                 digest = fingerprint(c.hotkey, repo_id, revision)
                 eligible.setdefault(digest, (c, repo_id, revision))

@@ -84,6 +84,18 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
     assert [j["hf_repo_commit"] for j in jobs(state)][-1] == "f" * 40
 
 
+def test_a_hotkey_past_64_characters_makes_no_job(make_state, caplog):
+    """A file chain's hotkey may be any text; a job's texts are bounded, and so are answers."""
+    state = make_state()
+    long_hotkey = "5" + "x" * 63  # 64: at the limit
+    too_long = "5" + "x" * 100_000
+    state.add_commitments(snapshot(100, [dict(commitment(1), hotkey=long_hotkey),
+                                         dict(commitment(2), hotkey=too_long)]))
+    assert [j["miner_hotkey"] for j in jobs(state)] == [long_hotkey]
+    assert f"Skipping commitment of {too_long[:64]} at block 100: a hotkey of 100001 " \
+        "characters" in caplog.text
+
+
 def test_lookback_is_counted_from_the_last_processed_block(make_state):
     state = make_state(neuron={"load_old_nodes": False, "max_commitment_lookback": 3})
     # First start without load_old_nodes: only commitments within 3 blocks of the head.
