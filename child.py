@@ -474,11 +474,9 @@ class Evaluations:
                             "database is unavailable", job_id, proc.pid)
 
     def forget(self, job_id):
-        """The evaluator has ended: kill what it left in its group, and forget the group."""
+        """The evaluator has ended (exchange killed what it left in its group)."""
         with self.changed:
-            group = self.groups.pop(job_id, None)
-        if group:
-            kill_process_group(group)
+            self.groups.pop(job_id, None)
 
     def check(self, job_id):
         """Raise Abandoned or Revoked if the evaluation of this job must stop."""
