@@ -34,7 +34,8 @@ import prometheus_client
 import psycopg
 
 import common
-from common import PeerUnavailable, Refused, log
+from common import Refused, log
+from rpc import REFUSALS, PeerUnavailable, RpcClient, RpcThread, ServiceBase, Unimplemented
 
 # The schema, step by step (common.Database applies the steps a database lacks).
 SCHEMA = ["""
@@ -870,7 +871,7 @@ class Worker:
 # The RPC service: the parent may push a job; anyone may ping or read the queue counts
 # ---------------------------------------------------------------------------------------------
 
-class ChildService(common.ServiceBase):
+class ChildService(ServiceBase):
     """One per connection. A receiveJob whose signature checks out (any, with auth off)
     registers the connection: it is the parent's pusher."""
 
@@ -940,7 +941,7 @@ class Parents:
             except common.Standby as e:  # it refused the registration
                 failures.append(f"{client.host}:{client.port}: {e}")
             else:
-                reason = reply.get(common.REFUSALS[method][1], "")
+                reason = reply.get(REFUSALS[method][1], "")
                 if not reason.startswith("standby"):
                     if self.current != first:
                         log.info("Now working with parent %s:%d (%s)", client.host,
@@ -963,7 +964,7 @@ def report_results(parent, store, child_id):
         try:
             reply = parent.call("reportJobCompletions", childId=child_id,
                                 results=[result_message(row) for row in rows])
-        except common.Unimplemented:  # a parent of an older version: one call per result
+        except Unimplemented:  # a parent of an older version: one call per result
             replies = [parent.call("reportJobCompletion", childId=child_id,
                                    **result_message(row)) for row in rows]
         else:
@@ -1062,7 +1063,7 @@ def run(cfg, stop):
     worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
-    rpc = common.RpcThread()
+    rpc = RpcThread()
     identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
     tls_server, tls_client = common.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
@@ -1083,7 +1084,7 @@ def run(cfg, stop):
         log.info("Successfully registered with parent validator as %s at %s", child_id,
                  parent_endpoint)
 
-    parent = Parents([common.RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
+    parent = Parents([RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
                                        on_connect=functools.partial(register, parent_endpoint=at))
                       for at in parent_endpoints(cfg)])
     try:

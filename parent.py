@@ -31,6 +31,7 @@ from psycopg.rows import tuple_row
 import chain as chains
 import common
 from common import Refused, log
+from rpc import PeerUnavailable, RpcClient, RpcThread, ServiceBase
 
 # The schema, step by step (common.Database applies the steps a database lacks).
 SCHEMA = ["""
@@ -921,7 +922,7 @@ class Pusher:
     def client(self, endpoint):
         if endpoint not in self.clients:
             host, port = common.split_endpoint(endpoint)
-            self.clients[endpoint] = common.RpcClient(self.rpc, host, port, timeout=2.0,
+            self.clients[endpoint] = RpcClient(self.rpc, host, port, timeout=2.0,
                                                       tls=self.tls)
         return self.clients[endpoint]
 
@@ -945,7 +946,7 @@ class Pusher:
             try:
                 reply = self.client(endpoint).call("receiveJob", job=job_message(job), **signed)
                 accepted, message = reply["accepted"], reply["message"]
-            except common.PeerUnavailable as e:
+            except PeerUnavailable as e:
                 accepted, message = False, str(e)
             if accepted:
                 free[child_id][0] -= 1
@@ -1036,7 +1037,7 @@ def _close_assignment(conn, job_id):
 # The RPC service: one object per connection, all pointing at the one ParentState
 # ---------------------------------------------------------------------------------------------
 
-class ParentService(common.ServiceBase):
+class ParentService(ServiceBase):
     """One per connection. With auth on, a connection serves only the child that registered
     on it, with a hotkey in allowed_child_hotkeys and a fresh signature; a call for any other
     child is refused before its parameters are decoded. With auth off, a call a child makes
@@ -1151,7 +1152,7 @@ def run(cfg, stop):
     with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
         if leadership.take():
             state.take_over()
-    rpc = common.RpcThread()
+    rpc = RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
                      tls_server)
     log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,

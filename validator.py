@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import common
+from rpc import PeerUnavailable, RpcClient, RpcThread
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,9 +50,9 @@ def run_role(argv):
 # ---------------------------------------------------------------------------------------------
 
 def fetch_stats(host, port, tls=None):
-    rpc = common.RpcThread()
+    rpc = RpcThread()
     try:
-        reply = common.RpcClient(rpc, host, port, timeout=5, tls=tls).call("getStats")
+        reply = RpcClient(rpc, host, port, timeout=5, tls=tls).call("getStats")
     finally:
         rpc.stop()
     return json.loads(reply["json"])
@@ -105,7 +106,7 @@ def status(argv):
     for endpoint, (host, port) in zip(endpoints, addresses):
         try:
             found[endpoint] = fetch_stats(host, port, tls)
-        except common.PeerUnavailable as e:
+        except PeerUnavailable as e:
             print(f"error: parent validator unreachable: {e}", file=sys.stderr)
     if not found:
         return 1

@@ -23,7 +23,7 @@ The figures, one function each below:
    jobs.created_at (set in the transaction right after the parent read the chain) and the
    child's child_jobs.started_at (set just before the evaluator starts). Baseline: pgqueuer's
    own enqueue -> entrypoint start, with a consumer waiting as the child's does.
-3. rpc_overhead() ping and requestJobs(100) through common.RpcClient vs a bare pycapnp client on
+3. rpc_overhead() ping and requestJobs(100) through RpcClient vs a bare pycapnp client on
    the same schema, on the same RpcThread loop, against one server answering canned data.
 4. scale()       200 simulated children registered and heartbeating (requestJobs(0) every
    poll_interval, 2 s by default) against one parent: ping p99 and the parent's CPU; baseline:
@@ -76,6 +76,7 @@ from conftest import ROOT, commitment, free_port, write_chain, write_toml  # noq
 
 import capnp  # noqa: E402
 import common  # noqa: E402  (conftest put the project on sys.path)
+from rpc import SCHEMA, RpcClient, RpcThread, ServiceBase  # noqa: E402
 import parent as parent_validator  # noqa: E402  (its standby's retry period, figure 7)
 
 # Run sizes. The full run is what docs/benchmark.md reports; --quick only proves the bench works.
@@ -611,7 +612,7 @@ def serve_canned():
     Prints its port, serves until stdin closes."""
     jobs = canned_jobs(100)
 
-    class Canned(common.ServiceBase):
+    class Canned(ServiceBase):
         role = "parent"
 
         def request_jobs(self, childId, maxJobs, **_):
@@ -620,7 +621,7 @@ def serve_canned():
         def registers(self, method):  # the bench's clients are children, not strangers
             return True
 
-    rpc = common.RpcThread()
+    rpc = RpcThread()
     port = rpc.serve("127.0.0.1", 0, Canned)
     print(port, flush=True)
     sys.stdin.read()
@@ -638,7 +639,7 @@ class BareClient:
         async def connect():
             stream = await capnp.AsyncIoStream.create_connection(host=host, port=port)
             self._client = capnp.TwoPartyClient(stream)
-            self._cap = self._client.bootstrap().cast_as(common.SCHEMA.ValidatorJobsService)
+            self._cap = self._client.bootstrap().cast_as(SCHEMA.ValidatorJobsService)
         rpc.run(connect())
 
     def call(self, method, **params):
@@ -654,7 +655,7 @@ def rpc_overhead(rpc, size):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
-        clients = {"ours": common.RpcClient(rpc, "127.0.0.1", port),
+        clients = {"ours": RpcClient(rpc, "127.0.0.1", port),
                    "bare": BareClient(rpc, "127.0.0.1", port)}
         calls = {"ping": ((), size["rpc_calls"][0]),
                  "requestJobs": ((("childId", "bench"), ("maxJobs", 100), ("heldJobs", [])),
@@ -685,7 +686,7 @@ def rpc_overhead(rpc, size):
 # ---------------------------------------------------------------------------------------------
 
 class SimulatedChild:
-    """A child as the parent sees it, through common.RpcClient: it registers on each new
+    """A child as the parent sees it, through RpcClient: it registers on each new
     connection and heartbeats (requestJobs with maxJobs = 0); it never takes a job."""
 
     def __init__(self, rpc, port, child_id):
@@ -697,7 +698,7 @@ class SimulatedChild:
             if not reply.success:
                 raise BenchError(f"registration of {child_id} refused: {reply.message}")
 
-        self.client = common.RpcClient(rpc, "127.0.0.1", port, timeout=30, on_connect=register)
+        self.client = RpcClient(rpc, "127.0.0.1", port, timeout=30, on_connect=register)
 
     def heartbeat(self):
         """One heartbeat (the first one registers); its latency in ms."""
@@ -761,7 +762,7 @@ def scale(pg, workdir, rpc, size):
     parent.start()
     stop, children = threading.Event(), []
     try:
-        probe = common.RpcClient(rpc, "127.0.0.1", parent.port)
+        probe = RpcClient(rpc, "127.0.0.1", parent.port)
         probe.call("ping")
         idle = load_window(parent.proc, pg, probe, size["idle_seconds"])
         progress(f"  scale, no child: ping p99 {percentile(idle[0], 99):.2f} ms, parent CPU "
@@ -816,7 +817,7 @@ def pending(pg, workdir, rpc, size):
             parent.proc.wait_for_log(f"Loaded {jobs} pending jobs from the database")
         child = SimulatedChild(rpc, parent.port, "pending_child")
         beats = [child.heartbeat() for _ in range(size["heartbeat_calls"] + 1)][1:]
-        probe = common.RpcClient(rpc, "127.0.0.1", parent.port)
+        probe = RpcClient(rpc, "127.0.0.1", parent.port)
         _, parent_cpu, pg_cpu = load_window(parent.proc, pg, probe, size["idle_seconds"])
         rss = parent.proc.ps.memory_info().rss / 2**20
         peak = peak_rss_mb(parent.proc.ps)
@@ -1178,7 +1179,7 @@ def idle_footprint(pg, workdir, rpc, size):
         cpu["postgres"] = (pg.cpu_seconds() - before["postgres"]) / elapsed * 100
         memory = {name: ps.memory_info().rss / 2**20 for name, ps in processes.items()}
         memory["postgres"] = pg.memory_mb()
-        stats = json.loads(common.RpcClient(rpc, "127.0.0.1", fleet.parent.port)
+        stats = json.loads(RpcClient(rpc, "127.0.0.1", fleet.parent.port)
                            .call("getStats")["json"])
         if stats["active_children"] != 2:  # idle, not dead
             raise BenchError(f"the parent counts {stats['active_children']} active children")
@@ -1232,7 +1233,7 @@ def measure_chain(run):
 
 
 def measure_rpc(run):
-    progress("3. RPC overhead: common.RpcClient vs bare pycapnp")
+    progress("3. RPC overhead: RpcClient vs bare pycapnp")
     results = rpc_overhead(run.rpc, run.size)
     for method, key in (("ping", "rpc_ping"), ("requestJobs", "rpc_request_jobs_100")):
         ours, bare = results[method, "ours"], results[method, "bare"]
@@ -1407,7 +1408,7 @@ SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
 
 
 def run_sections(size, workdir, only=None):
-    rpc = common.RpcThread()
+    rpc = RpcThread()
     pg = Postgres(workdir)
     run = Run(size, workdir, pg, rpc)
     try:

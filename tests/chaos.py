@@ -63,6 +63,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import common  # noqa: E402
+from rpc import PeerUnavailable  # noqa: E402
 from conftest import IdleFlood, free_port, write_chain, write_toml  # noqa: E402
 from validator import fetch_stats  # noqa: E402
 
@@ -528,7 +529,7 @@ def idle_flood(cluster, fault):
         try:
             fetch_stats("127.0.0.1", cluster.parent_port)
             done.append(f"status answered after {time.monotonic() - began:.1f}s")
-        except common.PeerUnavailable as e:
+        except PeerUnavailable as e:
             done.append(f"status did not answer: {e}")
             cluster.hostile.append(f"during a flood of {fault.target}'s port, {done[-1]}")
         if fault.target == "parent":

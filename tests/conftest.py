@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from rpc import RpcThread  # noqa: E402
 
 
 def wait_until(predicate, timeout=30.0, what="condition", interval=0.05):
@@ -231,7 +232,7 @@ def processes():
 @pytest.fixture(scope="session")
 def rpc():
     """The test process's own RPC thread, for clients talking to validator processes."""
-    thread = common.RpcThread()
+    thread = RpcThread()
     yield thread
     thread.stop()
 

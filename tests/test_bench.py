@@ -27,7 +27,7 @@ FIGURES = [
     "dispatch_push_p50_ms", "dispatch_push_p99_ms", "dispatch_push_ratio",
     "dispatch_push_parent_p50_ms",
     "dispatch_pull_p50_ms", "dispatch_pull_p99_ms", "dispatch_pull_ratio",
-    # 3. RPC overhead: common.RpcClient vs bare pycapnp
+    # 3. RPC overhead: rpc.RpcClient vs bare pycapnp
     "rpc_ping_us", "rpc_ping_bare_us", "rpc_ping_ratio",
     "rpc_request_jobs_100_us", "rpc_request_jobs_100_bare_us", "rpc_request_jobs_100_ratio",
     # 4. scale: many children; many pending jobs

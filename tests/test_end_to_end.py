@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
+from rpc import RpcClient
 
 
 def test_twenty_commitments_become_twenty_results_each_recorded_once(
@@ -55,7 +56,7 @@ def test_twenty_commitments_become_twenty_results_each_recorded_once(
         results = {j["job_id"]: j["result"] for j in jobs}
         assert all(results[r["job_id"]] == r["result"] for r in rows)
 
-    stats = json.loads(common.RpcClient(rpc, "127.0.0.1", parent_cfg.parent_port)
+    stats = json.loads(RpcClient(rpc, "127.0.0.1", parent_cfg.parent_port)
                        .call("getStats")["json"])
     assert (stats["total_children"], stats["active_children"], stats["pending_jobs"]) == (2, 2, 0)
     for entry in stats["children"]:
@@ -99,7 +100,7 @@ def test_embedded_postgres_runs_the_validators_own_server(
     parent = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     parent.wait_for_log("New job 1 ")
     assert (tmp_path / "parent-data" / "pgdata" / "PG_VERSION").exists()
-    stats = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port) \
+    stats = RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port) \
         .call("getStats")
     assert json.loads(stats["json"])["pending_jobs"] == 1
     assert parent.stop() == 0

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
+from rpc import RpcClient
 
 
 def test_wait_for_db_waits_for_postgresql_instead_of_exiting(
@@ -90,7 +91,7 @@ def test_sigusr1_prints_every_threads_stack_and_the_validator_goes_on(
     proc.proc.send_signal(signal.SIGUSR1)
     proc.wait_for_log(r"Thread 0x[0-9a-f]+ \(most recent call first\)")
     proc.wait_for_log(r'File ".*parent.py", line \d+ in run')
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
     assert client.call("ping") == {"pong": "pong from parent"}
     assert proc.stop() == 0
 

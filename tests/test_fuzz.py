@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import common
+from rpc import RpcClient
 
 TEXT = st.one_of(st.text(max_size=80), st.sampled_from(
     ["good", "c1", "", "h:1", "::", "x:8", "nul\0", "[::1]:80", "é:1"]))
@@ -39,7 +40,7 @@ def test_generated_requests_leave_the_parent_answering_and_consistent(
     cfg = common.load_config(config)
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log("New job 8 ")
-    client = common.RpcClient(rpc, "127.0.0.1", cfg.parent_port)
+    client = RpcClient(rpc, "127.0.0.1", cfg.parent_port)
     client.call("registerChild", childId="good", endpoint="127.0.0.1:1")
     answered = []
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import common
+from rpc import PeerUnavailable, RpcClient
 
 RESULT_LIMIT = 2048  # max_result_bytes
 MESSAGE_LIMIT = 4096  # rpc_unregistered_max_message_bytes
@@ -92,7 +93,7 @@ def test_sizes_and_counts_up_to_and_past_every_limit(tmp_path, parent_config, pr
     cfg = common.load_config(config)
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log("New job 30 ")
-    child = common.RpcClient(rpc, "127.0.0.1", cfg.parent_port)
+    child = RpcClient(rpc, "127.0.0.1", cfg.parent_port)
     assert child.call("registerChild", childId="good", endpoint="127.0.0.1:1")["success"]
     jobs = {job["jobId"] for job in child.call("requestJobs", childId="good", maxJobs=4)["jobs"]}
     recorded, dropped = {}, []
@@ -111,11 +112,11 @@ def test_sizes_and_counts_up_to_and_past_every_limit(tmp_path, parent_config, pr
         values, least_bytes = params(call, jobs)
         # Framing, pointers and padding add at most this much.
         most_bytes = least_bytes + 512 + 16 * len(values.get("results", []))
-        client = child if call["registered"] else common.RpcClient(rpc, "127.0.0.1",
+        client = child if call["registered"] else RpcClient(rpc, "127.0.0.1",
                                                                     cfg.parent_port)
         try:
             reply = client.call(method, **values)
-        except common.PeerUnavailable:
+        except PeerUnavailable:
             # Only a connection that never registered is dropped, for a message over its limit.
             assert not call["registered"] and most_bytes > MESSAGE_LIMIT, call
             dropped.append(least_bytes)

@@ -11,6 +11,7 @@ import pytest
 from conftest import commitment, run_foreign_client, wait_until, write_chain
 
 import common
+from rpc import RpcClient
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def parent(tmp_path, parent_config, processes, rpc):
     proc.wait_for_log("New job 3 ")
     proc.port = common.load_config(config).parent_port
     proc.config = config
-    proc.client = common.RpcClient(rpc, "127.0.0.1", proc.port)
+    proc.client = RpcClient(rpc, "127.0.0.1", proc.port)
     assert proc.client.call("registerChild", childId="good", endpoint="127.0.0.1:1")["success"]
     return proc
 
@@ -105,7 +106,7 @@ def test_hundreds_of_idle_connections_never_displace_a_registered_child(parent):
         started = time.monotonic()
         assert parent.client.call("requestJobs", childId="good", maxJobs=0)["error"] == ""
         assert time.monotonic() - started < 2
-    assert common.RpcClient(parent.client.rpc, "127.0.0.1", parent.port).call("ping")
+    assert RpcClient(parent.client.rpc, "127.0.0.1", parent.port).call("ping")
     assert all(closed_by_server(s) for s in socks)  # the rest within rpc_register_timeout
     parent.wait_for_log(r"Closed RPC connections lately \(last from 127\.0\.0\.1:\d+\): "
                         r"\d+ unregistered, closed to make room")
@@ -172,7 +173,7 @@ def test_a_childs_port_closes_garbage_and_refuses_bad_jobs_with_a_message(
     child.wait_for_log("Successfully registered")
     port = common.load_config(config).child_port
     sock = raw_connection(port, b"GET / HTTP/1.1\r\n\r\n")
-    client = common.RpcClient(rpc, "127.0.0.1", port)
+    client = RpcClient(rpc, "127.0.0.1", port)
     assert client.call("receiveJob", job={"hfRepoId": "org/m"}) == {
         "accepted": False, "message": "job has no jobId or hfRepoId"}
     assert client.call("requestJobs", childId="x", maxJobs=1) == {

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import common
+from rpc import RpcClient
 import chain as chains
 import parent
 
@@ -226,7 +227,7 @@ def test_operator_commands_steer_a_running_parent(tmp_path, parent_config, proce
     code, out, _ = cli("jobs", "--status", "cancelled")
     assert code == 0 and out.splitlines()[1].split()[:4] == ["2", "5Miner002",
                                                             "org/model-2@00000000", "cancelled"]
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
     client.call("registerChild", childId="c1", endpoint="127.0.0.1:1")
     proc.wait_for_log("Loaded 2 pending jobs from the database")
     assert [j["jobId"] for j in client.call("requestJobs", childId="c1", maxJobs=5)["jobs"]] \
@@ -298,7 +299,7 @@ def test_an_unreadable_chain_is_retried_while_rpc_keeps_serving(
     config = parent_config()  # its commitments file does not exist yet
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log("Chain sync failed \\(will retry\\): commitments file .* does not exist")
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
     assert client.call("ping") == {"pong": "pong from parent"}
     (tmp_path / "chain.json").write_text('{"block": 5, "commitm')  # half-written
     wait_until(lambda: client.call("ping"), what="a ping while the chain is broken")

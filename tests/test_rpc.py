@@ -12,6 +12,7 @@ from conftest import ROOT, commitment, free_port, run_foreign_client, wait_until
 
 import child
 import common
+from rpc import PeerUnavailable, RpcClient, Unimplemented
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def run_parent(tmp_path, config, processes, rpc):
     proc.wait_for_log(r"New job 3 ")
     port = common.load_config(config).parent_port
     proc.port, proc.dsn = port, common.load_config(config).pg_database
-    proc.client = common.RpcClient(rpc, "127.0.0.1", port)
+    proc.client = RpcClient(rpc, "127.0.0.1", port)
     return proc
 
 
@@ -109,7 +110,7 @@ def test_a_request_that_may_wait_is_answered_when_a_job_comes(tmp_path, parent, 
         return json.loads(parent.client.call("getStats")["json"])["children"][0]["last_seen"]
 
     seen, answer = last_seen(), {}
-    held = threading.Thread(target=lambda: answer.update(common.RpcClient(
+    held = threading.Thread(target=lambda: answer.update(RpcClient(
         rpc, "127.0.0.1", parent.port).call("requestJobs", childId="c1", maxJobs=5,
                                             waitMs=5000)))
     held.start()
@@ -235,7 +236,7 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
         for n in (7, 8):
             store.start(n)
             store.finish(n, True, f'{{"score": {n}}}')
-        client = common.RpcClient(rpc, "127.0.0.1", older_parent.port)
+        client = RpcClient(rpc, "127.0.0.1", older_parent.port)
         # Reported apart, and one not taken: the next poll is due after the interval.
         assert child.poll(client, store, "c1", interval=2.0) == 2.0
         assert [older_parent.stdout.readline() for _ in range(3)] == [
@@ -247,7 +248,7 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
         # (with the peer gone, asking would fail with PeerUnavailable).
         older_parent.kill()
         older_parent.wait()
-        with pytest.raises(common.Unimplemented):
+        with pytest.raises(Unimplemented):
             client.call("reportJobCompletions", childId="c1", results=[])
     finally:
         older_parent.kill()
@@ -263,7 +264,7 @@ def test_an_idle_child_polls_an_older_parent_once_per_interval(tmp_path, make_ds
     store = child.ChildStore(cfg.pg_database, 4)
     stop = threading.Event()
     loop = threading.Thread(target=child.work, args=(
-        cfg, stop, threading.Event(), common.RpcClient(rpc, "127.0.0.1", older_parent.port),
+        cfg, stop, threading.Event(), RpcClient(rpc, "127.0.0.1", older_parent.port),
         store))
     loop.start()
     try:
@@ -331,7 +332,7 @@ def test_a_child_accepts_a_pushed_job_once_and_runs_it(tmp_path, parent, child_c
     child.wait_for_log("Successfully registered with parent validator as pushed")
     # The child took a job by polling; its one slot is busy, so a push is refused.
     child.wait_for_log(r"Evaluating job \d+")
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
     assert client.call("ping") == {"pong": "pong from child"}
     job = {"jobId": 77, "hfRepoId": "org/pushed", "hfRepoCommit": "abc", "logsPath": "x.log"}
     assert client.call("receiveJob", job=job) == {"accepted": False, "message": "no free slot"}
@@ -377,8 +378,8 @@ interface ValidatorJobsService {
 
 
 def test_a_dead_peer_raises_peer_unavailable(rpc):
-    client = common.RpcClient(rpc, "127.0.0.1", free_port(), timeout=5)
-    with pytest.raises(common.PeerUnavailable, match="127.0.0.1"):
+    client = RpcClient(rpc, "127.0.0.1", free_port(), timeout=5)
+    with pytest.raises(PeerUnavailable, match="127.0.0.1"):
         client.call("ping")
 
 
@@ -387,7 +388,7 @@ def test_a_child_with_a_free_slot_queues_a_pushed_job_once(tmp_path, parent, chi
     config = child_config("roomy", parent.port, max_concurrent_jobs=5)
     child = processes(["child.py", "--config", config], tmp_path / "child.log")
     child.wait_for_log(r"Job 3 succeeded")
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
     job = {"jobId": 77, "hfRepoId": "org/pushed", "hfRepoCommit": "abc", "logsPath": "x.log"}
     assert client.call("receiveJob", job=job) == {"accepted": True, "message": "queued"}
     assert client.call("receiveJob", job=job) == {"accepted": True,
@@ -401,9 +402,9 @@ def test_a_child_with_a_free_slot_queues_a_pushed_job_once(tmp_path, parent, chi
 FAILED_CALLS = """
 import gc, sys, time
 sys.path.insert(0, {root!r})
-import common
+from rpc import PeerUnavailable, RpcClient, RpcThread, ServiceBase
 
-class Service(common.ServiceBase):
+class Service(ServiceBase):
     def get_stats(self):
         time.sleep(1.0)
         return {{"json": "{{}}"}}
@@ -411,8 +412,8 @@ class Service(common.ServiceBase):
     def report_job_completions(self, childId, results=()):
         return {{"replies": [{{"acknowledged": True, "message": ""}} for _ in results]}}
 
-rpc = common.RpcThread()
-client = common.RpcClient(rpc, "127.0.0.1", rpc.serve("127.0.0.1", 0, Service), timeout=0.3)
+rpc = RpcThread()
+client = RpcClient(rpc, "127.0.0.1", rpc.serve("127.0.0.1", 0, Service), timeout=0.3)
 client.call("ping")
 failures = []
 for method, params in [
@@ -422,7 +423,7 @@ for method, params in [
         ("getStats", {{}})]:  # answered after the client's timeout
     try:
         client.call(method, **params)
-    except common.PeerUnavailable as e:
+    except PeerUnavailable as e:
         failures.append(str(e))
 gc.collect()  # here, on the main thread: any capnp object left in a cycle is freed now
 print(failures, client.call("ping"))

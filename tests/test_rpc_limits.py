@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, IdleFlood, commitment, wait_until, write_chain
 
 import common
+from rpc import RpcClient
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_a_registered_connection_sends_what_its_traffic_needs(
     config = parent_config(max_result_bytes=1 << 20)
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log("New job 1 ")
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).parent_port)
     assert client.call("registerChild", childId="c1", endpoint="127.0.0.1:1")["success"]
     [job] = client.call("requestJobs", childId="c1", maxJobs=1)["jobs"]
     result = json.dumps({"details": "x" * ((1 << 20) - 20)})  # a 1 MiB result: 16 x the limit

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, commitment, write_chain
 
 import common
+from rpc import PeerUnavailable, RpcClient
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def parent(tmp_path, parent_config, processes, rpc, wallets):
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
     proc.wait_for_log("New job 3 ")
     proc.port = common.load_config(config).parent_port
-    proc.connect = lambda: common.RpcClient(rpc, "127.0.0.1", proc.port)
+    proc.connect = lambda: RpcClient(rpc, "127.0.0.1", proc.port)
     return proc
 
 
@@ -112,7 +113,7 @@ def test_signed_children_run_the_whole_job_flow_and_take_pushes_only_from_the_pa
     for job_id in (1, 2, 3):
         parent.wait_for_log(f"Child c1 completed job {job_id}")
     # receiveJob: unsigned, or signed by another hotkey, is refused; the parent's is taken.
-    client = common.RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
+    client = RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
     job = {"jobId": 50, "hfRepoId": "org/pushed", "hfRepoCommit": "abc"}
     assert client.call("receiveJob", job=job) == {"accepted": False, "message": "not allowed"}
 
@@ -171,7 +172,7 @@ def certificates(tmp_path_factory):
 
 def tls_client(rpc, port, keys):
     cfg = types.SimpleNamespace(config_path="test", **keys)
-    return common.RpcClient(rpc, "127.0.0.1", port, tls=common.tls_contexts(cfg)[1])
+    return RpcClient(rpc, "127.0.0.1", port, tls=common.tls_contexts(cfg)[1])
 
 
 def test_signed_children_over_mutual_tls_run_the_job_flow_and_others_are_refused(
@@ -193,14 +194,14 @@ def test_signed_children_over_mutual_tls_run_the_job_flow_and_others_are_refused
     parent.wait_for_log("Pushed job 4 to child c1")  # the parent's client side of TLS too
     parent.wait_for_log("Child c1 completed job 4")
 
-    plaintext = common.RpcClient(rpc, "127.0.0.1", port, timeout=5)
-    with pytest.raises(common.PeerUnavailable):
+    plaintext = RpcClient(rpc, "127.0.0.1", port, timeout=5)
+    with pytest.raises(PeerUnavailable):
         plaintext.call("ping")
     # A client certificate from another CA is refused; so is a server the client cannot trust.
-    with pytest.raises(common.PeerUnavailable):
+    with pytest.raises(PeerUnavailable):
         tls_client(rpc, port, dict(good, tls_cert=certificates["rogue"]["tls_cert"],
                                    tls_key=certificates["rogue"]["tls_key"])).call("ping")
-    with pytest.raises(common.PeerUnavailable):
+    with pytest.raises(PeerUnavailable):
         tls_client(rpc, port, certificates["rogue"]).call("ping")
     assert tls_client(rpc, port, good).call("ping") == {"pong": "pong from parent"}
     status = subprocess.run([sys.executable, ROOT / "validator.py", "status", "--parent-port",

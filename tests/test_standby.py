@@ -14,6 +14,7 @@ from test_metrics import scrape
 from test_rpc import SEED_SCHEMA
 
 import common
+from rpc import RpcClient
 import parent
 
 TAKEN = "Leadership taken"
@@ -58,7 +59,7 @@ def two_parents(tmp_path, make_dsn, processes):
 
 
 def client(rpc, pair, name):
-    return common.RpcClient(rpc, "127.0.0.1", pair.ports[name], timeout=30)
+    return RpcClient(rpc, "127.0.0.1", pair.ports[name], timeout=30)
 
 
 def stats(rpc, pair, name):
