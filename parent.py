@@ -1,15 +1,46 @@
 """The parent validator: reads miners' commitments from the chain, turns each new one into an
-evaluation job, and hands jobs to child validators over Cap'n Proto RPC.
+evaluation job, keeps the queue of jobs in PostgreSQL, and hands jobs to child validators over
+Cap'n Proto RPC (validator.capnp).
 
-Its life, top to bottom: the database schema; Leadership (of the parents that share one
-database, one is active and the others stand by, fenced by an epoch); ParentState, the one
-shared state behind every RPC connection (PostgreSQL is the truth, an in-memory queue mirrors
-the pending jobs, and Arrivals wakes the polls of idle children held open until a job comes),
-with its leases and the optional pusher; the operator's commands; the RPC service; and run(),
-which stands by until this parent is the active one, then reads the chain (chain.py) every
-sync_frequency seconds, looks after the leases every second, and sets weights when due.
-The queue follows the chain: a sync also cancels the open jobs of superseded submissions and
-of miners who left; and each poll tells the child which jobs it holds are no longer its own.
+The protocol, as the parent serves it (a standby answers ping and getStats only):
+- registerChild(childId, endpoint, hotkey, signature...): a child says who it is and where it
+  listens. An id that registers again keeps its counters and the jobs it holds; with auth on,
+  its hotkey must be in allowed_child_hotkeys and sign the call, and the connection then serves
+  that child only.
+- requestJobs(childId, maxJobs, heldJobs, results, waitMs): the child's poll, in one
+  transaction: its results are recorded first; jobs assigned to it that it lacks (heldJobs) are
+  sent again; then up to maxJobs new ones, within max_jobs_per_child (0 is a heartbeat). The
+  answer's `revoked` lists the jobs it holds that are no longer its own (cancelled, given back,
+  handed to another child): it stops them. With waitMs, a poll that gets nothing is held open
+  until a job arrives or the wait is over.
+- reportJobCompletion(s)(childId, results): results outside a poll. Only the child holding a job
+  records its result; a repeated report is acknowledged again; one over max_result_bytes is
+  recorded as a failure that says so.
+- receiveJob, which the parent calls on a child with push_jobs = true: a pending job sent straight
+  to the child with the most free room; a refused one stays pending.
+- ping, and getStats: the statistics as JSON (the queue, the children, this parent's role).
+Between the calls the parent reads the chain (chain.py) every sync_frequency seconds (new
+commitments make jobs; the open jobs of superseded submissions and of miners who left are
+cancelled), and every second gives back the jobs whose lease expired: of a child unseen for
+child_timeout_seconds, or not finished within job_timeout_seconds.
+
+The order of this file: the protocol first, then what a first reading can skip.
+- SCHEMA, the limits of one call, the metrics.
+- ParentService: the RPC service, one per connection, its methods named as in the schema.
+- ParentState: the one state behind every connection, and the protocol's side of it (register,
+  poll, report, assign, withdraw); its parts are the pending queue, the leases, the chain
+  intake and the statistics. The messages it answers with.
+- run(), stand_by(), lead(), main(): the main loop. It stands by until this parent is the active
+  one of the parents that share the database, then reads the chain, looks after the leases and
+  sets weights when due, until stopped or until the leadership is lost.
+- PendingQueue and Arrivals: the pending jobs mirrored in memory, and the held polls they wake.
+- Leases: jobs come back from children that vanish or take too long.
+- ChainIntake: commitments become jobs, and the queue follows the chain.
+- Statistics and QueueMetrics: getStats and the Prometheus gauges.
+- Leadership: of the parents that share one database, one is active, fenced by an epoch.
+- Pusher: receiveJob, with push_jobs = true.
+- The operator's commands: list_jobs, requeue_job, cancel_job, and cancel_jobs that the chain
+  intake uses too.
 
     python parent.py --config validator_parent.toml
 """
@@ -122,9 +153,953 @@ create table if not exists leadership (
 insert into leadership (epoch, endpoint) values (0, '') on conflict do nothing;
 """]
 
+# What one call, one answer or one peer may cost the parent at most, and its wait for a push.
+REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
+MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
+# Jobs in one answer, those sent again included: each is under 1 KiB (its texts are bounded by
+# parse_commitment, MAX_HOTKEY_CHARS and the config), so an answer stays far under the message
+# limit.
+MAX_JOBS_PER_ANSWER = 1000
+MAX_HOTKEY_CHARS = 64  # an ss58 address has 47-48
+MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
+MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
+
+JOBS_FINISHED = prometheus_client.Counter(
+    "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
+JOBS_RETURNED = prometheus_client.Counter(
+    "validator_jobs_returned", "Jobs given back to the queue by an expired lease, by reason",
+    ["reason"])
+REPORTS_IGNORED = prometheus_client.Counter(
+    "validator_reports_ignored", "Late or foreign results, acknowledged but not recorded")
+CHAIN_READS = prometheus_client.Histogram("validator_chain_read_seconds", "Chain reads")
+CHAIN_FAILURES = prometheus_client.Counter("validator_chain_read_failures", "Failed chain reads")
+PARENT_ACTIVE = prometheus_client.Gauge(
+    "validator_parent_active", "1 while this parent is the active one, 0 while a standby")
+
+
+# ---------------------------------------------------------------------------------------------
+# The RPC service: one object per connection, all pointing at the one ParentState
+# ---------------------------------------------------------------------------------------------
+
+class ParentService(ServiceBase):
+    """One per connection. With auth on, a connection serves only the child that registered
+    on it, with a hotkey in allowed_child_hotkeys and a fresh signature; a call for any other
+    child is refused before its parameters are decoded. With auth off, a call a child makes
+    (registerChild, requestJobs, report...) that is answered registers the connection."""
+
+    role = "parent"
+    CHILD_METHODS = ("requestJobs", "reportJobCompletion", "reportJobCompletions")
+    LIST_LIMITS = {"requestJobs": {"heldJobs": common.MAX_HELD_JOBS,
+                                   "results": MAX_RESULTS_PER_REPORT},
+                   "reportJobCompletions": {"results": MAX_RESULTS_PER_REPORT}}
+
+    def __init__(self, state):
+        super().__init__()
+        self.state, self.child_id = state, None
+
+    def precheck(self, method, params):
+        if method in self.CHILD_METHODS:
+            self._check_active()
+        verifier = self.state.verifier
+        if verifier and method in self.CHILD_METHODS and params.childId != self.child_id:
+            verifier.refuse(f"{method} for {params.childId!r}",
+                            f"the connection is registered as {self.child_id!r}", self.peer)
+        super().precheck(method, params)
+
+    def registers(self, method):
+        return method == "registerChild" or (
+            not self.state.verifier and method in self.CHILD_METHODS)
+
+    def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
+                       signature=b""):
+        self._check_active()
+        verifier = self.state.verifier
+        if verifier:
+            if hotkey not in self.state.cfg.allowed_child_hotkeys:
+                verifier.refuse(f"registration of {childId!r}",
+                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys", self.peer)
+            reason = verifier.check(hotkey, ["registerChild", childId, endpoint,
+                                             self.state.identity.hotkey], timestamp, nonce,
+                                    signature)
+            if reason:
+                verifier.refuse(f"registration of {childId!r}", reason, self.peer)
+        message = self.state.register_child(childId, endpoint, hotkey if verifier else "",
+                                            self.peer)
+        self.child_id = childId
+        return {"success": True, "message": message}
+
+    def _check_active(self):
+        """A standby answers ping and getStats only."""
+        if self.state.leadership:
+            self.state.leadership.refuse_unless_active()
+
+    async def request_jobs(self, childId, maxJobs, heldJobs=None, results=(), waitMs=0):
+        """A poll; with waitMs, one that gets no job waits for one (see Arrivals), then
+        polls again, until it gets jobs or the wait is over. pycapnp cancels a call whose
+        connection dropped, so the held call of a child that died takes no job. A client built
+        from the seed's schema sends neither heldJobs (no redelivery then), results nor waitMs."""
+        results, cfg = self._results(results), self.state.cfg
+        # With push_jobs the pusher sends the new jobs; a held call would race it.
+        wait = 0 if cfg.push_jobs else min(waitMs / 1000, MAX_WAIT_SECONDS,
+                                           cfg.rpc_idle_timeout_seconds / 2)
+        deadline = time.monotonic() + wait
+        with self.state.queue.arrivals.watch() as arrived:
+            jobs, replies, revoked = await asyncio.to_thread(
+                self.state.poll, childId, maxJobs, heldJobs, results)
+            while not jobs and not revoked and maxJobs and await wait_until(arrived, deadline):
+                arrived.clear()
+                jobs, _, revoked = await asyncio.to_thread(
+                    self.state.poll, childId, maxJobs, heldJobs)
+        return {"jobs": jobs, "replies": replies_message(replies), "revoked": revoked}
+
+    def report_job_completion(self, childId, jobId, success, result):
+        acknowledged, message = self.state.report_completion(childId, jobId, success, result)
+        return {"acknowledged": acknowledged, "message": message}
+
+    def report_job_completions(self, childId, results=()):
+        return {"replies": replies_message(
+            self.state.report_completions(childId, self._results(results)))}
+
+    @staticmethod
+    def _results(results):
+        return [(r.get("jobId", 0), r.get("success", False), r.get("result", ""))
+                for r in results]
+
+    def get_stats(self):
+        return {"json": json.dumps(self.state.statistics.stats())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol: the parent's side of each call, on the one state shared by every connection
+# ---------------------------------------------------------------------------------------------
+
+class ParentState:
+    """The one state behind every RPC connection and the main loop. PostgreSQL is the truth;
+    this side of it is the protocol (each call runs on a worker thread of the RPC loop). Its
+    parts: `queue`, the pending jobs mirrored in memory (PendingQueue); `leases` (Leases);
+    `intake`, the chain's commitments made jobs (ChainIntake); `statistics` (Statistics).
+
+    `leadership`: the parent's Leadership, whose epoch every transaction that hands out,
+    records or gives back a job checks; None for a ParentState alone on its database (tests)."""
+
+    def __init__(self, db, cfg, identity=None, verifier=None, leadership=None):
+        self.db, self.cfg = db, cfg
+        self.identity, self.verifier = identity, verifier  # None, None: auth is off
+        self.leadership = leadership
+        self.queue = PendingQueue(db)
+        self.leases = Leases(db, cfg, self.queue, self.fenced)
+        self.intake = ChainIntake(cfg, self.queue, self.fenced)
+        self.statistics = Statistics(db, cfg, verifier, leadership)
+        if not leadership:  # else take_over() loads it: a standby holds no queue
+            self.queue.reload()
+
+    @contextlib.contextmanager
+    def fenced(self):
+        """A transaction that writes only if this parent leads the current epoch."""
+        with self.db.transaction() as conn:
+            if self.leadership:
+                self.leadership.fence(conn)
+            yield conn
+
+    def take_over(self):
+        """This parent became the active one: rebuild the queue from the database, and give
+        the children child_timeout_seconds to come over before their jobs are taken back."""
+        self.leases.started = time.time()
+        self.queue.reload(anew=True)
+        log.info("Parent validator active: %d pending jobs", len(self.queue))
+
+    def step_down(self):
+        self.queue.clear()
+
+    def register_child(self, child_id, endpoint, hotkey="", peer="an unknown address"):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", child_id):
+            raise Refused("childId must be 1-64 letters, digits, '_', '.' or '-'")
+        try:
+            common.split_endpoint(endpoint)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        # A child that registers again keeps its id, its counters and the jobs it holds; an id
+        # first registered with a hotkey stays with that hotkey. The ids are bounded: each is a
+        # row here and an entry of every getStats answer.
+        with self.db.transaction() as conn:
+            if conn.execute("select count(*) >= %s and not bool_or(child_id = %s) as full "
+                            "from children", (MAX_CHILDREN, child_id)).fetchone()["full"]:
+                raise Refused(f"the parent knows {MAX_CHILDREN} child ids already, its limit: "
+                              "register with one of them")
+            taken = conn.execute(
+                """insert into children (child_id, endpoint, last_seen, hotkey)
+                   values (%s, %s, %s, %s)
+                   on conflict (child_id) do update set endpoint = excluded.endpoint,
+                       last_seen = excluded.last_seen, hotkey = excluded.hotkey
+                   where children.hotkey in ('', excluded.hotkey) returning 1""",
+                (child_id, endpoint, time.time(), hotkey)).fetchone() is None
+        if taken:
+            self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
+                                 f"the id belongs to another hotkey than {hotkey}", peer)
+        log.info("Child %s registered from %s", child_id, endpoint)
+        return f"registered as {child_id}"
+
+    def _seen(self, conn, child_id):
+        """Note that the child is alive; returns how many jobs it holds."""
+        row = conn.execute(
+            """update children set last_seen = %s where child_id = %s returning
+               (select count(*) from jobs where child_id = %s and status = 'assigned') as held""",
+            (time.time(), child_id, child_id)).fetchone()
+        if not row:
+            raise Refused(f"unknown child {child_id!r}: call registerChild first")
+        return row["held"]
+
+    def assign(self, child_id, count):
+        """Take up to `count` jobs off the queue and record them as the child's, before they
+        leave. If the transaction fails the jobs go back on the queue. `count` may be a
+        function of the transaction's connection, to decide in the same transaction."""
+        taken = []
+        try:
+            with self.fenced() as conn:
+                if callable(count):
+                    count = count(conn)
+                taken = self.queue.pop(count)
+                if not taken:
+                    return []
+                rows = conn.execute(
+                    """update jobs set status = 'assigned', child_id = %s,
+                           attempts = attempts + 1, assigned_at = now()
+                       where job_id = any(%b) and status = 'pending'
+                       returning *""", (child_id, [job_id for *_, job_id in taken])).fetchall()
+                conn.execute("insert into assignments (job_id, attempt, child_id) "
+                             "select unnest(%b::bigint[]), unnest(%b::integer[]), %s",
+                             ([r["job_id"] for r in rows], [r["attempts"] for r in rows],
+                              child_id))
+        except BaseException:
+            self.queue.push(taken)
+            raise
+        return sorted(rows, key=queue_entry)
+
+    def request_jobs(self, child_id, max_jobs, held_ids=None):
+        """A child's poll without results: see poll(); returns the jobs."""
+        return self.poll(child_id, max_jobs, held_ids)[0]
+
+    def poll(self, child_id, max_jobs, held_ids=None, results=()):
+        """A child's poll: its results, [(job_id, success, result)], recorded first (see
+        report_completions), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
+        If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
+        (an answer lost when a connection or the parent died) are sent again first, and the
+        jobs it holds that are no longer its own are revoked. All in one transaction.
+        Returns (jobs, one (acknowledged, message) per result, revoked jobs as
+        {"jobId", "reason"})."""
+        lost, recorded, revoked = [], [], []
+
+        def room(conn):
+            recorded[:] = [self._record(conn, child_id, results)] if results else []
+            held = self._seen(conn, child_id)
+            # A job assigned moments ago may be a push still on its way to the child.
+            lost[:] = [] if held_ids is None else conn.execute(
+                """select * from jobs where child_id = %s and status = 'assigned'
+                   and not job_id = any(%b) and assigned_at < now() - make_interval(secs => %s)
+                   order by job_id limit %s""",
+                (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS,
+                 MAX_JOBS_PER_ANSWER)).fetchall()
+            revoked[:] = [] if held_ids is None else not_its_own(
+                conn, child_id, held_ids, [job_id for job_id, _, _ in results])
+            return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
+                       self.cfg.max_jobs_per_child - held)
+
+        rows = self.assign(child_id, room)
+        answers = self._answers(child_id, results, *recorded[0]) if results else []
+        if lost:
+            log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
+                        len(lost), ", ".join(str(row["job_id"]) for row in lost))
+        if rows:
+            log.info("Sending %d jobs to child %s", len(rows), child_id)
+        # A job given back and handed to the same child again is its own once more.
+        again = {row["job_id"] for row in rows}
+        revoked = [r for r in revoked if r["jobId"] not in again]
+        for r in revoked:
+            log.info("Child %s holds job %d, no longer its own (%s): telling it to stop",
+                     child_id, r["jobId"], r["reason"])
+        return [job_message(row) for row in lost + rows], answers, revoked
+
+    def withdraw(self, row):
+        """Undo an assignment that never reached the child (a refused push)."""
+        with self.fenced() as conn:
+            conn.execute("delete from assignments where job_id = %s and attempt = %s",
+                         (row["job_id"], row["attempts"]))
+            conn.execute("update jobs set status = 'pending', child_id = null, "
+                         "attempts = attempts - 1 where job_id = %s and status = 'assigned'",
+                         (row["job_id"],))
+        self.queue.push([queue_entry(row)])
+
+    def report_completion(self, child_id, job_id, success, result):
+        """One result: see report_completions."""
+        return self.report_completions(child_id, [(job_id, success, result)])[0]
+
+    def report_completions(self, child_id, results):
+        """Record a child's results, [(job_id, success, result)], in one transaction; returns
+        one (acknowledged, message) per result. Only the child holding a job records its
+        result; a repeated report of a recorded result is acknowledged again."""
+        with self.fenced() as conn:
+            self._seen(conn, child_id)
+            outcome = self._record(conn, child_id, results)
+        # Logged only once committed: the log never shows a result the database lacks.
+        return self._answers(child_id, results, *outcome)
+
+    def _record(self, conn, child_id, results):
+        """Write the results; returns what _answers needs to answer each. A result over
+        max_result_bytes is recorded as a failure that says so: refused, the child would send
+        it again at every poll (a child whose max_result_bytes is larger than ours)."""
+        sizes = [len(result.encode()) for _, _, result in results]
+        limit = self.cfg.max_result_bytes
+        # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
+        written = [(job_id, False, json.dumps({"error": too_big(job_id, size, limit)}))
+                   if size > limit else (job_id, success, result)
+                   for (job_id, success, result), size in zip(results, sizes) if job_id < 2**63]
+        recorded = {row["job_id"] for row in conn.execute(
+            """with reported as (
+                   select * from unnest(%b::bigint[], %b::boolean[], %b::text[])
+                       as r(job_id, success, result)),
+               finished as (
+                   update jobs set status = case when reported.success then 'completed'
+                                            else 'failed' end,
+                       success = reported.success, result = reported.result,
+                       finished_at = now()
+                   from reported where jobs.job_id = reported.job_id
+                       and jobs.status = 'assigned' and jobs.child_id = %s
+                   returning jobs.job_id, jobs.attempts, jobs.status),
+               closed as (
+                   update assignments set finished_at = now(), outcome = finished.status
+                   from finished where assignments.job_id = finished.job_id
+                       and assignments.attempt = finished.attempts)
+               select job_id from finished""",
+            (*map(list, zip(*written)), child_id) if written else ([], [], [], child_id))}
+        others = {row["job_id"]: row for row in conn.execute(
+            "select job_id, status, child_id from jobs where job_id = any(%b)",
+            ([job_id for job_id, _, _ in written],))}
+        return sizes, recorded, others
+
+    def _answers(self, child_id, results, sizes, recorded, others):
+        answers = []
+        for (job_id, success, result), size in zip(results, sizes):
+            if job_id in recorded:
+                recorded.discard(job_id)  # the same result twice in one call: once recorded
+                if size > self.cfg.max_result_bytes:
+                    outcome = "too big", size
+                else:
+                    outcome = "recorded", None
+            else:
+                outcome = "not held", others.get(job_id)
+            answers.append(self._answer(child_id, job_id, success, result, *outcome))
+        return answers
+
+    def _answer(self, child_id, job_id, success, result, outcome, detail):
+        if outcome == "too big":
+            JOBS_FINISHED.labels("failed").inc()
+            reason = too_big(job_id, detail, self.cfg.max_result_bytes)
+            log.warning("Job %s failed on child %s: %s", job_id, child_id, reason)
+            return True, f"recorded as failed: {reason}"
+        if outcome == "recorded":
+            JOBS_FINISHED.labels("completed" if success else "failed").inc()
+            log.info("Child %s completed job %s", child_id, job_id)
+            if not success:
+                log.warning("Job %s failed on child %s: %s", job_id, child_id, result[:300])
+            return True, "recorded"
+        if detail is None:
+            return False, f"unknown job {job_id}"
+        if detail["child_id"] == child_id and detail["status"] in ("completed", "failed"):
+            return True, "already recorded"
+        REPORTS_IGNORED.inc()
+        log.warning("Ignored a report of job %s from child %s: the job is %s (holder %s)",
+                    job_id, child_id, detail["status"], detail["child_id"])
+        return True, (f"not recorded: job {job_id} is {detail['status']} "
+                      f"and not held by {child_id}")
+
+
+# -- the messages the protocol answers with -----------------------------------------------------
+
+def job_message(row):
+    """A jobs row as an EvaluationJobData message."""
+    return {
+        "jobId": row["job_id"], "submissionId": row["submission_id"],
+        "minerHotkey": row["miner_hotkey"], "hfRepoId": row["hf_repo_id"],
+        "hfRepoCommit": row["hf_repo_commit"], "envProvider": row["env_provider"],
+        "envName": row["env_name"], "logsPath": f"job-{row['job_id']}.log",
+        "randomSeed": row["random_seed"], "maxRetries": row["max_retries"],
+        "retryCount": max(0, row["attempts"] - 1),
+        "createdAt": int(row["created_at"].timestamp() * 1000),
+    }
+
+
+def not_its_own(conn, child_id, held_ids, reported_ids):
+    """The jobs among held_ids that the child no longer holds at the parent: cancelled,
+    given back to the queue, handed to another child, or finished by another one. Its
+    own results, and jobs the parent never issued, are not among them."""
+    rows = conn.execute(
+        """select job_id, status, child_id, result from jobs
+           where job_id = any(%b) and not job_id = any(%b)
+             and not (child_id is not distinct from %s
+                      and status in ('assigned', 'completed', 'failed'))
+           order by job_id""",
+        ([j for j in held_ids if j < 2**63], [j for j in reported_ids if j < 2**63],
+         child_id)).fetchall()
+    return [{"jobId": row["job_id"], "reason": revocation_reason(row)} for row in rows]
+
+
+def revocation_reason(row):
+    """Why a job a child holds is no longer its own, from the job's row at the parent."""
+    if row["status"] == "cancelled":
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return str(json.loads(row["result"])["cancelled"])
+        return "cancelled"
+    if row["status"] == "pending":
+        return "given back to the queue"
+    if row["status"] == "assigned":
+        return f"handed to child {row['child_id']}"
+    return f"{row['status']} by child {row['child_id']}"
+
+
+def replies_message(answers):
+    """(acknowledged, message) pairs as ReportReply messages."""
+    return [{"acknowledged": a, "message": m} for a, m in answers]
+
+
+def too_big(job_id, size, limit):
+    return f"result of job {job_id} is {size} bytes; the limit is {limit} (max_result_bytes)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: start the RPC service; stand by until this parent is the active one; then read the
+# chain every sync_frequency seconds, until stopped or until the leadership is lost
+# ---------------------------------------------------------------------------------------------
+
+def run(cfg, stop):
+    common.setup_logging(cfg)
+    chain = chains.open_chain(cfg)  # read only while active
+    dsn = common.database_dsn(cfg, stop)
+    # A transaction left open by this parent frozen mid-way must not hold up a takeover for
+    # long: the server ends such a session after leader_timeout_seconds.
+    db = common.Database(dsn, SCHEMA, session="set idle_in_transaction_session_timeout = "
+                                              f"{int(cfg.leader_timeout_seconds * 1000)}")
+    weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
+    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
+    tls_server, tls_client = common.tls_contexts(cfg)
+    leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
+                            cfg.leader_timeout_seconds)
+    state = ParentState(db, cfg, identity, verifier, leadership)
+    if cfg.metrics_port:
+        prometheus_client.REGISTRY.register(QueueMetrics(state.statistics))
+        common.serve_metrics(cfg)
+    PARENT_ACTIVE.set(0)
+    # A parent that can lead at once serves as the active one from its first call.
+    with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
+        if leadership.take():
+            state.take_over()
+    rpc = RpcThread()
+    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
+                     tls_server)
+    log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,
+             " (TLS 1.3)" if tls_server else "")
+    pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
+    while not stop.is_set():
+        if not leadership.active():
+            if not stand_by(stop, leadership):
+                break
+            state.take_over()
+        lead(cfg, stop, state, chain, pusher, weights)
+    log.info("Parent validator stopping")
+    rpc.stop()
+    if leadership.active():  # after the RPC service stopped: never two parents serving
+        leadership.resign()
+    db.close()
+
+
+def stand_by(stop, leadership):
+    """Until `stop`, try to take the leadership every STANDBY_RETRY_SECONDS; True once taken.
+    Meanwhile the RPC service answers ping and getStats and refuses the rest ("standby")."""
+    outage = common.Outage("Leadership check failed", "Leadership check recovered", 30.0)
+    announced = None
+    while not stop.is_set():
+        try:
+            if leadership.take():
+                outage.succeeded()
+                return True
+            outage.succeeded()
+            if leadership.active_parent != announced:
+                announced = leadership.active_parent
+                log.info("Parent validator is a standby; the active parent is %s",
+                         announced or "unknown")
+            stop.wait(STANDBY_RETRY_SECONDS)
+        except common.DatabaseUnavailable as e:
+            stop.wait(outage.failed(e))
+    return False
+
+
+def lead(cfg, stop, state, chain, pusher, weights):
+    """The active parent's loop: read the chain every sync_frequency seconds; every second
+    confirm the leadership, look after the leases and take an operator's changes. Returns on
+    `stop`, or when the leadership is lost (this parent is then a standby)."""
+    leadership = state.leadership
+    sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
+    upkeep = common.Outage("Queue upkeep failed", "Queue upkeep recovered", 30.0)
+    next_sync = next_upkeep = time.monotonic()
+    while not stop.is_set():
+        if time.monotonic() >= next_upkeep:
+            lost = leadership.confirm()
+            if lost:
+                leadership.step_down(lost)
+                state.step_down()
+                return
+            # Leases, an operator's changes and pushes are checked every second, whatever
+            # the chain's pace.
+            try:
+                state.leases.upkeep()
+                if pusher:
+                    pusher.push()
+                upkeep.succeeded()
+                next_upkeep = time.monotonic() + 1.0
+            except common.Standby:
+                next_upkeep = time.monotonic()  # confirm() says why, at once
+                continue
+            except common.DatabaseUnavailable as e:
+                next_upkeep = time.monotonic() + upkeep.failed(e)
+        if time.monotonic() >= next_sync:
+            try:
+                if state.intake.add_commitments(read_chain(chain)) and pusher:
+                    pusher.push()
+                sync.succeeded()
+                next_sync = time.monotonic() + cfg.neuron.sync_frequency
+            except common.Standby:
+                next_upkeep = time.monotonic()
+                continue
+            except (chains.ChainUnavailable, common.DatabaseUnavailable) as e:
+                next_sync = time.monotonic() + sync.failed(e)
+        if weights:
+            weights.maybe_set()  # returns at once unless a check is due
+        stop.wait(max(0.0, min(next_sync, next_upkeep) - time.monotonic()))
+
+
+def read_chain(chain):
+    """One read of the chain (a ChainSnapshot), timed and its failures counted."""
+    try:
+        with CHAIN_READS.time():
+            return chain.read()
+    except chains.ChainUnavailable:
+        CHAIN_FAILURES.inc()
+        raise
+
+
+def main(argv=None):
+    return common.role_main(run, "Run the parent validator.", is_parent=True, argv=argv)
+
+
+# =============================================================================================
+# What a first reading can skip: the parts of ParentState, and the hardening around it
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# The pending queue: the pending jobs mirrored in memory, and the held polls they wake
+# ---------------------------------------------------------------------------------------------
+
+class PendingQueue:
+    """The pending jobs in serving order: highest priority first, then jobs given back, then by
+    job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
+    because a job is handed out only if the database still says it is pending. Once loaded
+    from the database, each push that adds jobs wakes the held polls (arrivals)."""
+
+    def __init__(self, db):
+        self.db = db
+        # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
+        self.lock = threading.Lock()
+        self.heap = []  # (-priority, position, job_id), as queue_entry() makes
+        self.version = None  # chain_state's queue_version when last loaded
+        self.arrivals = Arrivals()
+        self.on_push = None  # arrivals.notify once loaded: a standby's queue wakes no poll
+
+    def reload(self, anew=False):
+        """Rebuild the queue from the database at start and whenever an operator changed it;
+        anew, whatever the version (this parent took over)."""
+        if anew:
+            self.version = None
+        rows = self.db.query("select value from chain_state where key = 'queue_version'")
+        version = rows[0]["value"] if rows else 0
+        if version == self.version:
+            return
+        with self.db.transaction() as conn, self.lock:
+            # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
+            cursor = conn.cursor(row_factory=tuple_row)
+            self.heap = list(cursor.execute(
+                "select -priority, position, job_id from jobs where status = 'pending'"))
+            heapq.heapify(self.heap)
+            self.on_push = self.arrivals.notify
+        if self.heap:
+            self.arrivals.notify()
+        if self.heap or self.version is not None:
+            log.info("Loaded %d pending jobs from the database", len(self.heap))
+        self.version = version
+
+    def clear(self):
+        with self.lock:
+            self.heap, self.on_push = [], None
+
+    def push(self, entries):
+        with self.lock:
+            size = len(self.heap)
+            for entry in entries:
+                heapq.heappush(self.heap, entry)
+            if len(self.heap) > size and self.on_push:
+                self.on_push()
+
+    def pop(self, count):
+        with self.lock:
+            return [heapq.heappop(self.heap) for _ in range(min(count, len(self.heap)))]
+
+    def __len__(self):
+        return len(self.heap)
+
+    def ids(self):
+        """The job ids in serving order."""
+        return [job_id for *_, job_id in sorted(self.heap)]
+
+
+class Arrivals:
+    """Wakes the requestJobs calls that the parent holds open (long polling) when jobs become
+    pending. A call watches before it looks at the queue, so a job pushed between its look and
+    its wait still wakes it. notify() may be called from any thread; the watchers wait on
+    the RPC thread's event loop."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.watchers = set()
+
+    @contextlib.contextmanager
+    def watch(self):
+        """An asyncio.Event, set (on the caller's loop) each time jobs become pending."""
+        arrived = asyncio.Event()
+        watcher = (asyncio.get_running_loop(), arrived)
+        with self.lock:
+            self.watchers.add(watcher)
+        try:
+            yield arrived
+        finally:
+            with self.lock:
+                self.watchers.discard(watcher)
+
+    def notify(self):
+        with self.lock:
+            watchers = list(self.watchers)
+        for loop, arrived in watchers:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(arrived.set)
+
+
+async def wait_until(event, deadline):
+    """Wait for the event until the time.monotonic() deadline; True if it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), deadline - time.monotonic())
+    except TimeoutError:
+        return False
+    return True
+
+
+def returned_position():
+    """Queue position of a job given back: ahead of every new job of its priority (those have
+    position 0 and go by job id), behind the jobs given back before it."""
+    return int(time.time() * 1000) - 2**53
+
+
+def queue_entry(row):
+    return (-row["priority"], row["position"], row["job_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Leases: jobs come back from children that vanish or take too long
+# ---------------------------------------------------------------------------------------------
+
+# The leases that expired: of a child unseen since lost_before, or older than job_timeout.
+EXPIRED_LEASES = """from jobs j join children c on c.child_id = j.child_id
+    where j.status = 'assigned' and (c.last_seen < %(lost_before)s or
+          j.assigned_at < now() - make_interval(secs => %(job_timeout)s))"""
+
+
+class Leases:
+    """A job handed to a child is leased to it: the lease expires when the child is unseen for
+    child_timeout_seconds or the job is not finished within job_timeout_seconds, and the job
+    goes back to the queue, or fails once it has used up its attempts."""
+
+    def __init__(self, db, cfg, queue, fenced):
+        self.db, self.cfg, self.queue, self.fenced = db, cfg, queue, fenced
+        self.started = time.time()  # when this parent became active
+
+    def upkeep(self):
+        """The active parent's check every second: give back the expired leases and take an
+        operator's changes to the queue. Mostly neither is due, and one plain statement says
+        so: an idle parent costs the database one query a second for this, not two
+        transactions of which one takes a row lock."""
+        row = self.db.query(
+            f"""select (select value from chain_state where key = 'queue_version') as version,
+                       exists (select 1 {EXPIRED_LEASES}) as expired""",
+            self._limits())[0]
+        if row["expired"]:
+            self.expire()
+        if (row["version"] or 0) != self.queue.version:
+            self.queue.reload()
+
+    def _limits(self):
+        now = time.time()
+        # After a restart every child looks unseen: give them child_timeout to come back.
+        lost_before = now - self.cfg.child_timeout_seconds \
+            if now - self.started >= self.cfg.child_timeout_seconds else 0
+        return {"lost_before": lost_before, "job_timeout": self.cfg.job_timeout_seconds}
+
+    def expire(self):
+        """Give back the jobs of children unseen for child_timeout_seconds and jobs assigned
+        longer than job_timeout_seconds. Each return uses an attempt; a job that has used
+        more than maxRetries of them ends failed with the reason."""
+        cfg, returned = self.cfg, []
+        with self.fenced() as conn:
+            rows = conn.execute(
+                f"""select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
+                           c.last_seen < %(lost_before)s as child_lost
+                    {EXPIRED_LEASES} for update of j""", self._limits()).fetchall()
+            for row in rows:
+                reason = (f"child {row['child_id']} unseen for {cfg.child_timeout_seconds:g}s"
+                          if row["child_lost"] else
+                          f"not finished within {cfg.job_timeout_seconds:g}s")
+                JOBS_RETURNED.labels("child_lost" if row["child_lost"] else "timeout").inc()
+                entry = self._give_back(conn, row, reason)
+                if entry:
+                    returned.append(entry)
+        self.queue.push(returned)
+
+    def _give_back(self, conn, row, reason):
+        conn.execute("update assignments set finished_at = now(), outcome = 'expired' "
+                     "where job_id = %s and attempt = %s", (row["job_id"], row["attempts"]))
+        if row["attempts"] > row["max_retries"]:
+            error = f"gave up after {row['attempts']} attempts; the last: {reason}"
+            conn.execute("update jobs set status = 'failed', success = false, result = %s, "
+                         "finished_at = now() where job_id = %s",
+                         (json.dumps({"error": error}), row["job_id"]))
+            log.warning("Job %d failed: %s", row["job_id"], error)
+            JOBS_FINISHED.labels("failed").inc()
+            return None
+        position = returned_position()
+        conn.execute("update jobs set status = 'pending', child_id = null, position = %s "
+                     "where job_id = %s", (position, row["job_id"]))
+        log.warning("Job %d returned to the queue: %s (attempt %d of %d)", row["job_id"], reason,
+                    row["attempts"], row["max_retries"] + 1)
+        return (-row["priority"], position, row["job_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain intake: commitments become jobs, and the queue follows the chain
+# ---------------------------------------------------------------------------------------------
 
 def fingerprint(hotkey, repo_id, revision):
     return hashlib.sha256(f"{hotkey}\n{repo_id}\n{revision}".encode()).hexdigest()
+
+
+class ChainIntake:
+    """What each sync does with the chain's snapshot: a job for every new, eligible commitment,
+    and the cancel of the open jobs that no longer matter."""
+
+    def __init__(self, cfg, queue, fenced):
+        self.cfg, self.queue, self.fenced = cfg, queue, fenced
+        self.skipped = set()  # bad commitments already logged, so each is logged once
+
+    def add_commitments(self, snapshot):
+        """Create a job for every new, eligible commitment in the snapshot. Each job and its
+        fingerprint are written in one transaction, with the block reached, so a crash never
+        loses a commitment nor makes it twice. Returns the new job ids."""
+        with self.fenced() as conn:
+            eligible = self._eligible(conn, snapshot)
+            new = self._insert_jobs(conn, eligible) if eligible else []
+            cancelled = self._cancel_left_behind(conn, snapshot, new)
+            conn.execute("insert into chain_state values ('last_block', %s) on conflict (key) "
+                         "do update set value = greatest(chain_state.value, excluded.value)",
+                         (snapshot.block,))
+        self.queue.push(queue_entry(job) for job in new)
+        for job in new:
+            log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],
+                     job["miner_hotkey"], job["hf_repo_id"], job["hf_repo_commit"] or "default",
+                     job["commit_block"])
+        for job_id, reason in cancelled:
+            log.info("Job %d cancelled: %s", job_id, reason)
+        return [job["job_id"] for job in new]
+
+    def _eligible(self, conn, snapshot):
+        """{fingerprint: (commitment, repo id, revision)} of the snapshot's commitments that may
+        make a job: of a miner (not a validator) with enough stake, recent enough, readable."""
+        neuron = self.cfg.neuron
+        row = conn.execute("select value from chain_state where key = 'last_block'").fetchone()
+        last_block = row["value"] if row else None
+        if last_block is None and neuron.load_old_nodes:
+            oldest = None
+        else:
+            oldest = (last_block if last_block is not None else snapshot.block) \
+                - neuron.max_commitment_lookback
+        eligible = {}
+        for c in snapshot.commitments:
+            if c.hotkey in neuron.allowed_validators or c.stake < neuron.min_stake_threshold:
+                continue
+            if oldest is not None and c.block < oldest:
+                continue
+            try:
+                # Every text of a job is bounded, so that an answer of MAX_JOBS_PER_ANSWER
+                # jobs is too: a file chain's hotkeys are not ss58 addresses by nature.
+                if not 1 <= len(c.hotkey) <= MAX_HOTKEY_CHARS:
+                    raise ValueError(f"a hotkey of {len(c.hotkey)} characters")
+                repo_id, revision = chains.parse_commitment(c.data)
+            except ValueError as e:
+                if (c.hotkey, c.data) not in self.skipped:
+                    self.skipped.add((c.hotkey, c.data))
+                    log.warning("Skipping commitment of %s at block %d: %s",
+                                c.hotkey[:MAX_HOTKEY_CHARS], c.block, e)
+                continue
+            digest = fingerprint(c.hotkey, repo_id, revision)
+            eligible.setdefault(digest, (c, repo_id, revision))
+        return eligible
+
+    def _cancel_left_behind(self, conn, snapshot, new):
+        """The queue follows the chain: cancel the pending and assigned jobs that no longer
+        matter, in the transaction that read the snapshot. With evaluate_latest_only, those of
+        a miner's older submissions when a new one got a job; and those of miners no longer
+        registered at the uid they committed from (the uid went to another hotkey). Only a
+        snapshot that was read whole gets here: a failed read cancels nothing. A job that
+        ended is never touched. Returns [(job id, reason)]."""
+        cancelled = []
+        if new and self.cfg.neuron.evaluate_latest_only:
+            newest = {}  # hotkey -> its newest job
+            for job in new:
+                hotkey = job["miner_hotkey"]
+                newest[hotkey] = max(job["job_id"], newest.get(hotkey, 0))
+            cancelled += cancel_jobs(conn, "superseded", """
+                select j.job_id, 'superseded by job ' || n.job_id
+                from jobs j join unnest(%b::text[], %b::bigint[]) as n(hotkey, job_id)
+                     on j.miner_hotkey = n.hotkey and j.job_id < n.job_id
+                where j.status in ('pending', 'assigned')""",
+                (list(newest), list(newest.values())))
+        neurons = snapshot.neurons
+        cancelled += cancel_jobs(conn, "deregistered", """
+            select j.job_id, 'miner deregistered' from jobs j
+            where j.status in ('pending', 'assigned') and not exists (
+                select 1 from unnest(%b::text[], %b::integer[]) as n(hotkey, uid)
+                where n.hotkey = j.miner_hotkey
+                  and (n.uid is null or j.miner_uid is null or n.uid = j.miner_uid))""",
+            (list(neurons), list(neurons.values())))
+        return cancelled
+
+    def _insert_jobs(self, conn, eligible):
+        """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
+        in the snapshot's order, in one statement; returns the new jobs' rows."""
+        jobs = self.cfg.jobs
+        columns = list(zip(*((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision,
+                              c.block, int(digest[16:24], 16))
+                             for digest, (c, repo_id, revision) in eligible.items())))
+        return conn.execute(
+            # A known fingerprint inserts nothing and takes no job id.
+            """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
+                   hf_repo_commit, commit_block, env_provider, env_name, random_seed, max_retries)
+               select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id, s.revision,
+                      s.block, %s, %s, s.seed, %s
+               from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
+                           %b::text[], %b::bigint[], %b::bigint[]) with ordinality
+                    as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block, seed,
+                         n)
+               where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint)
+               order by s.n
+               returning *""",
+            (jobs.env_provider, jobs.env_name, jobs.max_retries,
+             *[list(column) for column in columns])).fetchall()
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: getStats, the children's counters, and the queue's gauges for Prometheus
+# ---------------------------------------------------------------------------------------------
+
+class Statistics:
+    """getStats' statistics, and the children's counters that the pusher sizes its pushes by:
+    read from the database at each call, so that they always agree with it."""
+
+    def __init__(self, db, cfg, verifier, leadership):
+        self.db, self.cfg, self.verifier, self.leadership = db, cfg, verifier, leadership
+
+    def children(self):
+        now = time.time()
+        rows = self.db.query(
+            """select c.child_id, c.endpoint, c.last_seen,
+                 (select count(*) from jobs j
+                   where j.child_id = c.child_id and j.status = 'assigned') as active_jobs,
+                 (select count(*) from assignments a where a.child_id = c.child_id)
+                   as total_jobs_sent,
+                 (select count(*) from assignments a where a.child_id = c.child_id
+                   and a.outcome in ('completed', 'failed')) as total_jobs_completed
+               from children c order by c.child_id""")
+        return [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
+                for row in rows]
+
+    def stats(self):
+        """The seed design's statistics, plus the queue by priority, its oldest job's age, the
+        number of failed jobs and of cancelled ones by reason, and this parent's role: "active"
+        or "standby" (which reads the same database), with the active parent's host:port."""
+        children = self.children()
+        leader = self.db.query("select epoch, endpoint from leadership")[0]
+        queue = self.db.query(
+            """select priority, count(*) as n, extract(epoch from now() - min(created_at))
+                 as oldest from jobs where status = 'pending' group by priority""")
+        failed = self.db.query("select count(*) as n from jobs where status = 'failed'")[0]["n"]
+        # Before reasons were recorded only an operator could cancel a job.
+        cancelled = self.db.query(
+            "select coalesce(cancel_reason, 'operator') as reason, count(*) as n from jobs "
+            "where status = 'cancelled' group by 1 order by 1")
+        return {
+            "total_children": len(children),
+            "active_children": sum(c["active"] for c in children),
+            "pending_jobs": sum(row["n"] for row in queue),
+            "children": [{key: c[key] for key in (
+                "child_id", "endpoint", "active", "last_seen", "active_jobs",
+                "total_jobs_sent", "total_jobs_completed")} for c in children],
+            "pending_by_priority": {str(row["priority"]): row["n"] for row in
+                                    sorted(queue, key=lambda r: -r["priority"])},
+            "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
+            "failed_jobs": failed,
+            "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
+            "auth_failures": self.verifier.failures if self.verifier else 0,
+            "role": "active" if not self.leadership or self.leadership.active() else "standby",
+            "active_parent": leader["endpoint"],
+            "leadership_epoch": leader["epoch"],
+        }
+
+
+class QueueMetrics:
+    """The queue's gauges for Prometheus, read from the database at each scrape, so that they
+    always agree with it."""
+
+    def __init__(self, statistics):
+        self.statistics = statistics
+
+    def collect(self):
+        try:
+            stats = self.statistics.stats()
+        except common.DatabaseUnavailable:
+            return
+        pending = GaugeMetricFamily("validator_jobs_pending", "Pending jobs, by priority",
+                                    labels=["priority"])
+        for priority, count in stats["pending_by_priority"].items():
+            pending.add_metric([priority], count)
+        assigned = GaugeMetricFamily("validator_jobs_assigned", "Jobs each child holds",
+                                     labels=["child"])
+        for child in stats["children"]:
+            assigned.add_metric([child["child_id"]], child["active_jobs"])
+        cancelled = GaugeMetricFamily("validator_jobs_cancelled", "Cancelled jobs, by reason",
+                                      labels=["reason"])
+        for reason, count in stats["cancelled_jobs"].items():
+            cancelled.add_metric([reason], count)
+        yield pending
+        yield assigned
+        yield cancelled
+        yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
+                                "Age of the oldest pending job",
+                                value=stats["oldest_pending_age"] or 0.0)
+        yield GaugeMetricFamily("validator_active_children", "Children seen lately",
+                                value=stats["active_children"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,672 +1218,8 @@ def first_line(error):
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared state behind every RPC connection and the chain loop
+# The pusher: receiveJob, the seed's direct send, with push_jobs = true
 # ---------------------------------------------------------------------------------------------
-
-def job_message(row):
-    """A jobs row as an EvaluationJobData message."""
-    return {
-        "jobId": row["job_id"], "submissionId": row["submission_id"],
-        "minerHotkey": row["miner_hotkey"], "hfRepoId": row["hf_repo_id"],
-        "hfRepoCommit": row["hf_repo_commit"], "envProvider": row["env_provider"],
-        "envName": row["env_name"], "logsPath": f"job-{row['job_id']}.log",
-        "randomSeed": row["random_seed"], "maxRetries": row["max_retries"],
-        "retryCount": max(0, row["attempts"] - 1),
-        "createdAt": int(row["created_at"].timestamp() * 1000),
-    }
-
-
-def revocation_reason(row):
-    """Why a job a child holds is no longer its own, from the job's row at the parent."""
-    if row["status"] == "cancelled":
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return str(json.loads(row["result"])["cancelled"])
-        return "cancelled"
-    if row["status"] == "pending":
-        return "given back to the queue"
-    if row["status"] == "assigned":
-        return f"handed to child {row['child_id']}"
-    return f"{row['status']} by child {row['child_id']}"
-
-
-def replies_message(answers):
-    """(acknowledged, message) pairs as ReportReply messages."""
-    return [{"acknowledged": a, "message": m} for a, m in answers]
-
-
-REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
-MAX_RESULTS_PER_REPORT = 1000  # one reportJobCompletions call: one transaction of this size
-# Jobs in one answer, those sent again included: each is under 1 KiB (its texts are bounded by
-# parse_commitment, MAX_HOTKEY_CHARS and the config), so an answer stays far under the message
-# limit.
-MAX_JOBS_PER_ANSWER = 1000
-MAX_HOTKEY_CHARS = 64  # an ss58 address has 47-48
-MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
-MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
-
-JOBS_FINISHED = prometheus_client.Counter(
-    "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
-JOBS_RETURNED = prometheus_client.Counter(
-    "validator_jobs_returned", "Jobs given back to the queue by an expired lease, by reason",
-    ["reason"])
-REPORTS_IGNORED = prometheus_client.Counter(
-    "validator_reports_ignored", "Late or foreign results, acknowledged but not recorded")
-CHAIN_READS = prometheus_client.Histogram("validator_chain_read_seconds", "Chain reads")
-CHAIN_FAILURES = prometheus_client.Counter("validator_chain_read_failures", "Failed chain reads")
-PARENT_ACTIVE = prometheus_client.Gauge(
-    "validator_parent_active", "1 while this parent is the active one, 0 while a standby")
-
-
-def too_big(job_id, size, limit):
-    return f"result of job {job_id} is {size} bytes; the limit is {limit} (max_result_bytes)"
-
-
-# The leases that expired: of a child unseen since lost_before, or older than job_timeout.
-EXPIRED_LEASES = """from jobs j join children c on c.child_id = j.child_id
-    where j.status = 'assigned' and (c.last_seen < %(lost_before)s or
-          j.assigned_at < now() - make_interval(secs => %(job_timeout)s))"""
-
-
-def returned_position():
-    """Queue position of a job given back: ahead of every new job of its priority (those have
-    position 0 and go by job id), behind the jobs given back before it."""
-    return int(time.time() * 1000) - 2**53
-
-
-def queue_entry(row):
-    return (-row["priority"], row["position"], row["job_id"])
-
-
-class PendingQueue:
-    """The pending jobs in serving order: highest priority first, then jobs given back, then by
-    job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
-    because a job is handed out only if the database still says it is pending. on_push() is
-    called after jobs were added."""
-
-    def __init__(self, entries=(), on_push=None):
-        self.heap = list(entries)  # (-priority, position, job_id), as queue_entry() makes
-        heapq.heapify(self.heap)
-        self.on_push = on_push
-
-    def push(self, entries):
-        size = len(self.heap)
-        for entry in entries:
-            heapq.heappush(self.heap, entry)
-        if len(self.heap) > size and self.on_push:
-            self.on_push()
-
-    def pop(self, count):
-        return [heapq.heappop(self.heap) for _ in range(min(count, len(self.heap)))]
-
-    def __len__(self):
-        return len(self.heap)
-
-    def ids(self):
-        """The job ids in serving order."""
-        return [job_id for *_, job_id in sorted(self.heap)]
-
-
-class Arrivals:
-    """Wakes the requestJobs calls that the parent holds open (long polling) when jobs become
-    pending. A call watches before it looks at the queue, so a job pushed between its look and
-    its wait still wakes it. notify() may be called from any thread; the watchers wait on
-    the RPC thread's event loop."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.watchers = set()
-
-    @contextlib.contextmanager
-    def watch(self):
-        """An asyncio.Event, set (on the caller's loop) each time jobs become pending."""
-        arrived = asyncio.Event()
-        watcher = (asyncio.get_running_loop(), arrived)
-        with self.lock:
-            self.watchers.add(watcher)
-        try:
-            yield arrived
-        finally:
-            with self.lock:
-                self.watchers.discard(watcher)
-
-    def notify(self):
-        with self.lock:
-            watchers = list(self.watchers)
-        for loop, arrived in watchers:
-            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
-                loop.call_soon_threadsafe(arrived.set)
-
-
-async def wait_until(event, deadline):
-    """Wait for the event until the time.monotonic() deadline; True if it was set."""
-    try:
-        await asyncio.wait_for(event.wait(), deadline - time.monotonic())
-    except TimeoutError:
-        return False
-    return True
-
-
-class ParentState:
-    """`leadership`: the parent's Leadership, whose epoch every transaction that hands out,
-    records or gives back a job checks; None for a ParentState alone on its database (tests)."""
-
-    def __init__(self, db, cfg, identity=None, verifier=None, leadership=None):
-        self.db, self.cfg = db, cfg
-        self.identity, self.verifier = identity, verifier  # None, None: auth is off
-        self.leadership = leadership
-        # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
-        self.lock = threading.Lock()
-        self.started = time.time()
-        self.skipped = set()  # bad commitments already logged, so each is logged once
-        self.arrivals = Arrivals()
-        self.queue, self.queue_version = PendingQueue(), None
-        if not leadership:  # else take_over() loads it: a standby holds no queue
-            self.reload_queue()
-
-    def reload_queue(self):
-        """Rebuild the queue from the database at start and whenever an operator changed it."""
-        rows = self.db.query("select value from chain_state where key = 'queue_version'")
-        version = rows[0]["value"] if rows else 0
-        if version == self.queue_version:
-            return
-        with self.db.transaction() as conn, self.lock:
-            # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
-            cursor = conn.cursor(row_factory=tuple_row)
-            self.queue = PendingQueue(cursor.execute(
-                "select -priority, position, job_id from jobs where status = 'pending'"),
-                self.arrivals.notify)
-        if self.queue:
-            self.arrivals.notify()
-        if self.queue or self.queue_version is not None:
-            log.info("Loaded %d pending jobs from the database", len(self.queue))
-        self.queue_version = version
-
-    @contextlib.contextmanager
-    def fenced(self):
-        """A transaction that writes only if this parent leads the current epoch."""
-        with self.db.transaction() as conn:
-            if self.leadership:
-                self.leadership.fence(conn)
-            yield conn
-
-    def take_over(self):
-        """This parent became the active one: rebuild the queue from the database, and give
-        the children child_timeout_seconds to come over before their jobs are taken back."""
-        self.started = time.time()
-        self.queue_version = None
-        self.reload_queue()
-        log.info("Parent validator active: %d pending jobs", len(self.queue))
-
-    def step_down(self):
-        with self.lock:
-            self.queue = PendingQueue()
-
-    # -- chain side --------------------------------------------------------------------------
-
-    def add_commitments(self, snapshot):
-        """Create a job for every new, eligible commitment in the snapshot. Each job and its
-        fingerprint are written in one transaction, with the block reached, so a crash never
-        loses a commitment nor makes it twice. Returns the new job ids."""
-        neuron = self.cfg.neuron
-        with self.fenced() as conn:
-            row = conn.execute("select value from chain_state where key = 'last_block'").fetchone()
-            last_block = row["value"] if row else None
-            if last_block is None and neuron.load_old_nodes:
-                oldest = None
-            else:
-                oldest = (last_block if last_block is not None else snapshot.block) \
-                    - neuron.max_commitment_lookback
-            eligible = {}
-            for c in snapshot.commitments:
-                if c.hotkey in neuron.allowed_validators or c.stake < neuron.min_stake_threshold:
-                    continue
-                if oldest is not None and c.block < oldest:
-                    continue
-                try:
-                    # Every text of a job is bounded, so that an answer of MAX_JOBS_PER_ANSWER
-                    # jobs is too: a file chain's hotkeys are not ss58 addresses by nature.
-                    if not 1 <= len(c.hotkey) <= MAX_HOTKEY_CHARS:
-                        raise ValueError(f"a hotkey of {len(c.hotkey)} characters")
-                    repo_id, revision = chains.parse_commitment(c.data)
-                except ValueError as e:
-                    if (c.hotkey, c.data) not in self.skipped:
-                        self.skipped.add((c.hotkey, c.data))
-                        log.warning("Skipping commitment of %s at block %d: %s",
-                                    c.hotkey[:MAX_HOTKEY_CHARS], c.block, e)
-                    continue
-                digest = fingerprint(c.hotkey, repo_id, revision)
-                eligible.setdefault(digest, (c, repo_id, revision))
-            new = self._insert_jobs(conn, eligible) if eligible else []
-            cancelled = self._cancel_left_behind(conn, snapshot, new)
-            conn.execute("insert into chain_state values ('last_block', %s) on conflict (key) "
-                         "do update set value = greatest(chain_state.value, excluded.value)",
-                         (snapshot.block,))
-        with self.lock:
-            self.queue.push(queue_entry(job) for job in new)
-        for job in new:
-            log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],
-                     job["miner_hotkey"], job["hf_repo_id"], job["hf_repo_commit"] or "default",
-                     job["commit_block"])
-        for job_id, reason in cancelled:
-            log.info("Job %d cancelled: %s", job_id, reason)
-        return [job["job_id"] for job in new]
-
-    def _cancel_left_behind(self, conn, snapshot, new):
-        """The queue follows the chain: cancel the pending and assigned jobs that no longer
-        matter, in the transaction that read the snapshot. With evaluate_latest_only, those of
-        a miner's older submissions when a new one got a job; and those of miners no longer
-        registered at the uid they committed from (the uid went to another hotkey). Only a
-        snapshot that was read whole gets here: a failed read cancels nothing. A job that
-        ended is never touched. Returns [(job id, reason)]."""
-        cancelled = []
-        if new and self.cfg.neuron.evaluate_latest_only:
-            newest = {}  # hotkey -> its newest job
-            for job in new:
-                hotkey = job["miner_hotkey"]
-                newest[hotkey] = max(job["job_id"], newest.get(hotkey, 0))
-            cancelled += cancel_jobs(conn, "superseded", """
-                select j.job_id, 'superseded by job ' || n.job_id
-                from jobs j join unnest(%b::text[], %b::bigint[]) as n(hotkey, job_id)
-                     on j.miner_hotkey = n.hotkey and j.job_id < n.job_id
-                where j.status in ('pending', 'assigned')""",
-                (list(newest), list(newest.values())))
-        neurons = snapshot.neurons
-        cancelled += cancel_jobs(conn, "deregistered", """
-            select j.job_id, 'miner deregistered' from jobs j
-            where j.status in ('pending', 'assigned') and not exists (
-                select 1 from unnest(%b::text[], %b::integer[]) as n(hotkey, uid)
-                where n.hotkey = j.miner_hotkey
-                  and (n.uid is null or j.miner_uid is null or n.uid = j.miner_uid))""",
-            (list(neurons), list(neurons.values())))
-        return cancelled
-
-    def _insert_jobs(self, conn, eligible):
-        """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
-        in the snapshot's order, in one statement; returns the new jobs' rows."""
-        jobs = self.cfg.jobs
-        columns = list(zip(*((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision,
-                              c.block, int(digest[16:24], 16))
-                             for digest, (c, repo_id, revision) in eligible.items())))
-        return conn.execute(
-            # A known fingerprint inserts nothing and takes no job id.
-            """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
-                   hf_repo_commit, commit_block, env_provider, env_name, random_seed, max_retries)
-               select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id, s.revision,
-                      s.block, %s, %s, s.seed, %s
-               from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
-                           %b::text[], %b::bigint[], %b::bigint[]) with ordinality
-                    as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block, seed,
-                         n)
-               where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint)
-               order by s.n
-               returning *""",
-            (jobs.env_provider, jobs.env_name, jobs.max_retries,
-             *[list(column) for column in columns])).fetchall()
-
-    # -- leases: jobs come back from children that vanish or take too long --------------------
-
-    def upkeep(self):
-        """The active parent's check every second: give back the expired leases and take an
-        operator's changes to the queue. Mostly neither is due, and one plain statement says
-        so: an idle parent costs the database one query a second for this, not two
-        transactions of which one takes a row lock."""
-        row = self.db.query(
-            f"""select (select value from chain_state where key = 'queue_version') as version,
-                       exists (select 1 {EXPIRED_LEASES}) as expired""",
-            self._lease_limits())[0]
-        if row["expired"]:
-            self.expire_leases()
-        if (row["version"] or 0) != self.queue_version:
-            self.reload_queue()
-
-    def _lease_limits(self):
-        now = time.time()
-        # After a restart every child looks unseen: give them child_timeout to come back.
-        lost_before = now - self.cfg.child_timeout_seconds \
-            if now - self.started >= self.cfg.child_timeout_seconds else 0
-        return {"lost_before": lost_before, "job_timeout": self.cfg.job_timeout_seconds}
-
-    def expire_leases(self):
-        """Give back the jobs of children unseen for child_timeout_seconds and jobs assigned
-        longer than job_timeout_seconds. Each return uses an attempt; a job that has used
-        more than maxRetries of them ends failed with the reason."""
-        cfg, returned = self.cfg, []
-        with self.fenced() as conn:
-            rows = conn.execute(
-                f"""select j.job_id, j.child_id, j.attempts, j.max_retries, j.priority,
-                           c.last_seen < %(lost_before)s as child_lost
-                    {EXPIRED_LEASES} for update of j""", self._lease_limits()).fetchall()
-            for row in rows:
-                reason = (f"child {row['child_id']} unseen for {cfg.child_timeout_seconds:g}s"
-                          if row["child_lost"] else
-                          f"not finished within {cfg.job_timeout_seconds:g}s")
-                JOBS_RETURNED.labels("child_lost" if row["child_lost"] else "timeout").inc()
-                entry = self._give_back(conn, row, reason)
-                if entry:
-                    returned.append(entry)
-        with self.lock:
-            self.queue.push(returned)
-
-    def _give_back(self, conn, row, reason):
-        conn.execute("update assignments set finished_at = now(), outcome = 'expired' "
-                     "where job_id = %s and attempt = %s", (row["job_id"], row["attempts"]))
-        if row["attempts"] > row["max_retries"]:
-            error = f"gave up after {row['attempts']} attempts; the last: {reason}"
-            conn.execute("update jobs set status = 'failed', success = false, result = %s, "
-                         "finished_at = now() where job_id = %s",
-                         (json.dumps({"error": error}), row["job_id"]))
-            log.warning("Job %d failed: %s", row["job_id"], error)
-            JOBS_FINISHED.labels("failed").inc()
-            return None
-        position = returned_position()
-        conn.execute("update jobs set status = 'pending', child_id = null, position = %s "
-                     "where job_id = %s", (position, row["job_id"]))
-        log.warning("Job %d returned to the queue: %s (attempt %d of %d)", row["job_id"], reason,
-                    row["attempts"], row["max_retries"] + 1)
-        return (-row["priority"], position, row["job_id"])
-
-    # -- RPC side (each call runs on a worker thread of the RPC loop) --------------------------
-
-    def register_child(self, child_id, endpoint, hotkey="", peer="an unknown address"):
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", child_id):
-            raise Refused("childId must be 1-64 letters, digits, '_', '.' or '-'")
-        try:
-            common.split_endpoint(endpoint)
-        except ValueError as e:
-            raise Refused(str(e)) from None
-        # A child that registers again keeps its id, its counters and the jobs it holds; an id
-        # first registered with a hotkey stays with that hotkey. The ids are bounded: each is a
-        # row here and an entry of every getStats answer.
-        with self.db.transaction() as conn:
-            if conn.execute("select count(*) >= %s and not bool_or(child_id = %s) as full "
-                            "from children", (MAX_CHILDREN, child_id)).fetchone()["full"]:
-                raise Refused(f"the parent knows {MAX_CHILDREN} child ids already, its limit: "
-                              "register with one of them")
-            taken = conn.execute(
-                """insert into children (child_id, endpoint, last_seen, hotkey)
-                   values (%s, %s, %s, %s)
-                   on conflict (child_id) do update set endpoint = excluded.endpoint,
-                       last_seen = excluded.last_seen, hotkey = excluded.hotkey
-                   where children.hotkey in ('', excluded.hotkey) returning 1""",
-                (child_id, endpoint, time.time(), hotkey)).fetchone() is None
-        if taken:
-            self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
-                                 f"the id belongs to another hotkey than {hotkey}", peer)
-        log.info("Child %s registered from %s", child_id, endpoint)
-        return f"registered as {child_id}"
-
-    def _seen(self, conn, child_id):
-        """Note that the child is alive; returns how many jobs it holds."""
-        row = conn.execute(
-            """update children set last_seen = %s where child_id = %s returning
-               (select count(*) from jobs where child_id = %s and status = 'assigned') as held""",
-            (time.time(), child_id, child_id)).fetchone()
-        if not row:
-            raise Refused(f"unknown child {child_id!r}: call registerChild first")
-        return row["held"]
-
-    def assign(self, child_id, count):
-        """Take up to `count` jobs off the queue and record them as the child's, before they
-        leave. If the transaction fails the jobs go back on the queue. `count` may be a
-        function of the transaction's connection, to decide in the same transaction."""
-        taken = []
-        try:
-            with self.fenced() as conn:
-                if callable(count):
-                    count = count(conn)
-                with self.lock:
-                    taken = self.queue.pop(count)
-                if not taken:
-                    return []
-                rows = conn.execute(
-                    """update jobs set status = 'assigned', child_id = %s,
-                           attempts = attempts + 1, assigned_at = now()
-                       where job_id = any(%b) and status = 'pending'
-                       returning *""", (child_id, [job_id for *_, job_id in taken])).fetchall()
-                conn.execute("insert into assignments (job_id, attempt, child_id) "
-                             "select unnest(%b::bigint[]), unnest(%b::integer[]), %s",
-                             ([r["job_id"] for r in rows], [r["attempts"] for r in rows],
-                              child_id))
-        except BaseException:
-            with self.lock:
-                self.queue.push(taken)
-            raise
-        return sorted(rows, key=queue_entry)
-
-    def request_jobs(self, child_id, max_jobs, held_ids=None):
-        """A child's poll without results: see poll(); returns the jobs."""
-        return self.poll(child_id, max_jobs, held_ids)[0]
-
-    def poll(self, child_id, max_jobs, held_ids=None, results=()):
-        """A child's poll: its results, [(job_id, success, result)], recorded first (see
-        report_completions), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
-        If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
-        (an answer lost when a connection or the parent died) are sent again first, and the
-        jobs it holds that are no longer its own are revoked. All in one transaction.
-        Returns (jobs, one (acknowledged, message) per result, revoked jobs as
-        {"jobId", "reason"})."""
-        lost, recorded, revoked = [], [], []
-
-        def room(conn):
-            recorded[:] = [self._record(conn, child_id, results)] if results else []
-            held = self._seen(conn, child_id)
-            # A job assigned moments ago may be a push still on its way to the child.
-            lost[:] = [] if held_ids is None else conn.execute(
-                """select * from jobs where child_id = %s and status = 'assigned'
-                   and not job_id = any(%b) and assigned_at < now() - make_interval(secs => %s)
-                   order by job_id limit %s""",
-                (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS,
-                 MAX_JOBS_PER_ANSWER)).fetchall()
-            revoked[:] = [] if held_ids is None else self._not_its_own(
-                conn, child_id, held_ids, [job_id for job_id, _, _ in results])
-            return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
-                       self.cfg.max_jobs_per_child - held)
-
-        rows = self.assign(child_id, room)
-        answers = self._answers(child_id, results, *recorded[0]) if results else []
-        if lost:
-            log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
-                        len(lost), ", ".join(str(row["job_id"]) for row in lost))
-        if rows:
-            log.info("Sending %d jobs to child %s", len(rows), child_id)
-        # A job given back and handed to the same child again is its own once more.
-        again = {row["job_id"] for row in rows}
-        revoked = [r for r in revoked if r["jobId"] not in again]
-        for r in revoked:
-            log.info("Child %s holds job %d, no longer its own (%s): telling it to stop",
-                     child_id, r["jobId"], r["reason"])
-        return [job_message(row) for row in lost + rows], answers, revoked
-
-    @staticmethod
-    def _not_its_own(conn, child_id, held_ids, reported_ids):
-        """The jobs among held_ids that the child no longer holds at the parent: cancelled,
-        given back to the queue, handed to another child, or finished by another one. Its
-        own results, and jobs the parent never issued, are not among them."""
-        rows = conn.execute(
-            """select job_id, status, child_id, result from jobs
-               where job_id = any(%b) and not job_id = any(%b)
-                 and not (child_id is not distinct from %s
-                          and status in ('assigned', 'completed', 'failed'))
-               order by job_id""",
-            ([j for j in held_ids if j < 2**63], [j for j in reported_ids if j < 2**63],
-             child_id)).fetchall()
-        return [{"jobId": row["job_id"], "reason": revocation_reason(row)} for row in rows]
-
-    def withdraw(self, row):
-        """Undo an assignment that never reached the child (a refused push)."""
-        with self.fenced() as conn:
-            conn.execute("delete from assignments where job_id = %s and attempt = %s",
-                         (row["job_id"], row["attempts"]))
-            conn.execute("update jobs set status = 'pending', child_id = null, "
-                         "attempts = attempts - 1 where job_id = %s and status = 'assigned'",
-                         (row["job_id"],))
-        with self.lock:
-            self.queue.push([queue_entry(row)])
-
-    def report_completion(self, child_id, job_id, success, result):
-        """One result: see report_completions."""
-        return self.report_completions(child_id, [(job_id, success, result)])[0]
-
-    def report_completions(self, child_id, results):
-        """Record a child's results, [(job_id, success, result)], in one transaction; returns
-        one (acknowledged, message) per result. Only the child holding a job records its
-        result; a repeated report of a recorded result is acknowledged again."""
-        with self.fenced() as conn:
-            self._seen(conn, child_id)
-            outcome = self._record(conn, child_id, results)
-        # Logged only once committed: the log never shows a result the database lacks.
-        return self._answers(child_id, results, *outcome)
-
-    def _record(self, conn, child_id, results):
-        """Write the results; returns what _answers needs to answer each. A result over
-        max_result_bytes is recorded as a failure that says so: refused, the child would send
-        it again at every poll (a child whose max_result_bytes is larger than ours)."""
-        sizes = [len(result.encode()) for _, _, result in results]
-        limit = self.cfg.max_result_bytes
-        # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
-        written = [(job_id, False, json.dumps({"error": too_big(job_id, size, limit)}))
-                   if size > limit else (job_id, success, result)
-                   for (job_id, success, result), size in zip(results, sizes) if job_id < 2**63]
-        recorded = {row["job_id"] for row in conn.execute(
-            """with reported as (
-                   select * from unnest(%b::bigint[], %b::boolean[], %b::text[])
-                       as r(job_id, success, result)),
-               finished as (
-                   update jobs set status = case when reported.success then 'completed'
-                                            else 'failed' end,
-                       success = reported.success, result = reported.result,
-                       finished_at = now()
-                   from reported where jobs.job_id = reported.job_id
-                       and jobs.status = 'assigned' and jobs.child_id = %s
-                   returning jobs.job_id, jobs.attempts, jobs.status),
-               closed as (
-                   update assignments set finished_at = now(), outcome = finished.status
-                   from finished where assignments.job_id = finished.job_id
-                       and assignments.attempt = finished.attempts)
-               select job_id from finished""",
-            (*map(list, zip(*written)), child_id) if written else ([], [], [], child_id))}
-        others = {row["job_id"]: row for row in conn.execute(
-            "select job_id, status, child_id from jobs where job_id = any(%b)",
-            ([job_id for job_id, _, _ in written],))}
-        return sizes, recorded, others
-
-    def _answers(self, child_id, results, sizes, recorded, others):
-        answers = []
-        for (job_id, success, result), size in zip(results, sizes):
-            if job_id in recorded:
-                recorded.discard(job_id)  # the same result twice in one call: once recorded
-                if size > self.cfg.max_result_bytes:
-                    outcome = "too big", size
-                else:
-                    outcome = "recorded", None
-            else:
-                outcome = "not held", others.get(job_id)
-            answers.append(self._answer(child_id, job_id, success, result, *outcome))
-        return answers
-
-    def _answer(self, child_id, job_id, success, result, outcome, detail):
-        if outcome == "too big":
-            JOBS_FINISHED.labels("failed").inc()
-            reason = too_big(job_id, detail, self.cfg.max_result_bytes)
-            log.warning("Job %s failed on child %s: %s", job_id, child_id, reason)
-            return True, f"recorded as failed: {reason}"
-        if outcome == "recorded":
-            JOBS_FINISHED.labels("completed" if success else "failed").inc()
-            log.info("Child %s completed job %s", child_id, job_id)
-            if not success:
-                log.warning("Job %s failed on child %s: %s", job_id, child_id, result[:300])
-            return True, "recorded"
-        if detail is None:
-            return False, f"unknown job {job_id}"
-        if detail["child_id"] == child_id and detail["status"] in ("completed", "failed"):
-            return True, "already recorded"
-        REPORTS_IGNORED.inc()
-        log.warning("Ignored a report of job %s from child %s: the job is %s (holder %s)",
-                    job_id, child_id, detail["status"], detail["child_id"])
-        return True, (f"not recorded: job {job_id} is {detail['status']} "
-                      f"and not held by {child_id}")
-
-    def children(self):
-        now = time.time()
-        rows = self.db.query(
-            """select c.child_id, c.endpoint, c.last_seen,
-                 (select count(*) from jobs j
-                   where j.child_id = c.child_id and j.status = 'assigned') as active_jobs,
-                 (select count(*) from assignments a where a.child_id = c.child_id)
-                   as total_jobs_sent,
-                 (select count(*) from assignments a where a.child_id = c.child_id
-                   and a.outcome in ('completed', 'failed')) as total_jobs_completed
-               from children c order by c.child_id""")
-        return [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
-                for row in rows]
-
-    def stats(self):
-        """The seed design's statistics, plus the queue by priority, its oldest job's age, the
-        number of failed jobs and of cancelled ones by reason, and this parent's role: "active"
-        or "standby" (which reads the same database), with the active parent's host:port."""
-        children = self.children()
-        leader = self.db.query("select epoch, endpoint from leadership")[0]
-        queue = self.db.query(
-            """select priority, count(*) as n, extract(epoch from now() - min(created_at))
-                 as oldest from jobs where status = 'pending' group by priority""")
-        failed = self.db.query("select count(*) as n from jobs where status = 'failed'")[0]["n"]
-        # Before reasons were recorded only an operator could cancel a job.
-        cancelled = self.db.query(
-            "select coalesce(cancel_reason, 'operator') as reason, count(*) as n from jobs "
-            "where status = 'cancelled' group by 1 order by 1")
-        return {
-            "total_children": len(children),
-            "active_children": sum(c["active"] for c in children),
-            "pending_jobs": sum(row["n"] for row in queue),
-            "children": [{key: c[key] for key in (
-                "child_id", "endpoint", "active", "last_seen", "active_jobs",
-                "total_jobs_sent", "total_jobs_completed")} for c in children],
-            "pending_by_priority": {str(row["priority"]): row["n"] for row in
-                                    sorted(queue, key=lambda r: -r["priority"])},
-            "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
-            "failed_jobs": failed,
-            "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
-            "auth_failures": self.verifier.failures if self.verifier else 0,
-            "role": "active" if not self.leadership or self.leadership.active() else "standby",
-            "active_parent": leader["endpoint"],
-            "leadership_epoch": leader["epoch"],
-        }
-
-
-class QueueMetrics:
-    """The queue's gauges for Prometheus, read from the database at each scrape, so that they
-    always agree with it."""
-
-    def __init__(self, state):
-        self.state = state
-
-    def collect(self):
-        try:
-            stats = self.state.stats()
-        except common.DatabaseUnavailable:
-            return
-        pending = GaugeMetricFamily("validator_jobs_pending", "Pending jobs, by priority",
-                                    labels=["priority"])
-        for priority, count in stats["pending_by_priority"].items():
-            pending.add_metric([priority], count)
-        assigned = GaugeMetricFamily("validator_jobs_assigned", "Jobs each child holds",
-                                     labels=["child"])
-        for child in stats["children"]:
-            assigned.add_metric([child["child_id"]], child["active_jobs"])
-        cancelled = GaugeMetricFamily("validator_jobs_cancelled", "Cancelled jobs, by reason",
-                                      labels=["reason"])
-        for reason, count in stats["cancelled_jobs"].items():
-            cancelled.add_metric([reason], count)
-        yield pending
-        yield assigned
-        yield cancelled
-        yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
-                                "Age of the oldest pending job",
-                                value=stats["oldest_pending_age"] or 0.0)
-        yield GaugeMetricFamily("validator_active_children", "Children seen lately",
-                                value=stats["active_children"])
-
 
 class Pusher:
     """With push_jobs = true: send pending jobs straight to the active children with the most
@@ -929,7 +1240,7 @@ class Pusher:
     def push(self):
         cap = self.state.cfg.max_jobs_per_child
         free = {c["child_id"]: [cap - c["active_jobs"], c["endpoint"]]
-                for c in self.state.children() if c["active"]}
+                for c in self.state.statistics.children() if c["active"]}
         while free and len(self.state.queue):
             child_id = max(free, key=lambda k: free[k][0])
             room, endpoint = free[child_id]
@@ -960,7 +1271,9 @@ class Pusher:
                          job["job_id"], child_id, message)
 
 
-# -- operators: list and steer jobs (python validator.py jobs | requeue | cancel) ---------------
+# ---------------------------------------------------------------------------------------------
+# The operator's commands: list and steer jobs (python validator.py jobs | requeue | cancel)
+# ---------------------------------------------------------------------------------------------
 
 def list_jobs(db, status=None):
     return db.query(
@@ -1031,219 +1344,6 @@ def _close_assignment(conn, job_id):
     # The running parent rebuilds its queue when this number changes.
     conn.execute("insert into chain_state values ('queue_version', 1) on conflict (key) "
                  "do update set value = chain_state.value + 1")
-
-
-# ---------------------------------------------------------------------------------------------
-# The RPC service: one object per connection, all pointing at the one ParentState
-# ---------------------------------------------------------------------------------------------
-
-class ParentService(ServiceBase):
-    """One per connection. With auth on, a connection serves only the child that registered
-    on it, with a hotkey in allowed_child_hotkeys and a fresh signature; a call for any other
-    child is refused before its parameters are decoded. With auth off, a call a child makes
-    (registerChild, requestJobs, report...) that is answered registers the connection."""
-
-    role = "parent"
-    CHILD_METHODS = ("requestJobs", "reportJobCompletion", "reportJobCompletions")
-    LIST_LIMITS = {"requestJobs": {"heldJobs": common.MAX_HELD_JOBS,
-                                   "results": MAX_RESULTS_PER_REPORT},
-                   "reportJobCompletions": {"results": MAX_RESULTS_PER_REPORT}}
-
-    def __init__(self, state):
-        super().__init__()
-        self.state, self.child_id = state, None
-
-    def precheck(self, method, params):
-        if method in self.CHILD_METHODS:
-            self._check_active()
-        verifier = self.state.verifier
-        if verifier and method in self.CHILD_METHODS and params.childId != self.child_id:
-            verifier.refuse(f"{method} for {params.childId!r}",
-                            f"the connection is registered as {self.child_id!r}", self.peer)
-        super().precheck(method, params)
-
-    def registers(self, method):
-        return method == "registerChild" or (
-            not self.state.verifier and method in self.CHILD_METHODS)
-
-    def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
-                       signature=b""):
-        self._check_active()
-        verifier = self.state.verifier
-        if verifier:
-            if hotkey not in self.state.cfg.allowed_child_hotkeys:
-                verifier.refuse(f"registration of {childId!r}",
-                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys", self.peer)
-            reason = verifier.check(hotkey, ["registerChild", childId, endpoint,
-                                             self.state.identity.hotkey], timestamp, nonce,
-                                    signature)
-            if reason:
-                verifier.refuse(f"registration of {childId!r}", reason, self.peer)
-        message = self.state.register_child(childId, endpoint, hotkey if verifier else "",
-                                            self.peer)
-        self.child_id = childId
-        return {"success": True, "message": message}
-
-    def _check_active(self):
-        """A standby answers ping and getStats only."""
-        if self.state.leadership:
-            self.state.leadership.refuse_unless_active()
-
-    async def request_jobs(self, childId, maxJobs, heldJobs=None, results=(), waitMs=0):
-        """A poll; with waitMs, one that gets no job waits for one (see Arrivals), then
-        polls again, until it gets jobs or the wait is over. pycapnp cancels a call whose
-        connection dropped, so the held call of a child that died takes no job. A client built
-        from the seed's schema sends neither heldJobs (no redelivery then), results nor waitMs."""
-        results, cfg = self._results(results), self.state.cfg
-        # With push_jobs the pusher sends the new jobs; a held call would race it.
-        wait = 0 if cfg.push_jobs else min(waitMs / 1000, MAX_WAIT_SECONDS,
-                                           cfg.rpc_idle_timeout_seconds / 2)
-        deadline = time.monotonic() + wait
-        with self.state.arrivals.watch() as arrived:
-            jobs, replies, revoked = await asyncio.to_thread(
-                self.state.poll, childId, maxJobs, heldJobs, results)
-            while not jobs and not revoked and maxJobs and await wait_until(arrived, deadline):
-                arrived.clear()
-                jobs, _, revoked = await asyncio.to_thread(
-                    self.state.poll, childId, maxJobs, heldJobs)
-        return {"jobs": jobs, "replies": replies_message(replies), "revoked": revoked}
-
-    def report_job_completion(self, childId, jobId, success, result):
-        acknowledged, message = self.state.report_completion(childId, jobId, success, result)
-        return {"acknowledged": acknowledged, "message": message}
-
-    def report_job_completions(self, childId, results=()):
-        return {"replies": replies_message(
-            self.state.report_completions(childId, self._results(results)))}
-
-    @staticmethod
-    def _results(results):
-        return [(r.get("jobId", 0), r.get("success", False), r.get("result", ""))
-                for r in results]
-
-    def get_stats(self):
-        return {"json": json.dumps(self.state.stats())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Main: start the RPC service; stand by until this parent is the active one; then read the
-# chain every sync_frequency seconds, until stopped or until the leadership is lost
-# ---------------------------------------------------------------------------------------------
-
-def run(cfg, stop):
-    common.setup_logging(cfg)
-    chain = chains.open_chain(cfg)  # read only while active
-    dsn = common.database_dsn(cfg, stop)
-    # A transaction left open by this parent frozen mid-way must not hold up a takeover for
-    # long: the server ends such a session after leader_timeout_seconds.
-    db = common.Database(dsn, SCHEMA, session="set idle_in_transaction_session_timeout = "
-                                              f"{int(cfg.leader_timeout_seconds * 1000)}")
-    weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
-    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
-    tls_server, tls_client = common.tls_contexts(cfg)
-    leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
-                            cfg.leader_timeout_seconds)
-    state = ParentState(db, cfg, identity, verifier, leadership)
-    if cfg.metrics_port:
-        prometheus_client.REGISTRY.register(QueueMetrics(state))
-        common.serve_metrics(cfg)
-    PARENT_ACTIVE.set(0)
-    # A parent that can lead at once serves as the active one from its first call.
-    with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
-        if leadership.take():
-            state.take_over()
-    rpc = RpcThread()
-    port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
-                     tls_server)
-    log.info("Parent validator serving on %s:%d%s", cfg.listen_host, port,
-             " (TLS 1.3)" if tls_server else "")
-    pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
-    while not stop.is_set():
-        if not leadership.active():
-            if not stand_by(stop, leadership):
-                break
-            state.take_over()
-        lead(cfg, stop, state, chain, pusher, weights)
-    log.info("Parent validator stopping")
-    rpc.stop()
-    if leadership.active():  # after the RPC service stopped: never two parents serving
-        leadership.resign()
-    db.close()
-
-
-def stand_by(stop, leadership):
-    """Until `stop`, try to take the leadership every STANDBY_RETRY_SECONDS; True once taken.
-    Meanwhile the RPC service answers ping and getStats and refuses the rest ("standby")."""
-    outage = common.Outage("Leadership check failed", "Leadership check recovered", 30.0)
-    announced = None
-    while not stop.is_set():
-        try:
-            if leadership.take():
-                outage.succeeded()
-                return True
-            outage.succeeded()
-            if leadership.active_parent != announced:
-                announced = leadership.active_parent
-                log.info("Parent validator is a standby; the active parent is %s",
-                         announced or "unknown")
-            stop.wait(STANDBY_RETRY_SECONDS)
-        except common.DatabaseUnavailable as e:
-            stop.wait(outage.failed(e))
-    return False
-
-
-def lead(cfg, stop, state, chain, pusher, weights):
-    """The active parent's loop: read the chain every sync_frequency seconds; every second
-    confirm the leadership, look after the leases and take an operator's changes. Returns on
-    `stop`, or when the leadership is lost (this parent is then a standby)."""
-    leadership = state.leadership
-    sync = common.Outage("Chain sync failed", "Chain sync recovered", cfg.neuron.sync_frequency)
-    upkeep = common.Outage("Queue upkeep failed", "Queue upkeep recovered", 30.0)
-    next_sync = next_upkeep = time.monotonic()
-    while not stop.is_set():
-        if time.monotonic() >= next_upkeep:
-            lost = leadership.confirm()
-            if lost:
-                leadership.step_down(lost)
-                state.step_down()
-                return
-            # Leases, an operator's changes and pushes are checked every second, whatever
-            # the chain's pace.
-            try:
-                state.upkeep()
-                if pusher:
-                    pusher.push()
-                upkeep.succeeded()
-                next_upkeep = time.monotonic() + 1.0
-            except common.Standby:
-                next_upkeep = time.monotonic()  # confirm() says why, at once
-                continue
-            except common.DatabaseUnavailable as e:
-                next_upkeep = time.monotonic() + upkeep.failed(e)
-        if time.monotonic() >= next_sync:
-            try:
-                try:
-                    with CHAIN_READS.time():
-                        snapshot = chain.read()
-                except chains.ChainUnavailable:
-                    CHAIN_FAILURES.inc()
-                    raise
-                if state.add_commitments(snapshot) and pusher:
-                    pusher.push()
-                sync.succeeded()
-                next_sync = time.monotonic() + cfg.neuron.sync_frequency
-            except common.Standby:
-                next_upkeep = time.monotonic()
-                continue
-            except (chains.ChainUnavailable, common.DatabaseUnavailable) as e:
-                next_sync = time.monotonic() + sync.failed(e)
-        if weights:
-            weights.maybe_set()  # returns at once unless a check is due
-        stop.wait(max(0.0, min(next_sync, next_upkeep) - time.monotonic()))
-
-
-def main(argv=None):
-    return common.role_main(run, "Run the parent validator.", is_parent=True, argv=argv)
 
 
 if __name__ == "__main__":

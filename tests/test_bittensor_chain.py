@@ -318,7 +318,7 @@ def test_new_revisions_become_jobs_and_recommitted_or_ineligible_ones_do_not(
     ])
     chain = make_chain(fake)
 
-    first = state.add_commitments(chain.read())
+    first = state.intake.add_commitments(chain.read())
 
     # Ten blocks later m1 commits the same submission again and m4 a new revision.
     fake.block = 110
@@ -327,7 +327,7 @@ def test_new_revisions_become_jobs_and_recommitted_or_ineligible_ones_do_not(
     snapshot = chain.read()
     assert [(c.hotkey, c.block) for c in snapshot.commitments if c.hotkey in (m1, m4)] == [
         (m1, 108), (m4, 109)]
-    second = state.add_commitments(snapshot)
+    second = state.intake.add_commitments(snapshot)
 
     rows = state.db.query("select job_id, miner_hotkey, miner_uid, hf_repo_id, hf_repo_commit, "
                           "commit_block from jobs order by job_id")

@@ -65,7 +65,7 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
     state = make_state(neuron={"min_stake_threshold": 1000.0,
                                "allowed_validators": ["5Miner002"]})
     caplog.set_level(logging.INFO, logger="validator")
-    new = state.add_commitments(snapshot(100, [
+    new = state.intake.add_commitments(snapshot(100, [
         commitment(1), commitment(2), commitment(3, stake=999.0), commitment(1),
         commitment(4, data="just some text"), commitment(5, data="org/five@rev5")]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner001", "5Miner005"]
@@ -75,11 +75,13 @@ def test_one_job_per_new_eligible_commitment(make_state, caplog):
         in caplog.text
     # The same snapshot again: no new job, no second warning, no job id spent.
     caplog.clear()
-    assert state.add_commitments(snapshot(101, [commitment(1), commitment(4, data="just some text"),
-                                                commitment(5, data="org/five@rev5")])) == []
+    assert state.intake.add_commitments(snapshot(101, [
+        commitment(1), commitment(4, data="just some text"),
+        commitment(5, data="org/five@rev5")])) == []
     assert "5Miner004" not in caplog.text
     # A new revision is a new submission: a new job, with the next id.
-    [job_id] = state.add_commitments(snapshot(102, [commitment(1, block=102, revision="f" * 40)]))
+    [job_id] = state.intake.add_commitments(
+        snapshot(102, [commitment(1, block=102, revision="f" * 40)]))
     assert job_id == new[-1] + 1
     assert [j["hf_repo_commit"] for j in jobs(state)][-1] == "f" * 40
 
@@ -89,7 +91,7 @@ def test_a_hotkey_past_64_characters_makes_no_job(make_state, caplog):
     state = make_state()
     long_hotkey = "5" + "x" * 63  # 64: at the limit
     too_long = "5" + "x" * 100_000
-    state.add_commitments(snapshot(100, [dict(commitment(1), hotkey=long_hotkey),
+    state.intake.add_commitments(snapshot(100, [dict(commitment(1), hotkey=long_hotkey),
                                          dict(commitment(2), hotkey=too_long)]))
     assert [j["miner_hotkey"] for j in jobs(state)] == [long_hotkey]
     assert f"Skipping commitment of {too_long[:64]} at block 100: a hotkey of 100001 " \
@@ -99,35 +101,35 @@ def test_a_hotkey_past_64_characters_makes_no_job(make_state, caplog):
 def test_lookback_is_counted_from_the_last_processed_block(make_state):
     state = make_state(neuron={"load_old_nodes": False, "max_commitment_lookback": 3})
     # First start without load_old_nodes: only commitments within 3 blocks of the head.
-    state.add_commitments(snapshot(100, [commitment(1, block=96), commitment(2, block=97)]))
+    state.intake.add_commitments(snapshot(100, [commitment(1, block=96), commitment(2, block=97)]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner002"]
     # Later syncs take whatever was committed since the last processed block, however long ago.
-    state.add_commitments(snapshot(150, [commitment(3, block=96), commitment(4, block=120)]))
+    state.intake.add_commitments(snapshot(150, [commitment(3, block=96), commitment(4, block=120)]))
     assert [j["miner_hotkey"] for j in jobs(state)] == ["5Miner002", "5Miner004"]
 
 
 def test_load_old_nodes_takes_every_commitment_on_first_start(make_state):
     state = make_state(neuron={"load_old_nodes": True, "max_commitment_lookback": 3})
-    state.add_commitments(snapshot(100, [commitment(1, block=5), commitment(2, block=99)]))
+    state.intake.add_commitments(snapshot(100, [commitment(1, block=5), commitment(2, block=99)]))
     assert len(jobs(state)) == 2
 
 
 def test_a_restart_reloads_pending_jobs_and_keeps_the_processed_block(make_state):
     state = make_state(neuron={"load_old_nodes": True})
-    ids = state.add_commitments(snapshot(100, [commitment(i) for i in range(1, 5)]))
+    ids = state.intake.add_commitments(snapshot(100, [commitment(i) for i in range(1, 5)]))
     state.db.query("insert into children (child_id, endpoint, last_seen) values ('c', 'h:1', 0)")
     state.request_jobs("c", 1)
     state.db.close()
     restarted = make_state(neuron={"load_old_nodes": True, "max_commitment_lookback": 3})
     assert restarted.queue.ids() == ids[1:]
     # Old commitments are not taken again after a restart: the lookback is from block 100.
-    restarted.add_commitments(snapshot(200, [commitment(9, block=50)]))
+    restarted.intake.add_commitments(snapshot(200, [commitment(9, block=50)]))
     assert len(jobs(restarted)) == 4
 
 
 def test_job_messages_carry_the_seed_fields(make_state):
     state = make_state()
-    state.add_commitments(snapshot(100, [commitment(7)]))
+    state.intake.add_commitments(snapshot(100, [commitment(7)]))
     state.db.query("insert into children (child_id, endpoint, last_seen) values ('c', 'h:1', 0)")
     [job] = state.request_jobs("c", 5)
     assert job["minerHotkey"] == "5Miner007"

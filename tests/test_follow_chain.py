@@ -35,14 +35,14 @@ def register(state, *child_ids):
 def test_a_new_submission_supersedes_the_miners_pending_and_assigned_jobs(make_state):
     state = make_state()
     register(state, "c1")
-    state.add_commitments(snapshot(100, [commitment(1), commitment(2), commitment(3)]))
+    state.intake.add_commitments(snapshot(100, [commitment(1), commitment(2), commitment(3)]))
     # Job 1 is assigned, job 2 pending, job 3 completed; then all three miners commit anew.
     assert [job["jobId"] for job in state.request_jobs("c1", 1)] == [1]
     parent.requeue_job(state.db, 3, priority=1)  # served before job 2
-    state.reload_queue()
+    state.queue.reload()
     assert [job["jobId"] for job in state.request_jobs("c1", 1)] == [3]
     assert state.report_completion("c1", 3, True, '{"score": 1}') == (True, "recorded")
-    new = state.add_commitments(snapshot(101, [
+    new = state.intake.add_commitments(snapshot(101, [
         commitment(i, block=101, revision=f"{i:x}" * 40) for i in (1, 2, 3)]))
     assert new == [4, 5, 6]
     assert status(state) == {
@@ -54,7 +54,7 @@ def test_a_new_submission_supersedes_the_miners_pending_and_assigned_jobs(make_s
         "select job_id, outcome from assignments")} == {1: "withdrawn", 3: "completed"}
     assert state.report_completion("c1", 1, True, "{}") == (
         True, "not recorded: job 1 is cancelled and not held by c1")
-    stats = state.stats()
+    stats = state.statistics.stats()
     assert (stats["cancelled_jobs"], stats["children"][0]["active_jobs"]) == (
         {"superseded": 2}, 0)
     assert [job["jobId"] for job in state.request_jobs("c1", 5)] == [4, 5, 6]
@@ -62,25 +62,25 @@ def test_a_new_submission_supersedes_the_miners_pending_and_assigned_jobs(make_s
 
 def test_evaluate_latest_only_false_keeps_every_submission(make_state):
     state = make_state(neuron={"evaluate_latest_only": False})
-    state.add_commitments(snapshot(100, [commitment(1)]))
-    state.add_commitments(snapshot(101, [commitment(1, block=101, revision="e" * 40)]))
+    state.intake.add_commitments(snapshot(100, [commitment(1)]))
+    state.intake.add_commitments(snapshot(101, [commitment(1, block=101, revision="e" * 40)]))
     assert status(state) == {1: ("pending", None), 2: ("pending", None)}
 
 
 def test_the_jobs_of_a_miner_that_left_the_subnet_are_cancelled(make_state):
     state = make_state()
     register(state, "c1")
-    state.add_commitments(snapshot(100, [commitment(i) for i in (1, 2, 3, 4)]))
+    state.intake.add_commitments(snapshot(100, [commitment(i) for i in (1, 2, 3, 4)]))
     assert [job["jobId"] for job in state.request_jobs("c1", 1)] == [1]
     # Miner 1 (assigned) and miner 2 (pending) deregistered: uid 2 went to another hotkey;
     # miner 3 is still registered but did not commit again; miner 4 is registered elsewhere
     # than the uid it committed from (it left, and came back).
     neurons = {"5Miner003": 3, "5NewMiner": 2, "5Miner004": 9}
-    state.add_commitments(snapshot(101, [], neurons))
+    state.intake.add_commitments(snapshot(101, [], neurons))
     assert status(state) == {1: cancelled("miner deregistered"),
                              2: cancelled("miner deregistered"),
                              3: ("pending", None), 4: cancelled("miner deregistered")}
-    assert state.stats()["cancelled_jobs"] == {"deregistered": 3}
+    assert state.statistics.stats()["cancelled_jobs"] == {"deregistered": 3}
 
 
 def test_the_file_chain_lists_the_registered_neurons(tmp_path):
@@ -131,15 +131,15 @@ def test_a_failed_read_cancels_nothing(tmp_path, parent_config, processes):
 
 def test_a_poll_revokes_the_held_jobs_that_are_no_longer_the_childs(make_state):
     state = make_state(child_timeout_seconds=60.0, max_jobs_per_child=10)
-    state.started -= 3600
+    state.leases.started -= 3600
     register(state, "c1", "c2")
-    state.add_commitments(snapshot(100, [commitment(i) for i in range(1, 6)]))
+    state.intake.add_commitments(snapshot(100, [commitment(i) for i in range(1, 6)]))
     assert [job["jobId"] for job in state.request_jobs("c1", 5)] == [1, 2, 3, 4, 5]
     parent.cancel_job(state.db, 1)
     parent.requeue_job(state.db, 2)
-    state.reload_queue()
+    state.queue.reload()
     assert [job["jobId"] for job in state.request_jobs("c2", 1)] == [2]  # handed to c2
-    state.add_commitments(snapshot(101, [commitment(i) for i in (1, 2, 3, 4)] +
+    state.intake.add_commitments(snapshot(101, [commitment(i) for i in (1, 2, 3, 4)] +
                                    [commitment(5, block=101, revision="a" * 40)]))  # job 6
     assert state.report_completion("c1", 4, True, "{}") == (True, "recorded")
     jobs, replies, revoked = state.poll("c1", 0, held_ids=[1, 2, 3, 4, 5, 99],
@@ -151,7 +151,7 @@ def test_a_poll_revokes_the_held_jobs_that_are_no_longer_the_childs(make_state):
     assert state.poll("c1", 0)[2] == []
     # A lease that expired: the job is back in the queue; the old holder is told.
     state.db.query("update children set last_seen = last_seen - 61 where child_id = 'c1'")
-    state.expire_leases()
+    state.leases.expire()
     assert state.poll("c1", 0, held_ids=[3])[2] == [
         {"jobId": 3, "reason": "given back to the queue"}]
     # ...unless this very poll hands it back to the same child: it is its own again.

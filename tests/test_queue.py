@@ -18,7 +18,7 @@ import parent
 def add_jobs(state, count, first=1):
     snapshot = chains.ChainSnapshot(100, [chains.Commitment(**commitment(i))
                                           for i in range(first, first + count)])
-    return state.add_commitments(snapshot)
+    return state.intake.add_commitments(snapshot)
 
 
 def register(state, *child_ids):
@@ -41,14 +41,15 @@ def age_child(state, child_id, seconds):
 
 def test_jobs_of_a_vanished_child_go_back_to_the_front_of_the_queue(make_state):
     state = make_state(child_timeout_seconds=60.0)
-    state.started -= 3600  # the parent has been up for an hour
+    state.leases.started -= 3600  # the parent has been up for an hour
     add_jobs(state, 4)
     register(state, "lost", "alive")
     assert ids(state.request_jobs("lost", 2)) == [1, 2]
     age_child(state, "lost", 61)
-    state.expire_leases()
+    state.leases.expire()
     assert [job_row(state, i)["status"] for i in (1, 2)] == ["pending", "pending"]
-    assert [c["active"] for c in state.stats()["children"]] == [True, False]  # alive, lost
+    # alive, lost
+    assert [c["active"] for c in state.statistics.stats()["children"]] == [True, False]
     # Given-back jobs are served before jobs that never left, and count an attempt.
     assert ids(state.request_jobs("alive", 3)) == [1, 2, 3]
     assert job_row(state, 1)["attempts"] == 2
@@ -57,7 +58,7 @@ def test_jobs_of_a_vanished_child_go_back_to_the_front_of_the_queue(make_state):
         (True, "not recorded: job 1 is assigned and not held by lost")
     assert state.report_completion("alive", 1, True, '{"score": 1}') == (True, "recorded")
     assert job_row(state, 1)["result"] == '{"score": 1}'
-    [lost] = [c for c in state.stats()["children"] if c["child_id"] == "lost"]
+    [lost] = [c for c in state.statistics.stats()["children"] if c["child_id"] == "lost"]
     # Its report shows it is back (active), but it completed nothing.
     assert (lost["active"], lost["total_jobs_sent"], lost["total_jobs_completed"]) == \
         (True, 2, 0)
@@ -69,7 +70,7 @@ def test_after_a_restart_children_get_child_timeout_to_come_back(make_state):
     register(state, "c1")
     state.request_jobs("c1", 1)
     age_child(state, "c1", 3600)  # the parent was down for an hour
-    make_state(child_timeout_seconds=60.0).expire_leases()
+    make_state(child_timeout_seconds=60.0).leases.expire()
     assert job_row(state, 1)["status"] == "assigned"
 
 
@@ -79,7 +80,7 @@ def test_the_idle_upkeep_is_one_statement_and_acts_when_something_is_due(make_st
     neither is due, that is one statement (one transaction), not two transactions of which one
     locks rows; an expired lease and a changed queue are still acted on."""
     state = make_state(child_timeout_seconds=60.0)
-    state.started -= 3600  # the parent has been up for an hour
+    state.leases.started -= 3600  # the parent has been up for an hour
     add_jobs(state, 3)
     register(state, "c1", "c2")
     assert ids(state.request_jobs("c1", 1)) == [1]
@@ -87,12 +88,12 @@ def test_the_idle_upkeep_is_one_statement_and_acts_when_something_is_due(make_st
     real = state.db.transaction
     monkeypatch.setattr(state.db, "transaction", lambda: transactions.append(1) or real())
     for _ in range(5):
-        state.upkeep()
+        state.leases.upkeep()
     assert len(transactions) == 5
     monkeypatch.undo()
     age_child(state, "c1", 61)
     parent.requeue_job(state.db, 3, priority=5)
-    state.upkeep()
+    state.leases.upkeep()
     assert job_row(state, 1)["status"] == "pending"  # given back
     assert ids(state.request_jobs("c2", 3)) == [3, 1, 2]  # the operator's priority is seen
 
@@ -103,13 +104,13 @@ def test_a_job_past_max_retries_ends_failed_with_the_reason(make_state):
     register(state, "slow")
     for attempt in (1, 2):
         assert ids(state.request_jobs("slow", 1)) == [1]
-        state.expire_leases()
+        state.leases.expire()
     row = job_row(state, 1)
     assert (row["status"], row["attempts"], row["success"]) == ("failed", 2, False)
     assert json.loads(row["result"]) == {
         "error": "gave up after 2 attempts; the last: not finished within 0s"}
     assert state.request_jobs("slow", 1) == []
-    assert state.stats()["failed_jobs"] == 1
+    assert state.statistics.stats()["failed_jobs"] == 1
 
 
 def test_each_child_holds_at_most_max_jobs_per_child(make_state):
@@ -127,10 +128,10 @@ def test_a_heartbeat_takes_no_job_but_keeps_the_child_active(make_state):
     add_jobs(state, 2)
     register(state, "c1")
     age_child(state, "c1", 61)
-    assert not state.stats()["children"][0]["active"]
+    assert not state.statistics.stats()["children"][0]["active"]
     assert state.request_jobs("c1", 0) == []
-    assert state.stats()["children"][0]["active"]
-    assert state.stats()["pending_jobs"] == 2
+    assert state.statistics.stats()["children"][0]["active"]
+    assert state.statistics.stats()["pending_jobs"] == 2
 
 
 def test_higher_priority_first_and_an_operator_can_change_it(make_state):
@@ -138,21 +139,21 @@ def test_higher_priority_first_and_an_operator_can_change_it(make_state):
     add_jobs(state, 4)
     register(state, "c1", "c2")
     assert parent.requeue_job(state.db, 3, priority=5) == "job 3 is pending with priority 5"
-    state.reload_queue()  # the running parent does this every second
+    state.queue.reload()  # the running parent does this every second
     assert ids(state.request_jobs("c1", 2)) == [3, 1]
     # Requeue an assigned job: it is served first again; its holder can no longer record it.
     parent.requeue_job(state.db, 1)
-    state.reload_queue()
+    state.queue.reload()
     assert ids(state.request_jobs("c2", 1)) == [1]
     assert state.report_completion("c1", 1, True, "{}")[1].startswith("not recorded")
     assert parent.cancel_job(state.db, 2) == "job 2 is cancelled"
-    state.reload_queue()
+    state.queue.reload()
     assert ids(state.request_jobs("c2", 5)) == [4]
     with pytest.raises(common.Refused, match="job 2 is cancelled: only pending or assigned"):
         parent.cancel_job(state.db, 2)
     with pytest.raises(common.Refused, match="no job 99"):
         parent.requeue_job(state.db, 99)
-    stats = state.stats()
+    stats = state.statistics.stats()
     assert (stats["pending_jobs"], stats["pending_by_priority"]) == (0, {})
 
 
@@ -164,7 +165,7 @@ def test_a_re_registered_child_keeps_its_counters(make_state):
     state.report_completion("c1", 1, True, "{}")
     state = make_state()  # the parent restarts; the child registers again
     state.register_child("c1", "10.0.0.9:8002")
-    [child] = state.stats()["children"]
+    [child] = state.statistics.stats()["children"]
     assert (child["endpoint"], child["total_jobs_sent"], child["total_jobs_completed"],
             child["active_jobs"]) == ("10.0.0.9:8002", 2, 1, 1)
     assert state.report_completion("c1", 2, True, "{}") == (True, "recorded")
@@ -180,7 +181,7 @@ def test_the_child_ids_a_parent_knows_are_bounded(make_state, monkeypatch):
     with pytest.raises(common.Refused, match="knows 3 child ids already, its limit"):
         register(state, "c4")
     assert state.register_child("c2", "10.0.0.2:8002") == "registered as c2"
-    assert [c["child_id"] for c in state.stats()["children"]] == ["c1", "c2", "c3"]
+    assert [c["child_id"] for c in state.statistics.stats()["children"]] == ["c1", "c2", "c3"]
 
 
 def test_push_sends_new_jobs_to_the_child_with_room_and_falls_back_to_pull(

@@ -231,7 +231,7 @@ def test_a_parent_that_lost_its_lock_without_knowing_writes_nothing(make_dsn, tm
         chains.Commitment(f"5Miner{i}", i, 100, 1.0,
                           f'{{"provider": "HF", "repo_id": "org/m{i}", "revision": "{i:040x}"}}')
         for i in (1, 2, 3)])
-    assert a.add_commitments(snapshot) == [1, 2, 3]
+    assert a.intake.add_commitments(snapshot) == [1, 2, 3]
     a.register_child("c1", "127.0.0.1:9")
     assert [row["job_id"] for row in a.assign("c1", 2)] == [1, 2]
 
@@ -256,10 +256,11 @@ def test_a_parent_that_lost_its_lock_without_knowing_writes_nothing(make_dsn, tm
     with pytest.raises(common.Standby, match=refused):
         a.assign("c1", 1)
     with pytest.raises(common.Standby, match=refused):
-        a.expire_leases()
+        a.leases.expire()
     with pytest.raises(common.Standby, match=refused):
-        a.add_commitments(chains.ChainSnapshot(101, [*snapshot.commitments, chains.Commitment(
-            "5Miner4", 4, 101, 1.0, "org/m4@" + "4" * 40)]))
+        a.intake.add_commitments(chains.ChainSnapshot(101, [
+            *snapshot.commitments,
+            chains.Commitment("5Miner4", 4, 101, 1.0, "org/m4@" + "4" * 40)]))
     assert len(a.queue) == 1  # the job A could not hand out is back on its queue
     rows = b.db.query("select job_id, status from jobs order by job_id")
     assert [(r["job_id"], r["status"]) for r in rows] == \
