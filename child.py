@@ -1,14 +1,29 @@
 """A child validator: takes evaluation jobs from the parent validator, keeps them in its own
 PostgreSQL through pgqueuer, runs each through the evaluator, and reports every result back.
 
-Its life, top to bottom: the database schema; GroupCommit (the starts and ends of jobs that
-run at once share a transaction); ChildStore (the jobs table, which is also the outbox of
-results not yet reported); the evaluator; the pgqueuer worker thread that runs jobs;
-the RPC service (the parent may push a job with receiveJob); and run(), the loop that registers,
-then polls: one requestJobs call reports results and asks for as many jobs as there is room for
-(an idle child's call waits at the parent until a job comes) and stops the jobs the parent
-revoked, riding out outages of the parent and of the database; it stops in stages on SIGTERM
+The protocol, as the child lives it (the calls are those of validator.capnp):
+- registerChild on every new connection to a parent, signed with the child's hotkey unless
+  auth is off. A standby parent refuses it, and the child turns to the next of parent_hosts.
+- Then every poll is one requestJobs call: `results`, the finished results not reported yet;
+  `maxJobs`, the room for jobs; `heldJobs`, the jobs held and not reported (the parent sends
+  again any of its jobs that is missing); `waitMs`, how long an idle child lets the parent
+  hold the call until a job comes (long polling). Its answer: `jobs` to queue, `replies`
+  (which results the parent acknowledged: only those are marked reported, so the jobs table
+  is also the outbox), and `revoked`, the jobs no longer ours, which are cancelled and whose
+  evaluations are stopped.
+- reportJobCompletions sends a backlog of results (after an outage) before the poll;
+  reportJobCompletion, one call per result, serves a parent of an older version.
+- receiveJob: the parent may push a job (signed by its hotkey unless auth is off).
+- ping and getStats (the queue counts) answer anyone.
+The child rides out outages of the parent and of its database, and stops in stages on SIGTERM
 or SIGINT.
+
+The order of this file: the schema; ChildService, the RPC service; the protocol (register,
+Parents, poll, report_results); ChildStore, the store's protocol side, composed of
+IncomingJobs, OutgoingResults and RunState, and the keys of pgqueuer's queue; run(), the main
+loop, and the shutdown. What a first reading can skip follows, one part per concern: running
+a job; the evaluator; process handling; bounded output; the Worker (pgqueuer's consumer);
+GroupCommit; crash recovery; and a patch of pgqueuer's internals.
 
     python child.py --config validator_child.toml
 """
@@ -76,7 +91,6 @@ alter table child_jobs add constraint child_jobs_status_check
 """]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
-ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
@@ -88,130 +102,219 @@ EVALUATIONS = prometheus_client.Histogram(
     buckets=(0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200))
 
 
-def queue_key(job_id, delivery):
-    """A job's key and payload on pgqueuer's queue."""
-    return f"{job_id}/{delivery}"
+# ---------------------------------------------------------------------------------------------
+# The RPC service: the parent may push a job; anyone may ping or read the queue counts
+# ---------------------------------------------------------------------------------------------
+
+class ChildService(ServiceBase):
+    """One per connection. A receiveJob whose signature checks out (any, with auth off)
+    registers the connection: it is the parent's pusher."""
+
+    role = "child"
+
+    def __init__(self, cfg, store, wake, stop, verifier):
+        super().__init__()
+        self.cfg, self.store, self.wake, self.stop = cfg, store, wake, stop
+        self.verifier = verifier  # None: auth is off
+
+    def receive_job(self, job, timestamp=0, nonce="", signature=b""):
+        if self.verifier:  # only our parent may push, proven by its hotkey's signature
+            reason = self.verifier.check(
+                self.cfg.parent_hotkey, ["receiveJob", self.cfg.validator_id, job.get("jobId")],
+                timestamp, nonce, signature)
+            if reason:
+                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
+                                     self.peer)
+        self.registered = True  # our parent's connection: the limits of a registered one
+        if self.stop.is_set():
+            raise Refused("the child is stopping")
+        if not job.get("jobId") or not job.get("hfRepoId"):
+            raise Refused("job has no jobId or hfRepoId")
+        if self.store.incoming.holds(job["jobId"]):
+            return {"accepted": True, "message": "already have this job"}
+        if self.store.incoming.free_slots() < 1:
+            raise Refused("no free slot")
+        accepted = self.store.add_jobs([job])
+        self.wake.set()
+        return {"accepted": True, "message": "queued" if accepted else "already have this job"}
+
+    def get_stats(self):
+        return {"json": json.dumps(self.store.counts())}
 
 
-def parse_queue_key(key):
-    """(job id, delivery); delivery is None for a key written before deliveries were counted."""
-    job_id, _, delivery = key.partition("/")
-    return int(job_id), int(delivery) if delivery else None
+# ---------------------------------------------------------------------------------------------
+# The protocol: register on each connection, then poll (report results, take and drop jobs)
+# ---------------------------------------------------------------------------------------------
+
+async def register(cfg, identity, endpoint, capability, parent_endpoint):
+    """registerChild, on every new connection to a parent (RpcClient's on_connect). A standby
+    parent raises common.Standby (Parents turns to the next); a refusal raises Refused, which
+    the main loop retries."""
+    child_id = cfg.validator_id
+    signed = {}
+    if identity:  # a fresh signature each time: the parent refuses a replayed one
+        signed = dict(zip(("timestamp", "nonce", "signature"), identity.sign(
+            "registerChild", child_id, endpoint, cfg.parent_hotkey)), hotkey=identity.hotkey)
+    reply = await capability.registerChild(childId=child_id, endpoint=endpoint, **signed)
+    if reply.message.startswith("standby"):
+        raise common.Standby(reply.message)
+    if not reply.success:
+        raise Refused(f"the parent refused the registration: {reply.message}")
+    log.info("Successfully registered with parent validator as %s at %s", child_id,
+             parent_endpoint)
 
 
-class GroupCommit:
-    """What several threads ask for at once runs in one transaction: the first caller runs
-    run_batch(conn, items) (which returns one result per item) for every item waiting, again
-    and again until none is left, while the others wait for their item's result. A result is
-    returned only once its transaction committed; a failure reaches every item of its batch.
-    The evaluations a pgqueuer batch starts together thus share one commit for their starts
-    and one for their ends, instead of queueing for the connection one by one."""
+class Parents:
+    """The parent validators this child may work for (parent_hosts), one RpcClient each. Calls
+    go to the current one; when it is unreachable or a standby, to the next, in order. Only
+    when none of them takes a call does it fail (PeerUnavailable), and the child backs off.
+    Results wait in the child's database until a parent acknowledges them, so those finished
+    during a takeover go to the parent that is active next."""
 
-    def __init__(self, db, run_batch):
-        self.db, self.run_batch = db, run_batch
-        self.lock = threading.Lock()
-        self.waiting, self.running = [], False
+    def __init__(self, clients):
+        self.clients, self.current = clients, 0
 
-    def call(self, item):
-        done = concurrent.futures.Future()
-        with self.lock:
-            self.waiting.append((item, done))
-            leader, self.running = not self.running, True
-        if leader:
-            self._run_all()
-        return done.result()
+    @property
+    def timeout(self):
+        return self.clients[0].timeout
 
-    def _run_all(self):
-        while True:
-            with self.lock:
-                batch, self.waiting = self.waiting, []
-                if not batch:
-                    self.running = False
-                    return
+    @timeout.setter
+    def timeout(self, seconds):
+        for client in self.clients:
+            client.timeout = seconds
+
+    def call(self, method, **params):
+        first, failures = self.current, []
+        for _ in self.clients:
+            client = self.clients[self.current]
             try:
-                with self.db.transaction() as conn:
-                    results = self.run_batch(conn, [item for item, _ in batch])
-            except Exception as e:
-                for _, done in batch:
-                    done.set_exception(e)
+                reply = client.call(method, **params)
+            except PeerUnavailable as e:
+                failures.append(str(e))  # it names the parent
+            except common.Standby as e:  # it refused the registration
+                failures.append(f"{client.host}:{client.port}: {e}")
             else:
-                for (_, done), result in zip(batch, results):
-                    done.set_result(result)
+                reason = reply.get(REFUSALS[method][1], "")
+                if not reason.startswith("standby"):
+                    if self.current != first:
+                        log.info("Now working with parent %s:%d (%s)", client.host,
+                                 client.port, "; ".join(failures))
+                    return reply
+                client.close()  # the next connection registers again
+                failures.append(f"{client.host}:{client.port}: {reason}")
+            self.current = (self.current + 1) % len(self.clients)
+        raise PeerUnavailable("; ".join(failures))
 
+    def close(self):
+        self.clients[self.current].close()
+
+
+def poll(parent, store, child_id, interval=0.0, evaluations=None):
+    """One round with the parent: report finished results and ask for as many jobs as there
+    is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
+    results (after an outage) goes first, in reportJobCompletions calls; so do the results a
+    parent of an older version ignored in requestJobs. The jobs the parent revoked (no longer
+    ours) are cancelled, and those running are stopped (`evaluations`). Returns the seconds
+    after its start at which the next poll is due (`interval` is the poll_interval).
+
+    A child with nothing queued or running and no result to report lets the parent hold the
+    call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
+    has a request open, and gets a new job at once. Such a child polls again as soon as that
+    call is over; a parent that does not hold calls answers at once, and the child then waits
+    out the rest itself."""
+    rows, more, free, held = store.poll_state()
+    if more:
+        report_results(parent, store, child_id)
+        rows, more, free, held = store.poll_state()
+    idle = free == store.incoming.capacity
+    wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
+    # Without heldJobs (more than a message should carry) the parent sends nothing again.
+    held = {"heldJobs": held} if len(held) <= common.MAX_HELD_JOBS else {}
+    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, **held,
+                        results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
+    # A parent built from the seed's schema answers neither error nor replies.
+    if reply.get("error"):
+        log.warning("Parent refused the job request: %s; registering again", reply["error"])
+        parent.close()
+        return interval
+    replies = reply.get("replies", [])
+    if rows and not replies:
+        report_results(parent, store, child_id)
+        rows = []
+    reported = acknowledged(rows, replies)
+    # A parent of an older version revokes nothing.
+    revoked = {r["jobId"]: r.get("reason", "") for r in reply.get("revoked", [])}
+    store.add_jobs(reply.get("jobs", []), reported=reported, revoked=revoked)
+    for job_id, reason in revoked.items() if evaluations else ():
+        evaluations.revoke(job_id, reason)  # once recorded cancelled: its result is not kept
+    if idle and rows and len(reported) == len(rows):
+        return 0.0  # it reported its last results: its next poll may be held
+    return wait or interval
+
+
+def report_results(parent, store, child_id):
+    """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
+    results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
+    acknowledged it, so a crash or an outage at any point resends it later."""
+    while rows := store.outgoing.unreported(limit=REPORT_BATCH):
+        try:
+            reply = parent.call("reportJobCompletions", childId=child_id,
+                                results=[result_message(row) for row in rows])
+        except Unimplemented:  # a parent of an older version: one call per result
+            replies = [parent.call("reportJobCompletion", childId=child_id,
+                                   **result_message(row)) for row in rows]
+        else:
+            if reply["error"]:
+                log.warning("Parent refused the results: %s; registering again", reply["error"])
+                parent.close()
+                return
+            replies = reply["replies"]
+        done = acknowledged(rows, replies)
+        store.outgoing.mark_reported(done)
+        if len(done) < len(rows):
+            return  # the rest waits for the next round, not a tight loop
+
+
+def result_message(row):
+    return {"jobId": row["job_id"], "success": row["status"] == "completed",
+            "result": row["result"] or ""}
+
+
+def acknowledged(rows, replies):
+    """The ids of the results the parent acknowledged; the others are logged."""
+    for row, answer in zip(rows, replies):
+        if not answer["acknowledged"]:
+            log.warning("Parent did not take the result of job %d: %s",
+                        row["job_id"], answer.get("message", ""))
+    return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The store's protocol side: the jobs table, which is also the outbox of results
+# ---------------------------------------------------------------------------------------------
 
 class ChildStore:
-    """The child's database: jobs received, their state, and the results to report."""
+    """The child's database: jobs received, their state, and the results to report. Composed
+    of one part per concern: `incoming` (the jobs the parent gives and takes back, and the
+    room for more), `outgoing` (the results not reported yet) and `runs` (each job's start and
+    end). A poll's two transactions span parts, so they are here: poll_state reads what a poll
+    sends, add_jobs commits its answer. What a child that died left behind is undone first
+    (recover_at_start)."""
 
     def __init__(self, dsn, capacity, max_result_bytes=common.MAX_RESULT_BYTES):
-        from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
-        self.capacity = capacity  # jobs held at most, running or queued
         self.db = common.Database(dsn, SCHEMA)
-        self.lost_to_outage = set()  # jobs whose last start ended as the database went away
-        self.starts = GroupCommit(self.db, self._start_many)
-        self.finishes = GroupCommit(self.db, self._finish_many)
+        recover_at_start(self.db, max_result_bytes)
+        self.incoming = IncomingJobs(self.db, capacity)
+        self.outgoing = OutgoingResults(self.db)
+        self.runs = RunState(self.db)
+
+    def poll_state(self):
+        """What a poll sends, read in one transaction: (the oldest results not reported yet,
+        as many as one call carries; whether more are waiting; room; ids of the jobs held)."""
         with self.db.transaction() as conn:
-            conn.execute("select pg_advisory_xact_lock(7340512)")
-            if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
-                conn.execute(QueryBuilderEnvironment().build_install_query())
-            self._requeue_orphans(conn)
-            self._refuse_oversized(conn, max_result_bytes)
-            self._kill_left_behind(conn)
-
-    def _requeue_orphans(self, conn):
-        """Put back on the queue the unfinished jobs that have no queue entry (pgqueuer drops
-        the entry of a job whose run raised an error we did not expect): else they would hold
-        a slot forever."""
-        orphans = conn.execute(
-            "select job_id, deliveries from child_jobs c where finished_at is null "
-            "and not exists (select 1 from pgqueuer q where q.entrypoint = %s "
-            "and split_part(q.dedupe_key, '/', 1) = c.job_id::text) order by job_id",
-            (EVALUATE,)).fetchall()
-        if orphans:
-            self._enqueue(conn, [(row["job_id"], row["deliveries"]) for row in orphans])
-            log.warning("Queued again %d unfinished jobs that were missing from the queue: %s",
-                        len(orphans), ", ".join(str(row["job_id"]) for row in orphans))
-
-    @staticmethod
-    def _kill_left_behind(conn):
-        """Kill the evaluator process groups that a child that died left running: the
-        evaluators die with it (die_with_parent), but not what they started. Their jobs run
-        again, and two runs of one job at once would share the GPU."""
-        rows = conn.execute("select job_id, evaluator from child_jobs "
-                            "where evaluator is not null").fetchall()
-        conn.execute("update child_jobs set evaluator = null where evaluator is not null")
-        for row in rows:
-            if kill_group(row["evaluator"]):
-                log.warning("Killed the evaluator processes that job %d left running "
-                            "(process group %d)", row["job_id"], row["evaluator"]["group"])
-
-    def record_evaluator(self, job_id, group):
-        self.db.query("update child_jobs set evaluator = %s where job_id = %s",
-                      (psycopg.types.json.Jsonb(dict(process_identity(group) or {},
-                                                     group=group)), job_id))
-
-    @staticmethod
-    def _refuse_oversized(conn, max_result_bytes):
-        """A result not reported yet that is over max_result_bytes (stored under an earlier
-        config) would be refused by the parent at every try, or not fit in a message: it is
-        replaced by a failure that says so."""
-        oversized = conn.execute(
-            "update child_jobs set status = 'failed', result = json_build_object('error', "
-            "'result of ' || octet_length(result) || ' bytes is over max_result_bytes (' "
-            "|| %s || ')')::text where finished_at is not null and reported_at is null "
-            "and octet_length(result) > %s returning job_id",
-            (max_result_bytes, max_result_bytes)).fetchall()
-        for row in oversized:
-            log.warning("Job %d failed: its result is over max_result_bytes (%d)",
-                        row["job_id"], max_result_bytes)
-
-    @staticmethod
-    def _enqueue(conn, deliveries):
-        from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
-        from pgqueuer.queries import SyncQueries
-        keys = [queue_key(job_id, delivery) for job_id, delivery in deliveries]
-        SyncQueries(SyncPsycopgDriver(conn)).enqueue(
-            [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
-            dedupe_key=keys, on_conflict="skip")
+            rows = self.outgoing.unreported_in(conn, REPORT_BATCH)
+            free, held, finished = self.incoming.holdings_in(conn)
+        return rows, finished > len(rows), free, held
 
     def add_jobs(self, jobs, reported=(), revoked=()):
         """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
@@ -220,16 +323,16 @@ class ChildStore:
         report it did not record). A job we hold and have not reported yet is ignored.
         `reported`: ids of results the parent acknowledged, marked reported in the same
         transaction (a poll's answer is one commit); `revoked`: {job id: reason} of jobs
-        the parent took back, cancelled first (see revoke)."""
+        the parent took back, cancelled first (see IncomingJobs.revoke)."""
         # A sender may leave text fields out: "". The same job twice in one call is one job.
         jobs = {job["jobId"]: {**UNSENT_TEXT, **job} for job in jobs}
         if not jobs and not reported and not revoked:
             return []
         with self.db.transaction() as conn:
             if reported:
-                self._mark_reported(conn, reported)
-            cancelled = self._revoke(conn, revoked) if revoked else []
-            queued = self._store_jobs(conn, jobs) if jobs else []
+                self.outgoing.mark_reported_in(conn, reported)
+            cancelled = self.incoming.revoke(conn, revoked) if revoked else []
+            queued = self.incoming.store_jobs(conn, jobs) if jobs else []
         for row in cancelled:  # logged once committed
             log.info("Job %d cancelled by the parent (%s): %s", row["job_id"], row["reason"],
                      "its evaluation is stopped" if row["status"] == "running"
@@ -239,8 +342,65 @@ class ChildStore:
                      job["hfRepoCommit"] or "default", " again" if delivery > 1 else "")
         return [job for job, _ in queued]
 
+    def counts(self):
+        rows = self.db.query("select status, count(*) as n from child_jobs group by status")
+        counts = {status: 0 for status in ("queued", "running", "completed", "failed",
+                                           "cancelled")}
+        counts.update({row["status"]: row["n"] for row in rows})
+        counts["unreported"] = self.db.query(
+            "select count(*) as n from child_jobs where finished_at is not null "
+            "and reported_at is null")[0]["n"]
+        return counts
+
+    def prune(self, days):
+        """Delete reported jobs and pgqueuer's log and statistics older than `days`. A result
+        not yet reported is kept whatever its age: it is the outbox."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=days)
+        with self.db.transaction() as conn:
+            jobs = conn.execute("delete from child_jobs where reported_at < %s",
+                                (cutoff,)).rowcount
+            logs = conn.execute("delete from pgqueuer_log where created < %s", (cutoff,)).rowcount
+            conn.execute("delete from pgqueuer_statistics where created < %s", (cutoff,))
+        if jobs or logs:
+            log.info("Pruned %d reported jobs and %d queue log rows older than %g days",
+                     jobs, logs, days)
+
+
+class IncomingJobs:
+    """The jobs the parent gave us and we have not reported: the room they leave (the queued
+    and running ones count against the capacity), the jobs stored and queued as they come, and
+    those the parent takes back, cancelled."""
+
+    def __init__(self, db, capacity):
+        self.db = db
+        self.capacity = capacity  # jobs held at most, running or queued
+
+    def holdings(self):
+        """(room for jobs, ids of the jobs we hold and have not reported): what a poll tells
+        the parent, which sends again any job it gave us that is missing (its answer was
+        lost). The room counts the queued and running jobs against the capacity."""
+        with self.db.transaction() as conn:
+            return self.holdings_in(conn)[:2]
+
+    def holdings_in(self, conn):
+        """(room, ids of the jobs held, how many of them are finished)."""
+        row = conn.execute(
+            "select count(*) filter (where status in ('queued', 'running')) as busy, "
+            "count(*) filter (where finished_at is not null) as finished, "
+            "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
+            "from child_jobs where reported_at is null").fetchone()
+        return max(0, self.capacity - row["busy"]), row["held"], row["finished"]
+
+    def holds(self, job_id):
+        """True if we have the job and have not reported it: a copy of it needs no slot."""
+        return bool(self.db.query("select 1 from child_jobs where job_id = %s "
+                                  "and reported_at is null", (job_id,)))
+
+    def free_slots(self):
+        return self.holdings()[0]
+
     @staticmethod
-    def _revoke(conn, revoked):
+    def revoke(conn, revoked):
         """Cancel the unfinished jobs among `revoked`, {job id: reason}; returns their rows
         (job_id, status before, reason). They end 'cancelled', free their slot and are settled
         (reported_at: the parent wants no result of them). A queued job's queue entry then
@@ -258,7 +418,8 @@ class ChildStore:
             (list(revoked), list(revoked), list(revoked.values()))).fetchall()
         return sorted(rows, key=lambda row: row["job_id"])
 
-    def _store_jobs(self, conn, jobs):
+    @staticmethod
+    def store_jobs(conn, jobs):
         """jobs: {job id: job}; returns [(job, delivery)] of those to run."""
         # %b: arrays go in binary; psycopg quotes them as text slowly (a regex per element).
         columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
@@ -276,40 +437,55 @@ class ChildStore:
         queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
                   if job_id in deliveries]
         if queued:
-            self._enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
+            enqueue(conn, [(job["jobId"], delivery) for job, delivery in queued])
         return queued
 
-    def holdings(self):
-        """(room for jobs, ids of the jobs we hold and have not reported): what a poll tells
-        the parent, which sends again any job it gave us that is missing (its answer was
-        lost). The room counts the queued and running jobs against the capacity."""
+
+class OutgoingResults:
+    """The outbox: the results finished and not acknowledged by the parent yet, oldest first.
+    A result leaves it only once the parent acknowledged it."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def unreported(self, limit=REPORT_BATCH):
         with self.db.transaction() as conn:
-            return self._holdings(conn)[:2]
+            return self.unreported_in(conn, limit)
 
-    def _holdings(self, conn):
-        """(room, ids of the jobs held, how many of them are finished)."""
-        row = conn.execute(
-            "select count(*) filter (where status in ('queued', 'running')) as busy, "
-            "count(*) filter (where finished_at is not null) as finished, "
-            "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
-            "from child_jobs where reported_at is null").fetchone()
-        return max(0, self.capacity - row["busy"]), row["held"], row["finished"]
+    @staticmethod
+    def unreported_in(conn, limit):
+        """The oldest results not reported yet: up to `limit`, and as many as fit in
+        common.RESULTS_BUDGET bytes, which is always one at least (a result is at most
+        max_result_bytes, itself at most a half of the budget)."""
+        return conn.execute(
+            "select job_id, status, result from (select job_id, status, result, finished_at, "
+            "sum(octet_length(result) + %s) over (order by finished_at, job_id) as size "
+            "from child_jobs where finished_at is not null and reported_at is null "
+            "order by finished_at, job_id limit %s) oldest where size <= %s "
+            "order by finished_at, job_id",
+            (RESULT_OVERHEAD, limit, common.RESULTS_BUDGET)).fetchall()
 
-    def poll_state(self):
-        """What a poll sends, read in one transaction: (the oldest results not reported yet,
-        as many as one call carries; whether more are waiting; room; ids of the jobs held)."""
+    def mark_reported(self, job_ids):
         with self.db.transaction() as conn:
-            rows = self._unreported(conn, REPORT_BATCH)
-            free, held, finished = self._holdings(conn)
-        return rows, finished > len(rows), free, held
+            self.mark_reported_in(conn, job_ids)
 
-    def holds(self, job_id):
-        """True if we have the job and have not reported it: a copy of it needs no slot."""
-        return bool(self.db.query("select 1 from child_jobs where job_id = %s "
-                                  "and reported_at is null", (job_id,)))
+    @staticmethod
+    def mark_reported_in(conn, job_ids):
+        conn.execute("update child_jobs set reported_at = now() where job_id = any(%b)",
+                     (list(job_ids),))
 
-    def free_slots(self):
-        return self.holdings()[0]
+
+class RunState:
+    """Each job's run as the table records it: its start (counted: a job whose evaluation
+    kills the child again and again fails), its evaluator's process group, and its end or its
+    return to the queue. The starts and the ends of jobs that run at once share a transaction
+    each (GroupCommit)."""
+
+    def __init__(self, db):
+        self.db = db
+        self.lost_to_outage = set()  # jobs whose last start ended as the database went away
+        self.starts = GroupCommit(self.db, self._start_many)
+        self.finishes = GroupCommit(self.db, self._finish_many)
 
     def start(self, job_id, delivery=None):
         """Mark a job running, count the start, and return (job, starts so far). None if this
@@ -362,54 +538,206 @@ class ChildStore:
                      [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)
 
-    def unreported(self, limit=REPORT_BATCH):
-        with self.db.transaction() as conn:
-            return self._unreported(conn, limit)
+    def record_evaluator(self, job_id, group):
+        self.db.query("update child_jobs set evaluator = %s where job_id = %s",
+                      (psycopg.types.json.Jsonb(dict(process_identity(group) or {},
+                                                     group=group)), job_id))
 
-    @staticmethod
-    def _unreported(conn, limit):
-        """The oldest results not reported yet: up to `limit`, and as many as fit in
-        common.RESULTS_BUDGET bytes, which is always one at least (a result is at most
-        max_result_bytes, itself at most a half of the budget)."""
-        return conn.execute(
-            "select job_id, status, result from (select job_id, status, result, finished_at, "
-            "sum(octet_length(result) + %s) over (order by finished_at, job_id) as size "
-            "from child_jobs where finished_at is not null and reported_at is null "
-            "order by finished_at, job_id limit %s) oldest where size <= %s "
-            "order by finished_at, job_id",
-            (RESULT_OVERHEAD, limit, common.RESULTS_BUDGET)).fetchall()
 
-    def mark_reported(self, job_ids):
-        with self.db.transaction() as conn:
-            self._mark_reported(conn, job_ids)
+def queue_key(job_id, delivery):
+    """A job's key and payload on pgqueuer's queue."""
+    return f"{job_id}/{delivery}"
 
-    @staticmethod
-    def _mark_reported(conn, job_ids):
-        conn.execute("update child_jobs set reported_at = now() where job_id = any(%b)",
-                     (list(job_ids),))
 
-    def prune(self, days):
-        """Delete reported jobs and pgqueuer's log and statistics older than `days`. A result
-        not yet reported is kept whatever its age: it is the outbox."""
-        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=days)
-        with self.db.transaction() as conn:
-            jobs = conn.execute("delete from child_jobs where reported_at < %s",
-                                (cutoff,)).rowcount
-            logs = conn.execute("delete from pgqueuer_log where created < %s", (cutoff,)).rowcount
-            conn.execute("delete from pgqueuer_statistics where created < %s", (cutoff,))
-        if jobs or logs:
-            log.info("Pruned %d reported jobs and %d queue log rows older than %g days",
-                     jobs, logs, days)
+def parse_queue_key(key):
+    """(job id, delivery); delivery is None for a key written before deliveries were counted."""
+    job_id, _, delivery = key.partition("/")
+    return int(job_id), int(delivery) if delivery else None
 
-    def counts(self):
-        rows = self.db.query("select status, count(*) as n from child_jobs group by status")
-        counts = {status: 0 for status in ("queued", "running", "completed", "failed",
-                                           "cancelled")}
-        counts.update({row["status"]: row["n"] for row in rows})
-        counts["unreported"] = self.db.query(
-            "select count(*) as n from child_jobs where finished_at is not null "
-            "and reported_at is null")[0]["n"]
-        return counts
+
+def enqueue(conn, deliveries):
+    """Put deliveries, [(job id, delivery)], on pgqueuer's queue; a key already there is kept."""
+    from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+    from pgqueuer.queries import SyncQueries
+    keys = [queue_key(job_id, delivery) for job_id, delivery in deliveries]
+    SyncQueries(SyncPsycopgDriver(conn)).enqueue(
+        [EVALUATE] * len(keys), [key.encode() for key in keys], [0] * len(keys),
+        dedupe_key=keys, on_conflict="skip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: start the parts, poll until stopped, then stop in stages
+# ---------------------------------------------------------------------------------------------
+
+def run(cfg, stop):
+    check_limits(cfg)
+    common.setup_logging(cfg)
+    child_id = cfg.validator_id
+    logs_dir = common.data_dir(cfg) / "logs"
+    logs_dir.mkdir(exist_ok=True)
+    dsn = common.database_dsn(cfg, stop)
+    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs, cfg.max_result_bytes)
+    wake = threading.Event()
+    # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
+    threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
+    evaluations = Evaluations(store.runs.record_evaluator)
+
+    common.serve_metrics(cfg)
+    worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
+                    functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
+    worker.start()
+    rpc = RpcThread()
+    identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
+    tls_server, tls_client = common.tls_contexts(cfg)
+    port = rpc.serve(cfg.listen_host, cfg.child_port,
+                     lambda: ChildService(cfg, store, wake, stop, verifier), cfg, tls_server)
+    endpoint = f"{cfg.child_host}:{port}"
+    log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
+
+    parent = Parents([RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
+                                on_connect=functools.partial(register, cfg, identity, endpoint,
+                                                             parent_endpoint=at))
+                      for at in parent_endpoints(cfg)])
+    try:
+        work(cfg, stop, wake, parent, store, evaluations)
+    finally:
+        log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
+                 child_id, cfg.shutdown_grace_seconds)
+        shut_down(cfg, worker, evaluations,
+                  lambda quiet: report_before_exit(parent, store, child_id, quiet))
+        rpc.stop()
+        store.db.close()
+
+
+def check_limits(cfg):
+    """The child's own keys, beyond the types that load_config checks."""
+    for key, least in (("max_attempts", 1), ("prefetch_jobs", 0),
+                       ("worker_heartbeat_seconds", 1.0),
+                       ("max_backoff_seconds", 0.1), ("retention_days", 0.0),
+                       ("shutdown_grace_seconds", 0.0)):
+        if getattr(cfg, key) < least:
+            raise common.ConfigError(f"{cfg.config_path}: key '{key}' must be at least {least:g}")
+
+
+def parent_endpoints(cfg):
+    """parent_hosts, or the seed's parent_host and parent_port."""
+    return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
+
+
+def work(cfg, stop, wake, parent, store, evaluations=None):
+    """Until `stop`: report results, ask for jobs, and every hour delete what is too old."""
+    parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
+                                cfg.max_backoff_seconds)
+    database_down = common.Outage("Database unavailable", "Database available again",
+                                  cfg.max_backoff_seconds)
+    # A refused registration is retried too: the cause may pass (the parent's database is
+    # down) or need the operator (a bad child_host), and the log says which.
+    refused = common.Outage("Registration refused", "Registered after all",
+                            cfg.max_backoff_seconds)
+    next_prune = time.monotonic()
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            if time.monotonic() >= next_prune:
+                store.prune(cfg.retention_days)
+                next_prune = time.monotonic() + PRUNE_EVERY
+            due = poll(parent, store, cfg.validator_id, cfg.poll_interval, evaluations)
+        except PeerUnavailable as e:
+            if not stop.is_set():  # else the parent stopped along with us: nothing to retry
+                stop.wait(parent_down.failed(e))
+            continue
+        except common.DatabaseUnavailable as e:
+            stop.wait(database_down.failed(e))
+            continue
+        except Refused as e:
+            stop.wait(refused.failed(e))
+            continue
+        parent_down.succeeded()
+        database_down.succeeded()
+        refused.succeeded()
+        wake.wait(max(0.0, due - (time.monotonic() - started)))
+        wake.clear()
+
+
+def shut_down(cfg, worker, evaluations, report):
+    """Stop in stages: take no new job; give the running evaluations shutdown_grace_seconds to
+    finish, reporting their results; then kill those still running, whose jobs stay queued for
+    the next start. Queued jobs that never started stay queued too."""
+    worker.stop_taking()
+    deadline = time.monotonic() + cfg.shutdown_grace_seconds
+    while not worker.wait(min(cfg.poll_interval, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            killed = evaluations.abandon()
+            log.warning("Shutdown grace of %gs expired: stopped the running evaluations "
+                        "(%d evaluator process groups killed); their jobs stay queued for the "
+                        "next start", cfg.shutdown_grace_seconds, killed)
+            if not worker.wait(5.0):
+                log.error("The job worker did not stop; its jobs run again after a restart")
+            break
+        report(quiet=True)
+    report(quiet=False)
+
+
+def report_before_exit(parent, store, child_id, quiet):
+    """Report what is finished, if the parent and the database let us; what is left is sent
+    after the next start."""
+    parent.timeout = min(parent.timeout, 5.0)  # the shutdown must not wait long for a report
+    try:
+        report_results(parent, store, child_id)
+    except (PeerUnavailable, Refused, common.DatabaseUnavailable) as e:
+        if not quiet:
+            log.warning("Results not reported before stopping (%s); they will be after the "
+                        "next start", e)
+
+
+def main(argv=None):
+    return common.role_main(run, "Run a child validator.", is_parent=False, argv=argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job: what the Worker calls for each queue entry it hands out
+# ---------------------------------------------------------------------------------------------
+
+def run_job(cfg, store, evaluations, logs_dir, wake, key):
+    """Run the job of a queue entry that pgqueuer handed out (on a worker thread) and store
+    its result."""
+    job_id, delivery = parse_queue_key(key)
+    evaluations.begin(job_id)
+    try:
+        evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery)
+    finally:
+        if evaluations.end(job_id):
+            wake.set()  # its slot is free: ask for another job now
+
+
+def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
+    started = store.runs.start(job_id, delivery)
+    if started is None:
+        return
+    job, attempts = started
+    if attempts > cfg.max_attempts:
+        # Each earlier start ended with this process dying: running it again would too.
+        store.runs.finish(job_id, *failure(f"evaluation killed its worker {attempts - 1} times"))
+        log.warning("Job %d failed: its evaluation killed this child validator %d times",
+                    job_id, attempts - 1)
+        wake.set()
+        return
+    kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
+    log.info("Evaluating job %d with %s (attempt %d)", job_id, kind, attempts)
+    started_at = time.monotonic()
+    try:
+        success, result = evaluate(cfg, job, logs_dir, evaluations)
+    except Abandoned:
+        store.runs.put_back(job_id)
+        log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
+        raise
+    except Revoked:
+        return  # recorded cancelled and logged when the parent's answer came
+    store.runs.finish(job_id, success, result)
+    EVALUATIONS.labels("succeeded" if success else "failed").observe(
+        time.monotonic() - started_at)
+    log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
+    wake.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,12 +752,75 @@ class Revoked(Exception):
     """The parent took the job back and its evaluation was stopped: nothing is reported."""
 
 
+def evaluate(cfg, job, logs_dir, running=None):
+    """Run one job; returns (success, result text). The result is always a JSON object: the
+    evaluator's own on success, {"error": reason} on failure. Raises Abandoned if `running`
+    (an Evaluations) was abandoned meanwhile, Revoked if the job was revoked."""
+    running = running or Evaluations()
+    job_id = job["jobId"]
+    if not cfg.evaluator.command:
+        return demo_evaluate(cfg, job, running)
+    # The parent names the log file; only its last component is used, inside our logs_dir.
+    log_path = logs_dir / (Path(job["logsPath"]).name or f"job-{job['jobId']}.log")
+    timeout = cfg.evaluator.timeout_seconds
+    with open(log_path, "ab") as stderr:
+        try:
+            proc = running.popen(job_id, cfg.evaluator.command, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr)
+        except OSError as e:
+            return failure(f"cannot start the evaluator: {e.strerror or e}")
+        try:
+            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout,
+                           functools.partial(running.started, job_id, proc))
+        except subprocess.TimeoutExpired:
+            return failure(f"evaluator timed out after {timeout:g}s")
+        finally:
+            running.forget(job_id)
+    if job_id in running.revoked:
+        raise Revoked(running.revoked[job_id])
+    if out is None:  # the parent would refuse it forever
+        return failure(f"evaluator printed more than max_result_bytes "
+                       f"({cfg.max_result_bytes} bytes) and was stopped")
+    if proc.returncode != 0:
+        running.check(job_id)
+        return failure(f"evaluator exited with code {proc.returncode}")
+    try:
+        result = json.loads(out)
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        return failure("evaluator did not print one JSON object on stdout")
+    text = json.dumps(result)  # escapes non-ASCII text: it may be longer than what was printed
+    if len(text) > cfg.max_result_bytes:
+        return failure(f"evaluator printed a result of {len(text)} bytes as JSON; "
+                       f"max_result_bytes is {cfg.max_result_bytes}")
+    return True, text
+
+
+def demo_evaluate(cfg, job, running):
+    """The built-in DEMO evaluator: waits demo_seconds and returns a score derived from the
+    job, so that the same submission always scores the same. It evaluates nothing."""
+    running.wait(job["jobId"], cfg.evaluator.demo_seconds)
+    digest = hashlib.sha256(f"{job['hfRepoId']}@{job['hfRepoCommit']}#{job['randomSeed']}"
+                            .encode()).digest()
+    score = int.from_bytes(digest[:4], "big") / 2**32
+    return True, json.dumps({"score": round(score, 4), "evaluator": "demo"})
+
+
+def failure(reason):
+    return False, json.dumps({"error": reason})
+
+
+# ---------------------------------------------------------------------------------------------
+# Process handling: each evaluator in its own process group, killed with the child or alone
+# ---------------------------------------------------------------------------------------------
+
 class Evaluations:
     """The evaluations running now, by job id, with their evaluator's process group: a
     shutdown whose grace has expired kills them all (and none can start after that); a job
     the parent takes back is stopped alone (revoke). Each evaluator dies with the child
     (die_with_parent), and `record(job_id, group)` keeps its group in the database, so that
-    the next start kills what it started (ChildStore._kill_left_behind)."""
+    the next start kills what it started (kill_left_behind)."""
 
     def __init__(self, record=None):
         self.changed = threading.Condition()
@@ -557,54 +948,14 @@ def kill_group(recorded):
     return True
 
 
-def failure(reason):
-    return False, json.dumps({"error": reason})
+def kill_process_group(group):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
-def evaluate(cfg, job, logs_dir, running=None):
-    """Run one job; returns (success, result text). The result is always a JSON object: the
-    evaluator's own on success, {"error": reason} on failure. Raises Abandoned if `running`
-    (an Evaluations) was abandoned meanwhile, Revoked if the job was revoked."""
-    running = running or Evaluations()
-    job_id = job["jobId"]
-    if not cfg.evaluator.command:
-        return demo_evaluate(cfg, job, running)
-    # The parent names the log file; only its last component is used, inside our logs_dir.
-    log_path = logs_dir / (Path(job["logsPath"]).name or f"job-{job['jobId']}.log")
-    timeout = cfg.evaluator.timeout_seconds
-    with open(log_path, "ab") as stderr:
-        try:
-            proc = running.popen(job_id, cfg.evaluator.command, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=stderr)
-        except OSError as e:
-            return failure(f"cannot start the evaluator: {e.strerror or e}")
-        try:
-            out = exchange(proc, json.dumps(job).encode(), cfg.max_result_bytes, timeout,
-                           functools.partial(running.started, job_id, proc))
-        except subprocess.TimeoutExpired:
-            return failure(f"evaluator timed out after {timeout:g}s")
-        finally:
-            running.forget(job_id)
-    if job_id in running.revoked:
-        raise Revoked(running.revoked[job_id])
-    if out is None:  # the parent would refuse it forever
-        return failure(f"evaluator printed more than max_result_bytes "
-                       f"({cfg.max_result_bytes} bytes) and was stopped")
-    if proc.returncode != 0:
-        running.check(job_id)
-        return failure(f"evaluator exited with code {proc.returncode}")
-    try:
-        result = json.loads(out)
-    except ValueError:
-        result = None
-    if not isinstance(result, dict):
-        return failure("evaluator did not print one JSON object on stdout")
-    text = json.dumps(result)  # escapes non-ASCII text: it may be longer than what was printed
-    if len(text) > cfg.max_result_bytes:
-        return failure(f"evaluator printed a result of {len(text)} bytes as JSON; "
-                       f"max_result_bytes is {cfg.max_result_bytes}")
-    return True, text
-
+# ---------------------------------------------------------------------------------------------
+# Bounded output: an evaluator's stdout read up to max_result_bytes, its exit awaited
+# ---------------------------------------------------------------------------------------------
 
 def exchange(proc, job, limit, timeout, sent=lambda: None):
     """Write the job to the evaluator's stdin, call `sent`, and read its stdout until it
@@ -660,99 +1011,11 @@ def wait_for_exit(proc, timeout):
     return proc.wait()
 
 
-def kill_process_group(group):
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
-
-
-def demo_evaluate(cfg, job, running):
-    """The built-in DEMO evaluator: waits demo_seconds and returns a score derived from the
-    job, so that the same submission always scores the same. It evaluates nothing."""
-    running.wait(job["jobId"], cfg.evaluator.demo_seconds)
-    digest = hashlib.sha256(f"{job['hfRepoId']}@{job['hfRepoCommit']}#{job['randomSeed']}"
-                            .encode()).digest()
-    score = int.from_bytes(digest[:4], "big") / 2**32
-    return True, json.dumps({"score": round(score, 4), "evaluator": "demo"})
-
-
 # ---------------------------------------------------------------------------------------------
-# The worker: a pgqueuer consumer on its own thread and event loop, and the job it runs
+# The Worker: a pgqueuer consumer on its own thread and event loop, which runs the jobs
 # ---------------------------------------------------------------------------------------------
 
-def run_job(cfg, store, evaluations, logs_dir, wake, key):
-    """Run the job of a queue entry that pgqueuer handed out (on a worker thread) and store
-    its result."""
-    job_id, delivery = parse_queue_key(key)
-    evaluations.begin(job_id)
-    try:
-        evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery)
-    finally:
-        if evaluations.end(job_id):
-            wake.set()  # its slot is free: ask for another job now
-
-
-def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
-    started = store.start(job_id, delivery)
-    if started is None:
-        return
-    job, attempts = started
-    if attempts > cfg.max_attempts:
-        # Each earlier start ended with this process dying: running it again would too.
-        store.finish(job_id, *failure(f"evaluation killed its worker {attempts - 1} times"))
-        log.warning("Job %d failed: its evaluation killed this child validator %d times",
-                    job_id, attempts - 1)
-        wake.set()
-        return
-    kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
-    log.info("Evaluating job %d with %s (attempt %d)", job_id, kind, attempts)
-    started_at = time.monotonic()
-    try:
-        success, result = evaluate(cfg, job, logs_dir, evaluations)
-    except Abandoned:
-        store.put_back(job_id)
-        log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
-        raise
-    except Revoked:
-        return  # recorded cancelled and logged when the parent's answer came
-    store.finish(job_id, success, result)
-    EVALUATIONS.labels("succeeded" if success else "failed").observe(
-        time.monotonic() - started_at)
-    log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
-    wake.set()
-
-
-JOB_END_RETRY = 5.0  # seconds between tries to record a job's end in pgqueuer after a failure
-
-
-def record_job_ends_at_once():
-    """Make pgqueuer record each job's end as soon as the job ends.
-
-    pgqueuer 1.6's consumer keeps the ends of jobs in a buffer (JobStatusLogBuffer, made
-    inside QueueManager.run, with no setting for it) and writes them when batch_size ends are
-    waiting or every 0.1 s. Until then a finished job's entry still counts as running, so the
-    freed slot waits for that timer before it takes the next queued job, and the timer wakes
-    the consumer ten times a second while nothing runs. Our jobs take seconds, not
-    microseconds: one write per job end costs nothing, so this buffer writes each end at once
-    (the buffer's size is 1) and its timer only retries a write that failed. This replaces a
-    class inside pgqueuer, so it applies only to the version it was written and tested for
-    (requirements.txt pins it); another version keeps pgqueuer's own buffer."""
-    from pgqueuer.core import buffers
-    if pgqueuer_version() != "1.6.0" or hasattr(buffers.JobStatusLogBuffer, "at_once"):
-        return
-
-    class JobEndsAtOnce(buffers.JobStatusLogBuffer):
-        at_once = True
-
-        def __init__(self, max_size, repository, **_):
-            super().__init__(max_size=1, repository=repository,
-                             timeout=datetime.timedelta(seconds=JOB_END_RETRY))
-
-    buffers.JobStatusLogBuffer = JobEndsAtOnce
-
-
-def pgqueuer_version():
-    import pgqueuer
-    return pgqueuer.__version__
+ASYNCPG_PARAMS = {"host", "port", "user", "password", "database"}
 
 
 class Worker:
@@ -808,7 +1071,7 @@ class Worker:
         if params.get("port"):
             params["port"] = int(params["port"])
         # This session only hands out queue entries and records their ends; the child_jobs
-        # rows decide what runs (ChildStore.start runs nothing for an entry handed out again),
+        # rows decide what runs (RunState.start runs nothing for an entry handed out again),
         # and they are committed durably on another connection, whose commits also flush the
         # WAL written before them. So its commits need not wait for the disk: a crash of the
         # server can only undo its last entries' moves, which are then made again.
@@ -868,309 +1131,146 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------------------------
-# The RPC service: the parent may push a job; anyone may ping or read the queue counts
+# GroupCommit: the starts and ends of jobs that run at once share a transaction
 # ---------------------------------------------------------------------------------------------
 
-class ChildService(ServiceBase):
-    """One per connection. A receiveJob whose signature checks out (any, with auth off)
-    registers the connection: it is the parent's pusher."""
+class GroupCommit:
+    """What several threads ask for at once runs in one transaction: the first caller runs
+    run_batch(conn, items) (which returns one result per item) for every item waiting, again
+    and again until none is left, while the others wait for their item's result. A result is
+    returned only once its transaction committed; a failure reaches every item of its batch.
+    The evaluations a pgqueuer batch starts together thus share one commit for their starts
+    and one for their ends, instead of queueing for the connection one by one."""
 
-    role = "child"
+    def __init__(self, db, run_batch):
+        self.db, self.run_batch = db, run_batch
+        self.lock = threading.Lock()
+        self.waiting, self.running = [], False
 
-    def __init__(self, cfg, store, wake, stop, verifier):
-        super().__init__()
-        self.cfg, self.store, self.wake, self.stop = cfg, store, wake, stop
-        self.verifier = verifier  # None: auth is off
+    def call(self, item):
+        done = concurrent.futures.Future()
+        with self.lock:
+            self.waiting.append((item, done))
+            leader, self.running = not self.running, True
+        if leader:
+            self._run_all()
+        return done.result()
 
-    def receive_job(self, job, timestamp=0, nonce="", signature=b""):
-        if self.verifier:  # only our parent may push, proven by its hotkey's signature
-            reason = self.verifier.check(
-                self.cfg.parent_hotkey, ["receiveJob", self.cfg.validator_id, job.get("jobId")],
-                timestamp, nonce, signature)
-            if reason:
-                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
-                                     self.peer)
-        self.registered = True  # our parent's connection: the limits of a registered one
-        if self.stop.is_set():
-            raise Refused("the child is stopping")
-        if not job.get("jobId") or not job.get("hfRepoId"):
-            raise Refused("job has no jobId or hfRepoId")
-        if self.store.holds(job["jobId"]):
-            return {"accepted": True, "message": "already have this job"}
-        if self.store.free_slots() < 1:
-            raise Refused("no free slot")
-        accepted = self.store.add_jobs([job])
-        self.wake.set()
-        return {"accepted": True, "message": "queued" if accepted else "already have this job"}
-
-    def get_stats(self):
-        return {"json": json.dumps(self.store.counts())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Main: register, then report results and ask for work every poll_interval seconds
-# ---------------------------------------------------------------------------------------------
-
-class Parents:
-    """The parent validators this child may work for (parent_hosts), one RpcClient each. Calls
-    go to the current one; when it is unreachable or a standby, to the next, in order. Only
-    when none of them takes a call does it fail (PeerUnavailable), and the child backs off.
-    Results wait in the child's database until a parent acknowledges them, so those finished
-    during a takeover go to the parent that is active next."""
-
-    def __init__(self, clients):
-        self.clients, self.current = clients, 0
-
-    @property
-    def timeout(self):
-        return self.clients[0].timeout
-
-    @timeout.setter
-    def timeout(self, seconds):
-        for client in self.clients:
-            client.timeout = seconds
-
-    def call(self, method, **params):
-        first, failures = self.current, []
-        for _ in self.clients:
-            client = self.clients[self.current]
+    def _run_all(self):
+        while True:
+            with self.lock:
+                batch, self.waiting = self.waiting, []
+                if not batch:
+                    self.running = False
+                    return
             try:
-                reply = client.call(method, **params)
-            except PeerUnavailable as e:
-                failures.append(str(e))  # it names the parent
-            except common.Standby as e:  # it refused the registration
-                failures.append(f"{client.host}:{client.port}: {e}")
+                with self.db.transaction() as conn:
+                    results = self.run_batch(conn, [item for item, _ in batch])
+            except Exception as e:
+                for _, done in batch:
+                    done.set_exception(e)
             else:
-                reason = reply.get(REFUSALS[method][1], "")
-                if not reason.startswith("standby"):
-                    if self.current != first:
-                        log.info("Now working with parent %s:%d (%s)", client.host,
-                                 client.port, "; ".join(failures))
-                    return reply
-                client.close()  # the next connection registers again
-                failures.append(f"{client.host}:{client.port}: {reason}")
-            self.current = (self.current + 1) % len(self.clients)
-        raise PeerUnavailable("; ".join(failures))
-
-    def close(self):
-        self.clients[self.current].close()
+                for (_, done), result in zip(batch, results):
+                    done.set_result(result)
 
 
-def report_results(parent, store, child_id):
-    """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
-    results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
-    acknowledged it, so a crash or an outage at any point resends it later."""
-    while rows := store.unreported(limit=REPORT_BATCH):
-        try:
-            reply = parent.call("reportJobCompletions", childId=child_id,
-                                results=[result_message(row) for row in rows])
-        except Unimplemented:  # a parent of an older version: one call per result
-            replies = [parent.call("reportJobCompletion", childId=child_id,
-                                   **result_message(row)) for row in rows]
-        else:
-            if reply["error"]:
-                log.warning("Parent refused the results: %s; registering again", reply["error"])
-                parent.close()
-                return
-            replies = reply["replies"]
-        done = acknowledged(rows, replies)
-        store.mark_reported(done)
-        if len(done) < len(rows):
-            return  # the rest waits for the next round, not a tight loop
+# ---------------------------------------------------------------------------------------------
+# Crash recovery: what a child that died left in its database and its process table
+# ---------------------------------------------------------------------------------------------
+
+def recover_at_start(db, max_result_bytes):
+    """Install pgqueuer's tables if they are missing, then undo what a child that died left
+    behind, in one transaction. The advisory lock makes two processes that start on one
+    database do this one after the other."""
+    from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
+    with db.transaction() as conn:
+        conn.execute("select pg_advisory_xact_lock(7340512)")
+        if conn.execute("select to_regclass('pgqueuer') as t").fetchone()["t"] is None:
+            conn.execute(QueryBuilderEnvironment().build_install_query())
+        requeue_orphans(conn)
+        refuse_oversized(conn, max_result_bytes)
+        kill_left_behind(conn)
 
 
-def result_message(row):
-    return {"jobId": row["job_id"], "success": row["status"] == "completed",
-            "result": row["result"] or ""}
+def requeue_orphans(conn):
+    """Put back on the queue the unfinished jobs that have no queue entry (pgqueuer drops
+    the entry of a job whose run raised an error we did not expect): else they would hold
+    a slot forever."""
+    orphans = conn.execute(
+        "select job_id, deliveries from child_jobs c where finished_at is null "
+        "and not exists (select 1 from pgqueuer q where q.entrypoint = %s "
+        "and split_part(q.dedupe_key, '/', 1) = c.job_id::text) order by job_id",
+        (EVALUATE,)).fetchall()
+    if orphans:
+        enqueue(conn, [(row["job_id"], row["deliveries"]) for row in orphans])
+        log.warning("Queued again %d unfinished jobs that were missing from the queue: %s",
+                    len(orphans), ", ".join(str(row["job_id"]) for row in orphans))
 
 
-def acknowledged(rows, replies):
-    """The ids of the results the parent acknowledged; the others are logged."""
-    for row, answer in zip(rows, replies):
-        if not answer["acknowledged"]:
-            log.warning("Parent did not take the result of job %d: %s",
-                        row["job_id"], answer.get("message", ""))
-    return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+def refuse_oversized(conn, max_result_bytes):
+    """A result not reported yet that is over max_result_bytes (stored under an earlier
+    config) would be refused by the parent at every try, or not fit in a message: it is
+    replaced by a failure that says so."""
+    oversized = conn.execute(
+        "update child_jobs set status = 'failed', result = json_build_object('error', "
+        "'result of ' || octet_length(result) || ' bytes is over max_result_bytes (' "
+        "|| %s || ')')::text where finished_at is not null and reported_at is null "
+        "and octet_length(result) > %s returning job_id",
+        (max_result_bytes, max_result_bytes)).fetchall()
+    for row in oversized:
+        log.warning("Job %d failed: its result is over max_result_bytes (%d)",
+                    row["job_id"], max_result_bytes)
 
 
-def poll(parent, store, child_id, interval=0.0, evaluations=None):
-    """One round with the parent: report finished results and ask for as many jobs as there
-    is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
-    results (after an outage) goes first, in reportJobCompletions calls; so do the results a
-    parent of an older version ignored in requestJobs. The jobs the parent revoked (no longer
-    ours) are cancelled, and those running are stopped (`evaluations`). Returns the seconds
-    after its start at which the next poll is due (`interval` is the poll_interval).
-
-    A child with nothing queued or running and no result to report lets the parent hold the
-    call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
-    has a request open, and gets a new job at once. Such a child polls again as soon as that
-    call is over; a parent that does not hold calls answers at once, and the child then waits
-    out the rest itself."""
-    rows, more, free, held = store.poll_state()
-    if more:
-        report_results(parent, store, child_id)
-        rows, more, free, held = store.poll_state()
-    idle = free == store.capacity
-    wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
-    # Without heldJobs (more than a message should carry) the parent sends nothing again.
-    held = {"heldJobs": held} if len(held) <= common.MAX_HELD_JOBS else {}
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, **held,
-                        results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
-    # A parent built from the seed's schema answers neither error nor replies.
-    if reply.get("error"):
-        log.warning("Parent refused the job request: %s; registering again", reply["error"])
-        parent.close()
-        return interval
-    replies = reply.get("replies", [])
-    if rows and not replies:
-        report_results(parent, store, child_id)
-        rows = []
-    reported = acknowledged(rows, replies)
-    # A parent of an older version revokes nothing.
-    revoked = {r["jobId"]: r.get("reason", "") for r in reply.get("revoked", [])}
-    store.add_jobs(reply.get("jobs", []), reported=reported, revoked=revoked)
-    for job_id, reason in revoked.items() if evaluations else ():
-        evaluations.revoke(job_id, reason)  # once recorded cancelled: its result is not kept
-    if idle and rows and len(reported) == len(rows):
-        return 0.0  # it reported its last results: its next poll may be held
-    return wait or interval
+def kill_left_behind(conn):
+    """Kill the evaluator process groups that a child that died left running: the
+    evaluators die with it (die_with_parent), but not what they started. Their jobs run
+    again, and two runs of one job at once would share the GPU."""
+    rows = conn.execute("select job_id, evaluator from child_jobs "
+                        "where evaluator is not null").fetchall()
+    conn.execute("update child_jobs set evaluator = null where evaluator is not null")
+    for row in rows:
+        if kill_group(row["evaluator"]):
+            log.warning("Killed the evaluator processes that job %d left running "
+                        "(process group %d)", row["job_id"], row["evaluator"]["group"])
 
 
-def check_limits(cfg):
-    """The child's own keys, beyond the types that load_config checks."""
-    for key, least in (("max_attempts", 1), ("prefetch_jobs", 0),
-                       ("worker_heartbeat_seconds", 1.0),
-                       ("max_backoff_seconds", 0.1), ("retention_days", 0.0),
-                       ("shutdown_grace_seconds", 0.0)):
-        if getattr(cfg, key) < least:
-            raise common.ConfigError(f"{cfg.config_path}: key '{key}' must be at least {least:g}")
+# ---------------------------------------------------------------------------------------------
+# pgqueuer's patch: each job's end recorded at once, not on a 0.1 s timer
+# ---------------------------------------------------------------------------------------------
+
+JOB_END_RETRY = 5.0  # seconds between tries to record a job's end in pgqueuer after a failure
 
 
-def run(cfg, stop):
-    check_limits(cfg)
-    common.setup_logging(cfg)
-    child_id = cfg.validator_id
-    logs_dir = common.data_dir(cfg) / "logs"
-    logs_dir.mkdir(exist_ok=True)
-    dsn = common.database_dsn(cfg, stop)
-    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs, cfg.max_result_bytes)
-    wake = threading.Event()
-    # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
-    threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
-    evaluations = Evaluations(store.record_evaluator)
+def record_job_ends_at_once():
+    """Make pgqueuer record each job's end as soon as the job ends.
 
-    common.serve_metrics(cfg)
-    worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
-                    functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
-    worker.start()
-    rpc = RpcThread()
-    identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
-    tls_server, tls_client = common.tls_contexts(cfg)
-    port = rpc.serve(cfg.listen_host, cfg.child_port,
-                     lambda: ChildService(cfg, store, wake, stop, verifier), cfg, tls_server)
-    endpoint = f"{cfg.child_host}:{port}"
-    log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
+    pgqueuer 1.6's consumer keeps the ends of jobs in a buffer (JobStatusLogBuffer, made
+    inside QueueManager.run, with no setting for it) and writes them when batch_size ends are
+    waiting or every 0.1 s. Until then a finished job's entry still counts as running, so the
+    freed slot waits for that timer before it takes the next queued job, and the timer wakes
+    the consumer ten times a second while nothing runs. Our jobs take seconds, not
+    microseconds: one write per job end costs nothing, so this buffer writes each end at once
+    (the buffer's size is 1) and its timer only retries a write that failed. This replaces a
+    class inside pgqueuer, so it applies only to the version it was written and tested for
+    (requirements.txt pins it); another version keeps pgqueuer's own buffer."""
+    from pgqueuer.core import buffers
+    if pgqueuer_version() != "1.6.0" or hasattr(buffers.JobStatusLogBuffer, "at_once"):
+        return
 
-    async def register(capability, parent_endpoint):
-        signed = {}
-        if identity:  # a fresh signature each time: the parent refuses a replayed one
-            signed = dict(zip(("timestamp", "nonce", "signature"), identity.sign(
-                "registerChild", child_id, endpoint, cfg.parent_hotkey)), hotkey=identity.hotkey)
-        reply = await capability.registerChild(childId=child_id, endpoint=endpoint, **signed)
-        if reply.message.startswith("standby"):
-            raise common.Standby(reply.message)
-        if not reply.success:
-            raise Refused(f"the parent refused the registration: {reply.message}")
-        log.info("Successfully registered with parent validator as %s at %s", child_id,
-                 parent_endpoint)
+    class JobEndsAtOnce(buffers.JobStatusLogBuffer):
+        at_once = True
 
-    parent = Parents([RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
-                                       on_connect=functools.partial(register, parent_endpoint=at))
-                      for at in parent_endpoints(cfg)])
-    try:
-        work(cfg, stop, wake, parent, store, evaluations)
-    finally:
-        log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
-                 child_id, cfg.shutdown_grace_seconds)
-        shut_down(cfg, worker, evaluations,
-                  lambda quiet: report_before_exit(parent, store, child_id, quiet))
-        rpc.stop()
-        store.db.close()
+        def __init__(self, max_size, repository, **_):
+            super().__init__(max_size=1, repository=repository,
+                             timeout=datetime.timedelta(seconds=JOB_END_RETRY))
+
+    buffers.JobStatusLogBuffer = JobEndsAtOnce
 
 
-def parent_endpoints(cfg):
-    """parent_hosts, or the seed's parent_host and parent_port."""
-    return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
-
-
-def work(cfg, stop, wake, parent, store, evaluations=None):
-    """Until `stop`: report results, ask for jobs, and every hour delete what is too old."""
-    parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
-                                cfg.max_backoff_seconds)
-    database_down = common.Outage("Database unavailable", "Database available again",
-                                  cfg.max_backoff_seconds)
-    # A refused registration is retried too: the cause may pass (the parent's database is
-    # down) or need the operator (a bad child_host), and the log says which.
-    refused = common.Outage("Registration refused", "Registered after all",
-                            cfg.max_backoff_seconds)
-    next_prune = time.monotonic()
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            if time.monotonic() >= next_prune:
-                store.prune(cfg.retention_days)
-                next_prune = time.monotonic() + PRUNE_EVERY
-            due = poll(parent, store, cfg.validator_id, cfg.poll_interval, evaluations)
-        except PeerUnavailable as e:
-            if not stop.is_set():  # else the parent stopped along with us: nothing to retry
-                stop.wait(parent_down.failed(e))
-            continue
-        except common.DatabaseUnavailable as e:
-            stop.wait(database_down.failed(e))
-            continue
-        except Refused as e:
-            stop.wait(refused.failed(e))
-            continue
-        parent_down.succeeded()
-        database_down.succeeded()
-        refused.succeeded()
-        wake.wait(max(0.0, due - (time.monotonic() - started)))
-        wake.clear()
-
-
-def shut_down(cfg, worker, evaluations, report):
-    """Stop in stages: take no new job; give the running evaluations shutdown_grace_seconds to
-    finish, reporting their results; then kill those still running, whose jobs stay queued for
-    the next start. Queued jobs that never started stay queued too."""
-    worker.stop_taking()
-    deadline = time.monotonic() + cfg.shutdown_grace_seconds
-    while not worker.wait(min(cfg.poll_interval, max(0.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            killed = evaluations.abandon()
-            log.warning("Shutdown grace of %gs expired: stopped the running evaluations "
-                        "(%d evaluator process groups killed); their jobs stay queued for the "
-                        "next start", cfg.shutdown_grace_seconds, killed)
-            if not worker.wait(5.0):
-                log.error("The job worker did not stop; its jobs run again after a restart")
-            break
-        report(quiet=True)
-    report(quiet=False)
-
-
-def report_before_exit(parent, store, child_id, quiet):
-    """Report what is finished, if the parent and the database let us; what is left is sent
-    after the next start."""
-    parent.timeout = min(parent.timeout, 5.0)  # the shutdown must not wait long for a report
-    try:
-        report_results(parent, store, child_id)
-    except (PeerUnavailable, Refused, common.DatabaseUnavailable) as e:
-        if not quiet:
-            log.warning("Results not reported before stopping (%s); they will be after the "
-                        "next start", e)
-
-
-def main(argv=None):
-    return common.role_main(run, "Run a child validator.", is_parent=False, argv=argv)
+def pgqueuer_version():
+    import pgqueuer
+    return pgqueuer.__version__
 
 
 if __name__ == "__main__":

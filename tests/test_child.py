@@ -325,13 +325,13 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     full = {**child.UNSENT_TEXT, **job}  # text fields the sender left out are stored as ""
     assert store.add_jobs([job]) == [full]
     assert store.add_jobs([job]) == []
-    assert store.holdings() == (1, [4])
-    assert store.start(4, 1) == (full, 1)
-    store.finish(4, True, "{}")
-    assert store.add_jobs([job]) == [] and store.holds(4)
-    assert store.holdings() == (2, [4])  # finished, not reported: no slot, still held
-    store.mark_reported([4])
-    assert not store.holds(4) and store.holdings() == (2, [])
+    assert store.incoming.holdings() == (1, [4])
+    assert store.runs.start(4, 1) == (full, 1)
+    store.runs.finish(4, True, "{}")
+    assert store.add_jobs([job]) == [] and store.incoming.holds(4)
+    assert store.incoming.holdings() == (2, [4])  # finished, not reported: no slot, still held
+    store.outgoing.mark_reported([4])
+    assert not store.incoming.holds(4) and store.incoming.holdings() == (2, [])
     # One batch: the job sent again, a new one, and a copy of that new one.
     other = {"jobId": 5, "hfRepoId": "org/n"}
     assert [j["jobId"] for j in store.add_jobs([job, other, other])] == [4, 5]
@@ -341,8 +341,8 @@ def test_a_job_sent_again_after_it_was_reported_runs_again(make_dsn):
     queued = store.db.query("select payload from pgqueuer where status = 'queued' order by id")
     assert [bytes(r["payload"]) for r in queued] == [b"4/1", b"4/2", b"5/1"]
     # The entry of the first delivery, handed out again (say after a crash), runs nothing.
-    assert store.start(4, 1) is None
-    assert store.start(4, 2) == (full, 1)
+    assert store.runs.start(4, 1) is None
+    assert store.runs.start(4, 2) == (full, 1)
     store.db.close()
 
 
@@ -356,10 +356,10 @@ def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
 
     def run_job(key):
         job_id, delivery = child.parse_queue_key(key)
-        started = store.start(job_id, delivery)
+        started = store.runs.start(job_id, delivery)
         if started and runs.empty():
-            store.finish(job_id, False, "{}")
-            store.mark_reported([job_id])
+            store.runs.finish(job_id, False, "{}")
+            store.outgoing.mark_reported([job_id])
             store.add_jobs([job])  # its entry is still picked: this one is handling it
         runs.put(started is not None)
 
@@ -372,7 +372,7 @@ def test_a_job_sent_again_while_its_first_run_is_finishing_runs_again(make_dsn):
     finally:
         worker.stop_taking()
         assert worker.wait(30)
-    assert store.holdings() == (1, [4])
+    assert store.incoming.holdings() == (1, [4])
     store.db.close()
 
 
@@ -388,12 +388,12 @@ def test_a_freed_slot_takes_the_next_queued_job_at_once(make_dsn, monkeypatch):
 
     def run_job(key):
         job_id, delivery = child.parse_queue_key(key)
-        if store.start(job_id, delivery):
+        if store.runs.start(job_id, delivery):
             if job_id == 2:
                 third_ran.wait(30)
             elif job_id == 3:
                 third_ran.set()
-            store.finish(job_id, True, "{}")
+            store.runs.finish(job_id, True, "{}")
             ran.put(job_id)
 
     store.add_jobs([{"jobId": n, "hfRepoId": f"org/{n}"} for n in (1, 2, 3)])
@@ -425,8 +425,8 @@ def test_an_idle_worker_sleeps_and_its_queue_session_does_not_wait_for_the_disk(
 
     def run_job(key):
         job_id, delivery = child.parse_queue_key(key)
-        if store.start(job_id, delivery):
-            store.finish(job_id, True, "{}")
+        if store.runs.start(job_id, delivery):
+            store.runs.finish(job_id, True, "{}")
             ran.put(job_id)
 
     worker = child.Worker(dsn, 2, 30.0, run_job)
@@ -486,11 +486,11 @@ def test_calls_made_while_a_transaction_runs_share_the_next_one(make_dsn):
 def test_of_two_entries_of_one_job_started_together_only_the_current_one_runs(make_dsn):
     store = child.ChildStore(make_dsn(), 2)
     store.add_jobs([{"jobId": 4}])
-    store.finish(4, True, "{}")
-    store.mark_reported([4])
+    store.runs.finish(4, True, "{}")
+    store.outgoing.mark_reported([4])
     store.add_jobs([{"jobId": 4}])  # sent again: delivery 2
     with store.db.transaction() as conn:
-        stale, current = store._start_many(conn, [(4, 1, 1), (4, 2, 1)])
+        stale, current = store.runs._start_many(conn, [(4, 1, 1), (4, 2, 1)])
     assert stale is None and (current["job_id"], current["attempts"]) == (4, 1)
     store.db.close()
 
@@ -501,7 +501,7 @@ def test_an_entry_queued_before_deliveries_were_counted_runs_its_job(make_dsn):
     store.add_jobs([{"jobId": 7}, {"jobId": 8}])
     assert child.parse_queue_key("7") == (7, None)
     with store.db.transaction() as conn:  # both legacy: the delivery array holds only nulls
-        started = store._start_many(conn, [(7, None, 1), (8, None, 1)])
+        started = store.runs._start_many(conn, [(7, None, 1), (8, None, 1)])
     assert [(row["job_id"], row["attempts"]) for row in started] == [(7, 1), (8, 1)]
     store.db.close()
 
@@ -510,7 +510,7 @@ def test_unfinished_jobs_missing_from_the_queue_are_queued_again_at_start(make_d
     dsn = make_dsn()
     store = child.ChildStore(dsn, 3)
     store.add_jobs([{"jobId": n} for n in (1, 2, 3)])
-    store.finish(3, True, "{}")
+    store.runs.finish(3, True, "{}")
     # pgqueuer drops the entry of a run that raised an error we did not foresee.
     store.db.query("delete from pgqueuer where payload in ('1/1', '3/1')")
     store.db.close()
@@ -525,16 +525,16 @@ def test_a_start_cut_short_by_a_database_outage_is_not_counted(make_dsn, pg_admi
     database outage is no such thing."""
     store = child.ChildStore(make_dsn(), 1)
     store.add_jobs([{"jobId": 9}])
-    assert store.start(9, 1)[1] == 1
+    assert store.runs.start(9, 1)[1] == 1
     pid = store.db.query("select pg_backend_pid() as pid")[0]["pid"]
     with common.connect(pg_admin_dsn) as admin:
         admin.execute("select pg_terminate_backend(%s)", (pid,))
         wait_until(lambda: not admin.execute("select 1 from pg_stat_activity where pid = %s",
                                              (pid,)).fetchone(), 10, "the backend to end")
     with pytest.raises(common.DatabaseUnavailable):
-        store.finish(9, True, "{}")
-    assert store.start(9, 1)[1] == 1  # the same count: the start was not the job's fault
-    assert store.start(9, 1)[1] == 2  # a start that ended otherwise counts
+        store.runs.finish(9, True, "{}")
+    assert store.runs.start(9, 1)[1] == 1  # the same count: the start was not the job's fault
+    assert store.runs.start(9, 1)[1] == 2  # a start that ended otherwise counts
     store.db.close()
 
 
@@ -655,13 +655,13 @@ def test_results_are_reported_in_batches_cut_by_bytes_and_an_oversized_one_fails
     store = child.ChildStore(dsn, 10)
     store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in range(1, 6)])
     for n, size in zip(range(1, 6), (300, 300, 300, 50, 2000)):
-        store.start(n, 1)
-        store.finish(n, True, json.dumps({"pad": "x" * (size - 11)}))
+        store.runs.start(n, 1)
+        store.runs.finish(n, True, json.dumps({"pad": "x" * (size - 11)}))
     monkeypatch.setattr(common, "RESULTS_BUDGET", 2 * (300 + child.RESULT_OVERHEAD))
     rows, more, _, _ = store.poll_state()
     assert [r["job_id"] for r in rows] == [1, 2] and more  # by bytes, not by count
-    store.mark_reported([1, 2])
-    assert [r["job_id"] for r in store.unreported()] == [3, 4]
+    store.outgoing.mark_reported([1, 2])
+    assert [r["job_id"] for r in store.outgoing.unreported()] == [3, 4]
     store.db.close()
     # A result over max_result_bytes (stored under an earlier config) fails at the next start,
     # instead of being refused by the parent at every try.
@@ -669,5 +669,5 @@ def test_results_are_reported_in_batches_cut_by_bytes_and_an_oversized_one_fails
     [row] = store.db.query("select status, result from child_jobs where job_id = 5")
     assert (row["status"], json.loads(row["result"])) == (
         "failed", {"error": "result of 2000 bytes is over max_result_bytes (1000)"})
-    assert [r["job_id"] for r in store.unreported()] == [3, 4, 5]  # its failure fits
+    assert [r["job_id"] for r in store.outgoing.unreported()] == [3, 4, 5]  # its failure fits
     store.db.close()

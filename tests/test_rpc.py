@@ -127,18 +127,18 @@ def test_a_child_polls_again_at_once_only_when_its_next_poll_is_held(parent, mak
     register(parent.client, "c1")
     store = child.ChildStore(make_dsn(), 4)
     assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # idle: held, answered with jobs
-    assert store.holdings() == (1, [1, 2, 3])
+    assert store.incoming.holdings() == (1, [1, 2, 3])
     for job_id in (1, 2, 3):
-        store.start(job_id)
-        store.finish(job_id, True, "{}")
+        store.runs.start(job_id)
+        store.runs.finish(job_id, True, "{}")
     assert child.poll(parent.client, store, "c1", 0.5) == 0.0  # the last results, taken
-    assert store.unreported() == []
+    assert store.outgoing.unreported() == []
     assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # held; no job came
     store.add_jobs([{"jobId": 999}])
-    store.start(999)
-    store.finish(999, True, "{}")
+    store.runs.start(999)
+    store.runs.finish(999, True, "{}")
     assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # unknown job 999: refused
-    assert [row["job_id"] for row in store.unreported()] == [999]
+    assert [row["job_id"] for row in store.outgoing.unreported()] == [999]
     store.db.close()
 
 
@@ -234,15 +234,15 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
         store = child.ChildStore(make_dsn(), 4)
         store.add_jobs([{"jobId": n, "hfRepoId": "org/m"} for n in (7, 8)])
         for n in (7, 8):
-            store.start(n)
-            store.finish(n, True, f'{{"score": {n}}}')
+            store.runs.start(n)
+            store.runs.finish(n, True, f'{{"score": {n}}}')
         client = RpcClient(rpc, "127.0.0.1", older_parent.port)
         # Reported apart, and one not taken: the next poll is due after the interval.
         assert child.poll(client, store, "c1", interval=2.0) == 2.0
         assert [older_parent.stdout.readline() for _ in range(3)] == [
             "requestJobs 4\n", '7 {"score": 7}\n', '8 {"score": 8}\n']
         # 7 is reported; 8 was not taken, and is kept; 9 came with the poll.
-        assert store.holdings() == (3, [8, 9])
+        assert store.incoming.holdings() == (3, [8, 9])
         store.db.close()
         # The client remembers the answer for this connection: the next round asks no more
         # (with the peer gone, asking would fail with PeerUnavailable).
