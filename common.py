@@ -1,6 +1,16 @@
-"""What the parent and child validators share, besides the transport (rpc.py): configuration,
-logging and metrics, the database connection, hotkey signatures and TLS, the errors a call is
-refused with, and a role's command line (role_main).
+"""What the parent and child validators share, besides the transport (rpc.py).
+
+Its parts, in order:
+- Configuration: the message-size bounds; CONFIG_KEYS, each key's type, default and check (the
+  table docs/configuration.md is tested against); load_config, which refuses a mistake with one
+  ConfigError naming the file and the key; the role's command-line flags that override it.
+- Logging (text or JSON lines) and Prometheus metrics.
+- Database: connect (DatabaseUnavailable, worded for the operator), the embedded PostgreSQL,
+  Database (one shared connection, schema steps applied once), Outage (log, back off, retry).
+- Hotkeys and TLS: Identity signs, Verifier checks signatures, times and nonces; tls_contexts.
+- What a call is refused with (Refused, Standby), and split_endpoint.
+- A role's process: stop_on_signals, and role_main, which turns an error the operator can fix
+  into one line on stderr and exit code 2.
 
 Everything here is synchronous.
 """
