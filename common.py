@@ -1,6 +1,16 @@
-"""What the parent and child validators share, besides the transport (rpc.py): configuration,
-logging and metrics, the database connection, hotkey signatures and TLS, the errors a call is
-refused with, and a role's command line (role_main).
+"""What the parent and child validators share, besides the transport (rpc.py).
+
+Its parts, in order:
+- Configuration: the message-size bounds; CONFIG_KEYS, each key's type, default and check (the
+  table docs/configuration.md is tested against); load_config, which refuses a mistake with one
+  ConfigError naming the file and the key; the role's command-line flags that override it.
+- Logging (text or JSON lines) and Prometheus metrics.
+- Database: connect (DatabaseUnavailable, worded for the operator), the embedded PostgreSQL,
+  Database (one shared connection, schema steps applied once), Outage (log, back off, retry).
+- Hotkeys and TLS: Identity signs, Verifier checks signatures, times and nonces; tls_contexts.
+- What a call is refused with (Refused, Standby), and split_endpoint.
+- A role's process: stop_on_signals, and role_main, which turns an error the operator can fix
+  into one line on stderr and exit code 2.
 
 Everything here is synchronous.
 """
@@ -52,22 +62,40 @@ RESULTS_BUDGET = MAX_MESSAGE_BYTES // 2
 MAX_RESULT_BYTES = MAX_MESSAGE_BYTES // 4
 MAX_HELD_JOBS = 10_000
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REQUIRED = object()
-# key -> (type, default). A nested dict is a [table] of the TOML file. Every key is documented,
-# with its default, in docs/configuration.md (tests/test_docs.py checks both); a key not listed
-# here is refused so that a typo never passes silently.
+
+
+def one_of(*values):
+    return lambda value: value in values, "must be " + " or ".join(f'"{v}"' for v in values)
+
+
+def between(low, high, more=""):
+    return lambda value: low <= value <= high, f"must be between {low} and {high}{more}"
+
+
+PORT = (lambda value: 0 < value < 65536, "must be a TCP port (1-65535)")
+AT_LEAST_1 = (lambda value: value >= 1, "must be at least 1")
+MORE_THAN_0 = (lambda value: value > 0, "must be more than 0")
+
+# key -> (type, default) or (type, default, (test, what the value must be)). A nested dict is a
+# [table] of the TOML file. Every key is documented, with its default, in docs/configuration.md
+# (tests/test_docs.py checks both); a key not listed here is refused so that a typo never
+# passes silently. The checks of more than one key, or of a child's only, are in load_config.
 CONFIG_KEYS = {
     "version": (str, "0.0.1"),
-    "log_level": (str, "INFO"),
-    "log_format": (str, "text"),
-    "metrics_port": (int, 0),
+    "log_level": (str, "INFO", (lambda value: value.upper() in LOG_LEVELS,
+                                f"must be one of {', '.join(LOG_LEVELS)}")),
+    "log_format": (str, "text", one_of("text", "json")),
+    "metrics_port": (int, 0, (lambda value: 0 <= value < 65536,
+                              "must be a TCP port, or 0 for none")),
     "wallet_path": (str, "~/.bittensor/wallets"),
     "wallet_name": (str, "default"),
     "hotkey_name": (str, "default"),
     "pg_database": (str, REQUIRED),
     "data_dir": (str, ""),
     "wait_for_db": (bool, False),
-    "auth": (str, "on"),
+    "auth": (str, "on", one_of("on", "off")),
     "auth_window_seconds": (float, 60.0),
     "allowed_child_hotkeys": (list, []),
     "parent_hotkey": (str, ""),
@@ -76,24 +104,25 @@ CONFIG_KEYS = {
     "tls_ca": (str, ""),
     "is_parent_validator": (bool, False),
     "listen_host": (str, "0.0.0.0"),
-    "rpc_idle_timeout_seconds": (float, 120.0),
-    "rpc_max_connections": (int, 256),
-    "rpc_register_timeout_seconds": (float, 5.0),
-    "rpc_max_unregistered": (int, 64),
-    "rpc_max_unregistered_per_address": (int, 8),
-    "rpc_unregistered_max_message_bytes": (int, 64 << 10),
-    "max_result_bytes": (int, 1 << 20),
+    "rpc_idle_timeout_seconds": (float, 120.0, MORE_THAN_0),
+    "rpc_max_connections": (int, 256, AT_LEAST_1),
+    "rpc_register_timeout_seconds": (float, 5.0, MORE_THAN_0),
+    "rpc_max_unregistered": (int, 64, AT_LEAST_1),
+    "rpc_max_unregistered_per_address": (int, 8, AT_LEAST_1),
+    "rpc_unregistered_max_message_bytes": (int, 64 << 10, between(1024, MAX_MESSAGE_BYTES)),
+    "max_result_bytes": (int, 1 << 20, between(1, MAX_RESULT_BYTES,
+                                               " (16 MiB): a result must fit in one message")),
     "parent_host": (str, "localhost"),
-    "parent_port": (int, 8001),
+    "parent_port": (int, 8001, PORT),
     "parent_hosts": (list, []),
-    "leader_timeout_seconds": (float, 10.0),
+    "leader_timeout_seconds": (float, 10.0, (lambda value: value >= 2, "must be at least 2")),
     "child_timeout_seconds": (float, 300.0),
     "job_timeout_seconds": (float, 7200.0),
     "max_jobs_per_child": (int, 16),
     "push_jobs": (bool, False),
     "validator_id": (str, ""),
     "child_host": (str, "localhost"),
-    "child_port": (int, 8002),
+    "child_port": (int, 8002, PORT),
     "poll_interval": (float, 2.0),
     "max_concurrent_jobs": (int, 2),
     "prefetch_jobs": (int, 0),
@@ -119,14 +148,16 @@ CONFIG_KEYS = {
     "jobs": {
         "env_provider": (str, "demo"),
         "env_name": (str, "demo-env"),
-        "max_retries": (int, 3),
+        "max_retries": (int, 3, between(0, 255)),
     },
     "weights": {
         "enabled": (bool, False),
         "score_key": (str, "score"),
-        "aggregation": (str, "latest"),
-        "ema_alpha": (float, 0.1),
-        "every_blocks": (int, 0),
+        "aggregation": (str, "latest", one_of("latest", "ema")),
+        "ema_alpha": (float, 0.1, (lambda value: 0 < value <= 1,
+                                   "must be above 0 and at most 1")),
+        "every_blocks": (int, 0, (lambda value: value >= 0,
+                                  "must be 0 (the subnet's tempo) or more")),
     },
     "evaluator": {
         "command": (list, []),
@@ -134,46 +165,48 @@ CONFIG_KEYS = {
         "demo_seconds": (float, 1.0),
     },
 }
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "a list of strings"}
 
 
 class ConfigError(Exception):
     """A configuration problem, worded for the operator: it names the file and the key."""
 
 
-def _check_value(source, key, kind, value):
+def _check_value(source, key, rule, value):
+    """The value of `key` if it has the rule's type (a float takes an int; an int is not a
+    bool) and passes its test."""
+    kind, _, *test = rule
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        expected = "a list of strings"
-    else:
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+        ok = ok and all(isinstance(v, str) for v in value)
     if not ok:
-        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' must be {EXPECTED[kind]}, got {value!r}")
+    for passes, must in test:
+        if not passes(value):
+            raise ConfigError(f"{source}: key '{key}' {must}")
     return value
 
 
 def _read_table(source, spec, table, prefix=""):
+    """The keys of `spec` from a TOML table, checked, defaults filled in, as attributes."""
     unknown = sorted(set(table) - set(spec))
     if unknown:
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
-    result = {}
+    result = types.SimpleNamespace()
     for key, rule in spec.items():
+        value = table.get(key, {} if isinstance(rule, dict) else rule[1])
+        if isinstance(rule, dict) and not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{prefix}{key}' must be a table [{prefix}{key}]")
         if isinstance(rule, dict):
-            sub = table.get(key, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{source}: key '{prefix}{key}' must be a table [{prefix}{key}]")
-            result[key] = types.SimpleNamespace(**_read_table(source, rule, sub, f"{prefix}{key}."))
-            continue
-        kind, default = rule
-        if key in table:
-            result[key] = _check_value(source, prefix + key, kind, table[key])
-        elif default is REQUIRED:
+            value = _read_table(source, rule, value, f"{prefix}{key}.")
+        elif value is REQUIRED:
             raise ConfigError(f"{source}: missing required key '{prefix}{key}'")
-        else:
-            result[key] = list(default) if isinstance(default, list) else default
+        elif key in table:
+            value = _check_value(source, prefix + key, rule, value)
+        setattr(result, key, list(value) if isinstance(value, list) else value)
     return result
 
 
@@ -192,28 +225,16 @@ def load_config(path, overrides=None):
         for name in tables:
             target = target.setdefault(name, {})
         target[key] = value
-    cfg = types.SimpleNamespace(**_read_table(path, CONFIG_KEYS, table))
+    cfg = _read_table(path, CONFIG_KEYS, table)
     cfg.config_path = str(path)
-    if cfg.log_level.upper() not in LOG_LEVELS:
-        raise ConfigError(f"{path}: key 'log_level' must be one of {', '.join(LOG_LEVELS)}")
-    for key in ("parent_port", "child_port"):
-        if not 0 < getattr(cfg, key) < 65536:
-            raise ConfigError(f"{path}: key '{key}' must be a TCP port (1-65535)")
     if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_ca and not cfg.tls_cert):
         raise ConfigError(f"{path}: keys 'tls_cert' and 'tls_key' go together, and 'tls_ca' "
                           "needs them")
-    if not 1 <= cfg.max_result_bytes <= MAX_RESULT_BYTES:
-        raise ConfigError(f"{path}: key 'max_result_bytes' must be between 1 and "
-                          f"{MAX_RESULT_BYTES} (16 MiB): a result must fit in one message")
     for endpoint in cfg.parent_hosts:
         try:
             split_endpoint(endpoint)
         except ValueError as e:
             raise ConfigError(f"{path}: key 'parent_hosts': {e}") from None
-    if cfg.leader_timeout_seconds < 2:
-        raise ConfigError(f"{path}: key 'leader_timeout_seconds' must be at least 2")
-    if not 0 <= cfg.jobs.max_retries <= 255:
-        raise ConfigError(f"{path}: key 'jobs.max_retries' must be between 0 and 255")
     if not cfg.is_parent_validator:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.validator_id):
             raise ConfigError(f"{path}: key 'validator_id' is required for a child validator "
@@ -223,28 +244,6 @@ def load_config(path, overrides=None):
         if cfg.auth == "on" and not cfg.parent_hotkey:
             raise ConfigError(f"{path}: key 'parent_hotkey' (the parent's ss58 hotkey) is "
                               'required for a child validator unless auth = "off"')
-    if cfg.log_format not in ("text", "json"):
-        raise ConfigError(f"{path}: key 'log_format' must be \"text\" or \"json\"")
-    if not 0 <= cfg.metrics_port < 65536:
-        raise ConfigError(f"{path}: key 'metrics_port' must be a TCP port, or 0 for none")
-    if cfg.auth not in ("on", "off"):
-        raise ConfigError(f"{path}: key 'auth' must be \"on\" or \"off\"")
-    if cfg.weights.aggregation not in ("latest", "ema"):
-        raise ConfigError(f"{path}: key 'weights.aggregation' must be \"latest\" or \"ema\"")
-    if not 0 < cfg.weights.ema_alpha <= 1:
-        raise ConfigError(f"{path}: key 'weights.ema_alpha' must be above 0 and at most 1")
-    if cfg.weights.every_blocks < 0:
-        raise ConfigError(f"{path}: key 'weights.every_blocks' must be 0 (the subnet's tempo) "
-                          "or more")
-    for key in ("rpc_max_connections", "rpc_max_unregistered", "rpc_max_unregistered_per_address"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{path}: key '{key}' must be at least 1")
-    if not 1024 <= cfg.rpc_unregistered_max_message_bytes <= MAX_MESSAGE_BYTES:
-        raise ConfigError(f"{path}: key 'rpc_unregistered_max_message_bytes' must be between "
-                          f"1024 and {MAX_MESSAGE_BYTES}")
-    for key in ("rpc_register_timeout_seconds", "rpc_idle_timeout_seconds"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{path}: key '{key}' must be more than 0")
     return cfg
 
 

@@ -5,7 +5,8 @@ Its parts, in order:
 - SCHEMA, validator.capnp loaded once; the RPC metrics.
 - PeerUnavailable and Unimplemented, what a call to the other validator can fail with.
 - RpcThread: the one thread that owns the asyncio loop and pycapnp's KJ loop. run() takes a
-  coroutine from any thread and returns its value; serve() listens; stop() releases everything.
+  coroutine from any thread and returns its value; serve() listens (an address it cannot take
+  is a ConfigError naming the key: listen_error); stop() releases everything.
 - Connections: the open connections of one server and their limits (rpc_* keys): how many,
   how long idle, how large a message before the connection is registered.
 - FrameGuard: reads each message's frame header before pycapnp does, and drops a connection
@@ -28,9 +29,11 @@ Invariants, each of which aborts the whole process when broken (field notes):
 
 import asyncio
 import collections
+import errno
 import gc
 import ipaddress
 import json
+import os
 import re
 import struct
 import threading
@@ -40,7 +43,8 @@ import types
 import capnp
 import prometheus_client
 
-from common import CONFIG_KEYS, HERE, MAX_MESSAGE_BYTES, DatabaseUnavailable, Refused, log
+from common import (CONFIG_KEYS, HERE, MAX_MESSAGE_BYTES, ConfigError, DatabaseUnavailable,
+                    Refused, log)
 
 # Loaded once, here only: loading the same schema id twice aborts the process.
 SCHEMA = capnp.load(str(HERE / "validator.capnp"))
@@ -138,7 +142,12 @@ class RpcThread:
                 accept, host, port, ssl=tls,
                 ssl_handshake_timeout=limits.rpc_register_timeout_seconds if tls else None)
 
-        server = self.run(start(), timeout=10)
+        try:
+            server = self.run(start(), timeout=10)
+        except OSError as e:
+            if not hasattr(limits, "config_path"):
+                raise
+            raise listen_error(host, port, limits, e) from None
         self.servers.append(server)
         return server.sockets[0].getsockname()[1]
 
@@ -146,6 +155,17 @@ class RpcThread:
         if self.loop and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._stopped.set)
             self.thread.join(timeout=5)
+
+
+def listen_error(host, port, cfg, error):
+    """The one line an operator reads when a validator cannot listen (a ConfigError, which
+    common.role_main prints): the address, why, and the key of cfg to change."""
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    key = "listen_host" if error.errno == errno.EADDRNOTAVAIL else (
+        "parent_port" if cfg.is_parent_validator else "child_port")
+    hint = ", or stop the process that holds the port" if error.errno == errno.EADDRINUSE else ""
+    return ConfigError(f"{cfg.config_path}: cannot listen on {host}:{port}: {reason}; change "
+                       f"key '{key}'{hint}")
 
 
 RPC_CONNECTIONS_CLOSED = prometheus_client.Counter(

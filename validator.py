@@ -4,6 +4,7 @@
     python -m validator --config FILE       the same, the seed design's way
     python validator.py demo                a parent, two children and a simulated chain, locally
     python validator.py status --parent-host H --parent-port P [--json]
+    python validator.py status --config FILE    the parent(s) the file names, and a child itself
     python validator.py status --parents H:P H:P ...   each parent's role, then the statistics
     python validator.py jobs [--status S] [--json] | requeue JOB_ID [--priority P] | cancel JOB_ID
                                             (each with --config, default validator_parent.toml)
@@ -12,6 +13,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -66,6 +68,22 @@ def format_role(endpoint, stats):
     return f"parent {endpoint}: standby; the active parent is {stats['active_parent'] or 'unknown'}"
 
 
+def format_child(validator_id, endpoint, counts):
+    """One line: a child's queue counts, from its statistics."""
+    return f"child {validator_id} {endpoint}: " + ", ".join(f"{n} {state}"
+                                                          for state, n in counts.items())
+
+
+def config_endpoints(cfg):
+    """(the parents a config names, the child's own endpoint or None): a parent's file names
+    itself, parent_host:parent_port (parent_host being the name children and TLS know it by); a
+    child's, its parent_hosts, else parent_host:parent_port, and child_host:child_port."""
+    if cfg.is_parent_validator:
+        return [f"{cfg.parent_host}:{cfg.parent_port}"], None
+    parents = cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
+    return parents, f"{cfg.child_host}:{cfg.child_port}"
+
+
 def format_stats(stats):
     by_priority = ", ".join(f"{n} at priority {p}" for p, n in stats["pending_by_priority"].items())
     oldest = stats["oldest_pending_age"]
@@ -88,45 +106,65 @@ def format_stats(stats):
 def status(argv):
     p = argparse.ArgumentParser(prog="validator.py status",
                                 description="Print a running parent validator's statistics.")
-    p.add_argument("--parent-host", default="localhost")
-    p.add_argument("--parent-port", type=int, default=8001)
+    p.add_argument("--parent-host", help="default: the config's, else localhost")
+    p.add_argument("--parent-port", type=int, help="default: the config's, else 8001")
     p.add_argument("--parents", nargs="+", metavar="HOST:PORT",
                    help="several parents (Running two parents): each one's role is printed")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.add_argument("--config", help="a config whose TLS keys to use (tls_cert, tls_key, tls_ca)")
+    p.add_argument("--config", help="a validator's config: the parents it names (a child's "
+                   "also itself, child_port), and its TLS keys (tls_cert, tls_key, tls_ca)")
     args = p.parse_args(argv)
-    endpoints = args.parents or [f"{args.parent_host}:{args.parent_port}"]
     try:
-        tls = common.tls_contexts(common.load_config(args.config))[1] if args.config else None
-        addresses = [common.split_endpoint(endpoint) for endpoint in endpoints]
+        cfg = common.load_config(args.config) if args.config else None
+        tls = common.tls_contexts(cfg)[1] if cfg else None
+        parents, own = config_endpoints(cfg) if cfg else (["localhost:8001"], None)
+        if args.parents:
+            parents = args.parents
+        elif args.parent_host is not None or args.parent_port is not None:
+            host, port = common.split_endpoint(parents[0])
+            parents = [f"{args.parent_host or host}:{args.parent_port or port}"]
+        addresses = [common.split_endpoint(endpoint) for endpoint in parents]
     except (common.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     found = {}
-    for endpoint, (host, port) in zip(endpoints, addresses):
+    for endpoint, (host, port) in zip(parents, addresses):
         try:
             found[endpoint] = fetch_stats(host, port, tls)
         except PeerUnavailable as e:
             print(f"error: parent validator unreachable: {e}", file=sys.stderr)
-    if not found:
+    child = None
+    if own:
+        try:
+            child = fetch_stats(*common.split_endpoint(own), tls)
+        except PeerUnavailable as e:
+            print(f"error: child validator unreachable: {e}", file=sys.stderr)
+    if not found and child is None:
         return 1
     if args.json:
-        print(json.dumps(found if args.parents else found[endpoints[0]], indent=2))
-        return 0
-    for endpoint, stats in found.items():
-        print(format_role(endpoint, stats))
-    # Every parent reads the same database: any one's statistics are everyone's.
-    print(format_stats(next(iter(found.values()))))
-    return 0
+        keyed = args.parents or own or len(parents) > 1  # else the one parent's, as the seed's
+        print(json.dumps({**found, **({own: child} if child is not None else {})} if keyed
+                         else found[parents[0]], indent=2))
+    else:
+        for endpoint, stats in found.items():
+            print(format_role(endpoint, stats))
+        if found:  # every parent reads the same database: any one's statistics are everyone's
+            print(format_stats(next(iter(found.values()))))
+        if child is not None:
+            print(format_child(cfg.validator_id, own, child))
+    return 0 if found and (own is None or child is not None) else 1
 
 
 # ---------------------------------------------------------------------------------------------
 # jobs, requeue, cancel: an operator's view of the parent's queue, through its database
 # ---------------------------------------------------------------------------------------------
 
-def parent_database(config):
+def parent_config(path):
+    return common.load_config(path, {"is_parent_validator": True})
+
+
+def parent_database(cfg):
     import parent
-    cfg = common.load_config(config, {"is_parent_validator": True})
     return common.Database(common.database_dsn(cfg, threading.Event()), parent.SCHEMA)
 
 
@@ -154,14 +192,15 @@ def operator_command(argv):
     if args.command != "jobs" and args.job_id is None:
         p.error(f"{args.command} needs a JOB_ID")
     try:
-        db = parent_database(args.config)
-        if args.command == "jobs":
-            rows = parent.list_jobs(db, args.status)
-            print(json.dumps(rows, indent=1, default=float) if args.json else format_jobs(rows))
-        elif args.command == "requeue":
-            print(parent.requeue_job(db, args.job_id, args.priority))
-        else:
-            print(parent.cancel_job(db, args.job_id))
+        with contextlib.closing(parent_database(parent_config(args.config))) as db:
+            if args.command == "jobs":
+                rows = parent.list_jobs(db, args.status)
+                print(json.dumps(rows, indent=1, default=float) if args.json
+                      else format_jobs(rows))
+            elif args.command == "requeue":
+                print(parent.requeue_job(db, args.job_id, args.priority))
+            else:
+                print(parent.cancel_job(db, args.job_id))
     except (common.ConfigError, common.DatabaseUnavailable, common.Refused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -198,13 +237,10 @@ def weights(argv):
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     try:
-        cfg = common.load_config(args.config, {"is_parent_validator": True})
-        db = parent_database(args.config)
-        chain = chains.open_chain(cfg)
-        try:
+        cfg = parent_config(args.config)
+        with contextlib.closing(parent_database(cfg)) as db, \
+                contextlib.closing(chains.open_chain(cfg)) as chain:
             report = chains.weights_report(cfg, db, chain)
-        finally:
-            chain.close()
     except (common.ConfigError, common.DatabaseUnavailable, chains.ChainUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
