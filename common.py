@@ -18,6 +18,7 @@ Everything here is synchronous.
 import argparse
 import contextlib
 import faulthandler
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,7 @@ CONFIG_KEYS = {
     "wait_for_db": (bool, False),
     "auth": (str, "on", one_of("on", "off")),
     "auth_window_seconds": (float, 60.0),
+    "auth_max_clock_skew_seconds": (float, 10.0),
     "allowed_child_hotkeys": (list, []),
     "parent_hotkey": (str, ""),
     "tls_cert": (str, ""),
@@ -506,6 +508,40 @@ def signed_message(*fields):
     return json.dumps(list(fields), separators=(",", ":")).encode()
 
 
+# What each signed message covers (docs/security.md, "What is signed"). The first field names
+# the kind of message, so that a signature of one kind is never valid as another.
+JOB_FIELDS = {  # every field of an EvaluationJobData the child acts on, with its unsent value
+    "jobId": 0, "attempt": 0, "submissionId": 0, "minerHotkey": "", "hfRepoId": "",
+    "hfRepoCommit": "", "envProvider": "", "envName": "", "logsPath": "", "randomSeed": 0,
+    "maxRetries": 0, "retryCount": 0, "createdAt": 0}
+
+
+def job_fields(child_id, job):
+    """The parent's signature over a job it hands to child_id (pulled or pushed)."""
+    return ["job", child_id, *(job.get(name, unsent) for name, unsent in JOB_FIELDS.items())]
+
+
+def result_fields(child_id, job_id, attempt, success, result):
+    """The child's signature over its result of one attempt at a job."""
+    return ["result", child_id, job_id, attempt, bool(success),
+            hashlib.sha256(result.encode()).hexdigest()]
+
+
+def reply_fields(child_id, job_id, attempt, acknowledged, message):
+    """The parent's signature over its answer to one result."""
+    return ["reply", child_id, job_id, attempt, bool(acknowledged), message]
+
+
+def revocation_fields(child_id, job_id, attempt, reason):
+    """The parent's signature over taking back one attempt at a job from child_id."""
+    return ["revoke", child_id, job_id, attempt, reason]
+
+
+def registration_fields(child_id, endpoint, parent_hotkey, challenge):
+    """A child's registration, bound to the challenge the parent chose for this connection."""
+    return ["registerChild", child_id, endpoint, parent_hotkey, bytes(challenge).hex()]
+
+
 class Identity:
     """This validator's wallet hotkey (wallet_path, wallet_name, hotkey_name), which signs."""
 
@@ -525,42 +561,57 @@ class Identity:
         timestamp, nonce = int(time.time() * 1000), secrets.token_hex(16)
         return timestamp, nonce, self.keypair.sign(signed_message(*fields, timestamp, nonce))
 
+    def seal(self, fields):
+        """The signature over the fields alone: for what carries its own freshness (a job's
+        attempt, a result's attempt)."""
+        return self.keypair.sign(signed_message(*fields))
+
 
 class Verifier:
-    """Checks signed calls: the signature, a timestamp within `window` seconds of ours, and a
-    nonce not seen before (each is remembered past the window, so a replay is refused).
-    Refusals are counted, and logged at most once every ten seconds."""
+    """Checks signatures. A signed call (check) carries a timestamp that must be within
+    auth_window_seconds of ours, give or take auth_max_clock_skew_seconds, and a nonce never
+    used before: each is kept in the database (NonceLedger) past the window, so a replay is
+    refused after a restart too, and by every parent sharing that database. Refusals are
+    counted, and logged at most once every ten seconds."""
 
-    def __init__(self, window):
-        self.window, self.seen, self.lock = window, {}, threading.Lock()
+    def __init__(self, window, skew, nonces):
+        self.window, self.skew, self.nonces = window, skew, nonces
+        self.lock = threading.Lock()
         self.failures, self.last_log = 0, 0.0
 
     def check(self, hotkey, fields, timestamp, nonce, signature):
         """None if the call is good, else the reason (for our log, not for the caller)."""
-        from bittensor.sp_core import Keypair
-        if abs(time.time() * 1000 - timestamp) > self.window * 1000:
-            return f"timestamp {timestamp} is outside the {self.window:g}s window"
+        age = time.time() - timestamp / 1000
+        if not -self.skew <= age <= self.window + self.skew:
+            return (f"its time is {age:+.0f}s off this validator's clock, over the "
+                    f"{self.window:g}s window and {self.skew:g}s of clock skew allowed: check "
+                    "both clocks (NTP)")
         if not 8 <= len(nonce) <= 64:
             return "no nonce"
-        try:
-            good = Keypair(ss58_address=hotkey).verify(
-                signed_message(*fields, timestamp, nonce), bytes(signature))
-        except Exception:  # not an ss58 address, a signature of the wrong length...
-            good = False
-        if not good:
+        if not self.holds(hotkey, [*fields, timestamp, nonce], signature):
             return f"bad signature for hotkey {hotkey!r}"
-        with self.lock:
-            now = time.monotonic()
-            if len(self.seen) > 10000:
-                self.seen = {n: t for n, t in self.seen.items() if t > now}
-            if self.seen.get(nonce, 0) > now:
-                return "nonce already used (a replay)"
-            self.seen[nonce] = now + 2 * self.window
+        # Only a good signature spends a nonce: nobody else can fill the ledger.
+        if not self.nonces.first_use(nonce, self.window + 2 * self.skew):
+            return "nonce already used (a replay)"
         return None
+
+    @staticmethod
+    def holds(hotkey, fields, signature):
+        """True if `signature` is hotkey's over the fields."""
+        from bittensor.sp_core import Keypair
+        try:
+            return Keypair(ss58_address=hotkey).verify(signed_message(*fields), bytes(signature))
+        except Exception:  # not an ss58 address, a signature of the wrong length...
+            return False
 
     def refuse(self, what, reason, peer):
         """Count and log a refused call from `peer`, then raise the one answer an attacker
         gets."""
+        self.count(what, reason, peer)
+        raise Refused("not allowed")
+
+    def count(self, what, reason, peer):
+        """Count a refusal, and log it unless one was logged in the last ten seconds."""
         AUTH_FAILURES.inc()
         with self.lock:
             self.failures += 1
@@ -570,7 +621,35 @@ class Verifier:
         if log_it:
             log.warning("Refused %s from %s: %s (%d refused so far)", what, peer, reason,
                         self.failures)
-        raise Refused("not allowed")
+
+
+# The nonces of signed calls, one table per validator database (a step of each role's schema).
+NONCES_SCHEMA = """
+-- Nonces of signed calls already taken, kept past the window in which their signature is
+-- valid, so that a replay is refused after a restart too (common.NonceLedger).
+create table if not exists used_nonces (
+    nonce      text primary key,
+    expires_at timestamptz not null
+);
+create index if not exists used_nonces_expiry on used_nonces (expires_at);
+"""
+
+
+class NonceLedger:
+    """The nonces already used, in the validator's database: durable, and shared by the
+    parents of a pair. Only calls whose signature held come here, so its size is bounded by
+    what allowed hotkeys sign within a window."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def first_use(self, nonce, seconds):
+        """Record the nonce for `seconds`; False if it was used already (a replay)."""
+        rows = self.db.query(
+            """with expired as (delete from used_nonces where expires_at < now())
+               insert into used_nonces values (%s, now() + make_interval(secs => %s))
+               on conflict (nonce) do nothing returning 1""", (nonce, seconds))
+        return bool(rows)
 
 
 def tls_contexts(cfg):
@@ -596,14 +675,16 @@ def tls_contexts(cfg):
     return server, client
 
 
-def hotkey_auth(cfg, port):
-    """(identity, verifier) for this validator, or (None, None) with auth = "off"."""
+def hotkey_auth(cfg, port, db):
+    """(identity, verifier) for this validator, or (None, None) with auth = "off"; `db` keeps
+    the nonces the verifier has seen."""
     if cfg.auth == "off":
         log.warning('AUTH IS OFF (auth = "off"): anyone who reaches port %d can %s', port,
                     "register, take jobs and report results" if cfg.is_parent_validator
                     else "push jobs to this child")
         return None, None
-    return Identity(cfg), Verifier(cfg.auth_window_seconds)
+    return Identity(cfg), Verifier(cfg.auth_window_seconds, cfg.auth_max_clock_skew_seconds,
+                                   NonceLedger(db))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -358,6 +358,7 @@ REFUSALS = {
     "reportJobCompletion": ({"acknowledged": False}, "message"),
     "reportJobCompletions": ({"replies": []}, "error"),
     "receiveJob": ({"accepted": False}, "message"),
+    "challenge": ({}, "error"),
     "ping": ({}, "pong"),
     "getStats": ({}, "json"),
 }

@@ -17,6 +17,12 @@ struct EvaluationJobData {
   maxRetries @9 :UInt8;
   retryCount @10 :UInt8;
   createdAt @11 :UInt64;        # unix milliseconds
+  # Added: the parent's count of hand-overs of this job, this one included (1 = the first); a
+  # result and a revocation name the attempt they are about.
+  attempt @12 :UInt32;
+  # Added: the parent's hotkey signature over every field above and the child id
+  # (common.job_fields); a child with auth on runs only a job whose signature holds.
+  signature @13 :Data;
 }
 
 # Added: one result in a reportJobCompletions call, and the parent's answer to it.
@@ -24,23 +30,29 @@ struct JobResult {
   jobId @0 :UInt64;
   success @1 :Bool;
   result @2 :Text;
+  attempt @3 :UInt32;           # added: the attempt the child held (the job's `attempt`)
+  signature @4 :Data;           # added: the child's signature over it (common.result_fields)
 }
 
 struct ReportReply {
   acknowledged @0 :Bool;        # as in reportJobCompletion
   message @1 :Text;
+  signature @2 :Data;           # added: the parent's signature over it (common.reply_fields)
 }
 
 # Added: a job a child holds that is no longer its own, and why.
 struct Revocation {
   jobId @0 :UInt64;
   reason @1 :Text;              # e.g. "cancelled by the operator", "superseded by job 9"
+  attempt @2 :UInt32;           # added: the attempt taken back
+  signature @3 :Data;           # added: the parent's signature (common.revocation_fields)
 }
 
 interface ValidatorJobsService {
   # Child calls this to register with parent. Added: the child's hotkey (ss58), and its sr25519
-  # signature over [childId, endpoint, parent's hotkey, timestamp (unix ms), nonce]; the parent
-  # checks them unless its auth is "off". A registration binds the connection to the child.
+  # signature over [childId, endpoint, parent's hotkey, the connection's challenge (see
+  # challenge), timestamp (unix ms), nonce]; the parent checks them unless its auth is "off".
+  # A registration binds the connection to the child.
   registerChild @0 (childId :Text, endpoint :Text, hotkey :Text, timestamp :UInt64, nonce :Text,
                     signature :Data) -> (success :Bool, message :Text);
 
@@ -62,8 +74,11 @@ interface ValidatorJobsService {
 
   # Child calls this to report job completion. acknowledged = the parent has the outcome and the
   # child may stop resending it; `message` (added) says why a report was not recorded.
-  reportJobCompletion @2 (childId :Text, jobId :UInt64, success :Bool, result :Text)
-      -> (acknowledged :Bool, message :Text);
+  # Added: `attempt` and `signature`, as in JobResult; `signature` (added) of the answer, as in
+  # ReportReply.
+  reportJobCompletion @2 (childId :Text, jobId :UInt64, success :Bool, result :Text,
+                          attempt :UInt32, signature :Data)
+      -> (acknowledged :Bool, message :Text, signature :Data);
 
   # Parent calls this on child to send a job directly. Added: the parent's signature over
   # [child id, jobId, timestamp, nonce], which the child checks unless its auth is "off".
@@ -82,4 +97,9 @@ interface ValidatorJobsService {
   # reports one by one with reportJobCompletion.
   reportJobCompletions @6 (childId :Text, results :List(JobResult))
       -> (replies :List(ReportReply), error :Text);
+
+  # Added: a child calls this on a new connection before registerChild, and signs the challenge
+  # into its registration: a registration recorded anywhere else is worth nothing on this
+  # connection. `time` is the parent's clock (unix ms), for the child to check its own.
+  challenge @7 () -> (challenge :Data, time :UInt64, error :Text);
 }
