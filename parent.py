@@ -2,11 +2,15 @@
 evaluation job, keeps the queue of jobs in PostgreSQL, and hands jobs to child validators over
 Cap'n Proto RPC (validator.capnp).
 
-The protocol, as the parent serves it (a standby answers ping and getStats only):
+The protocol, as the parent serves it (a standby answers ping, getStats and challenge only).
+With auth on, everything that decides weights is signed: jobs, replies and revocations by the
+parent (common.job_fields, reply_fields, revocation_fields), results by the child.
+- challenge(): 32 random bytes for this connection, and the parent's clock.
 - registerChild(childId, endpoint, hotkey, signature...): a child says who it is and where it
   listens. An id that registers again keeps its counters and the jobs it holds; with auth on,
-  its hotkey must be in allowed_child_hotkeys and sign the call, and the connection then serves
-  that child only.
+  its hotkey must be in allowed_child_hotkeys and sign the call over this connection's
+  challenge (used once), the connection then serves that child only, and the id's earlier
+  connection is closed.
 - requestJobs(childId, maxJobs, heldJobs, results, waitMs): the child's poll, in one
   transaction: its results are recorded first; jobs assigned to it that it lacks (heldJobs) are
   sent again; then up to maxJobs new ones, within max_jobs_per_child (0 is a heartbeat). The
@@ -15,7 +19,8 @@ The protocol, as the parent serves it (a standby answers ping and getStats only)
   until a job arrives or the wait is over.
 - reportJobCompletion(s)(childId, results): results outside a poll. Only the child holding a job
   records its result; a repeated report is acknowledged again; one over max_result_bytes is
-  recorded as a failure that says so.
+  recorded as a failure that says so. With auth on, only a result signed by the hotkey that
+  registered the connection, over an attempt that child held, is recorded, with that proof.
 - receiveJob, which the parent calls on a child with push_jobs = true: a pending job sent straight
   to the child with the most free room; a refused one stays pending.
 - ping, and getStats: the statistics as JSON (the queue, the children, this parent's role).
@@ -29,7 +34,8 @@ The order of this file: the protocol first, then what a first reading can skip.
 - ParentService: the RPC service, one per connection, its methods named as in the schema.
 - ParentState: the one state behind every connection, and the protocol's side of it (register,
   poll, report, assign, withdraw); its parts are the pending queue, the leases, the chain
-  intake and the statistics. The messages it answers with.
+  intake and the statistics. Reports: results checked, recorded and answered. LiveChildren:
+  the one connection of each child id. The messages it answers with.
 - run(), stand_by(), lead(), main(): the main loop. It stands by until this parent is the active
   one of the parents that share the database, then reads the chain, looks after the leases and
   sets weights when due, until stopped or until the leadership is lost.
