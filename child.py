@@ -26,11 +26,12 @@ The child rides out outages of the parent and of its database, and stops in stag
 or SIGINT.
 
 The order of this file: the schema; ChildService, the RPC service; the protocol (register,
-Parents, poll, report_results); Seals, what the child signs and checks; ChildStore, the store's protocol side, composed of
-IncomingJobs, OutgoingResults and RunState, and the keys of pgqueuer's queue; run(), the main
-loop, and the shutdown. What a first reading can skip follows, one part per concern: running
-a job; the evaluator; process handling; bounded output; the Worker (pgqueuer's consumer);
-GroupCommit; crash recovery; and a patch of pgqueuer's internals.
+Parents, poll, report_results); Seals, what the child signs and checks; ChildStore, the
+store's protocol side, composed of IncomingJobs, OutgoingResults and RunState, and the keys of
+pgqueuer's queue; run(), the main loop, and the shutdown. What a first reading can skip
+follows, one part per concern: running a job; the evaluator; process handling; bounded output;
+the Worker (pgqueuer's consumer); GroupCommit; crash recovery; and a patch of pgqueuer's
+internals.
 
     python child.py --config validator_child.toml
 """
@@ -52,8 +53,8 @@ import threading
 import time
 from pathlib import Path
 
-import prometheus_client
 import capnp
+import prometheus_client
 import psycopg
 
 import common
@@ -103,8 +104,9 @@ UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProv
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 REPORT_BATCH = 100  # results per call at most; and at most common.RESULTS_BUDGET bytes of them
-# Bytes a result takes in a message besides its text: its struct, pointers and padding (64),
-# and its signature (64; the attempt fits in the struct's data words).
+# Bytes a result takes in a message besides its text: its struct in the list (32: jobId,
+# success and attempt, two pointers), its text's NUL and padding (up to 8), and its signature
+# (64); 104, rounded up.
 RESULT_OVERHEAD = 128
 MAX_WAIT = 5.0  # seconds an idle poll may wait for a job at the parent: below the call timeout
 EVALUATIONS = prometheus_client.Histogram(
@@ -160,7 +162,8 @@ async def register(cfg, seals, endpoint, capability, parent_endpoint):
     next); a refusal raises Refused, which the main loop retries."""
     signed = {}
     if seals.identity:
-        signed = seals.registration(endpoint, await challenge(cfg, capability, parent_endpoint))
+        challenge = await parent_challenge(cfg, capability, parent_endpoint)
+        signed = seals.registration(endpoint, challenge)
     reply = await capability.registerChild(childId=cfg.validator_id, endpoint=endpoint,
                                            **signed)
     if reply.message.startswith("standby"):
@@ -171,7 +174,7 @@ async def register(cfg, seals, endpoint, capability, parent_endpoint):
              parent_endpoint)
 
 
-async def challenge(cfg, capability, parent_endpoint):
+async def parent_challenge(cfg, capability, parent_endpoint):
     """The challenge the parent hands out for this connection. Its clock comes with it: signed
     calls between the two are refused when the clocks are too far apart, so say so first."""
     try:
