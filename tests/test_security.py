@@ -137,17 +137,29 @@ def test_signed_children_run_the_whole_job_flow_and_take_pushes_only_from_the_pa
         parent.wait_for_log(f"Child c1 completed job {job_id}")
     # receiveJob: unsigned, or signed by another hotkey, is refused; the parent's is taken.
     client = RpcClient(rpc, "127.0.0.1", common.load_config(config).child_port)
-    job = {"jobId": 50, "hfRepoId": "org/pushed", "hfRepoCommit": "abc"}
-    assert client.call("receiveJob", job=job) == {"accepted": False, "message": "not allowed"}
+    job = {"jobId": 50, "attempt": 1, "hfRepoId": "org/pushed", "hfRepoCommit": "abc"}
+
+    def sealed(signer):  # the job's own signature, over all its fields
+        return {**job, "signature": wallets[signer].sign(
+            common.signed_message(*common.job_fields("c1", job)))}
+
+    assert client.call("receiveJob", job=sealed("parent")) == {"accepted": False,
+                                                               "message": "not allowed"}
 
     def signed(signer):
         timestamp, nonce = int(time.time() * 1000), f"n-{time.monotonic_ns()}"
         message = common.signed_message("receiveJob", "c1", 50, timestamp, nonce)
         return {"timestamp": timestamp, "nonce": nonce, "signature": wallets[signer].sign(message)}
 
-    assert client.call("receiveJob", job=job, **signed("stranger"))["accepted"] is False
-    assert client.call("receiveJob", job=job, **signed("parent")) == {"accepted": True,
-                                                                      "message": "queued"}
+    assert client.call("receiveJob", job=sealed("parent"), **signed("stranger"))["accepted"] \
+        is False
+    # The call is the parent's, but the job is not as the parent signed it: refused, with why.
+    for job_not_sealed in (job, sealed("stranger"), {**sealed("parent"), "hfRepoCommit": "def"}):
+        answer = client.call("receiveJob", job=job_not_sealed, **signed("parent"))
+        assert answer["accepted"] is False
+        assert answer["message"].startswith("its signature does not hold for parent_hotkey")
+    assert client.call("receiveJob", job=sealed("parent"), **signed("parent")) == {
+        "accepted": True, "message": "queued"}
     child.wait_for_log("Refused receiveJob of job 50")
 
 
