@@ -221,7 +221,8 @@ def test_signed_children_over_mutual_tls_run_the_job_flow_and_others_are_refused
     parent.wait_for_log(r"Parent validator serving on 127.0.0.1:\d+ \(TLS 1.3\)")
     child = processes(["child.py", "--config", child_config(
         "c1", port, auth="on", **identity(wallets, "c1"), **good, parent_host="localhost",
-        parent_hotkey=wallets["parent"].ss58_address)], tmp_path / "c1.log")
+        # Polls rarer than the chain's: job 4 is pushed, not taken by a poll in between.
+        poll_interval=2.0, parent_hotkey=wallets["parent"].ss58_address)], tmp_path / "c1.log")
     child.wait_for_log("Successfully registered with parent validator as c1")
     for job_id in (1, 2, 3):
         parent.wait_for_log(f"Child c1 completed job {job_id}")
