@@ -297,3 +297,40 @@ def test_a_fault_on_the_wire_skips_the_sync_with_one_line_and_loses_nothing(
     wait_until(lambda: any(m.startswith("Chain sync recovered after") for m in
                            sync_said(caplog, logging.INFO)), what="the recovery's line")
     assert len(node.requests) > failures_before
+
+
+def test_a_hundred_syncs_with_faults_leak_no_connection_thread_or_memory(node, parent_config):
+    """BittensorChain as open_chain builds it, read 100 times; every tenth read meets a fault
+    (an undecodable answer, a refused connection), after which the chain drops its connection
+    and the next read opens another. Its deadline is 2 s: after a refusal the SDK has been seen
+    to leave the read waiting until the deadline, and closing its client after a failed read
+    to wait out our 5-s bound on the close (websocket close handshakes that never finish)."""
+    cfg = common.load_config(parent_config(subtensor={"network": "finney",
+                                                      "address": node.url, "netuid": NETUID}))
+    chain = chains.open_chain(cfg)
+    chain.timeout = 2.0
+    faults = [("undecodable", METAGRAPH), ("refused", None)]
+    process = psutil.Process()
+    try:
+        for _ in range(10):  # warm-up: the codec, the caches
+            chain.read()
+        threads, memory = threading.active_count(), process.memory_info().rss
+        failed = 0
+        for i in range(100):
+            kind, method = faults[i // 10 % len(faults)] if i % 10 == 9 else (None, None)
+            node.refuse() if kind == "refused" else node.fault(kind, method)
+            try:
+                assert chain.read().block == RECORDED_BLOCK
+            except chains.ChainUnavailable:
+                failed += 1
+            if kind == "refused":
+                node.accept()
+        node.fault(None)
+        assert chain.read().block == RECORDED_BLOCK
+        assert failed == 10
+        assert len(node.connections) == 1  # only the connection in use is open
+        assert threading.active_count() == threads
+        assert process.memory_info().rss - memory < 30 * 2**20
+    finally:
+        chain.close()
+    wait_until(lambda: not node.connections, timeout=5, what="the connection closed")
