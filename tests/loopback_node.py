@@ -21,7 +21,6 @@ import threading
 from pathlib import Path
 
 from bittensor._transport.codec import RuntimeCodec, strip_option_opaque_metadata
-from bittensor.sp_core import Keypair
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
@@ -244,7 +243,8 @@ class Chain:
                             ("CommitRevealWeightsEnabled", g["commit_reveal_weights_enabled"]),
                             ("MaxWeightsLimit", g["max_weights_limit"]),
                             ("MinAllowedWeights", g["min_allowed_weights"]),
-                            ("Tempo", g["tempo"]), ("RevealPeriodEpochs", g["commit_reveal_period"]),
+                            ("Tempo", g["tempo"]),
+                            ("RevealPeriodEpochs", g["commit_reveal_period"]),
                             ("LastUpdate", g["last_update"])):
             put("SubtensorModule", item, [(NETUID,)], [value])
         items.update(self.overrides)

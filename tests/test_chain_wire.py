@@ -11,12 +11,11 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import psycopg
 import pytest
-from conftest import ROOT, free_port, wait_until, write_toml
+from conftest import ROOT, wait_until, write_toml
 from loopback_node import NETUID, RECORDED_BLOCK, Chain, Node
 from test_weights import Clock, add_job, score
 
