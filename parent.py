@@ -763,8 +763,7 @@ def run(cfg, stop):
     PARENT_ACTIVE.set(0)
     # A parent that can lead at once serves as the active one from its first call.
     with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
-        if leadership.take():
-            state.take_over()
+        take_the_lead(state)
     rpc = RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
                      tls_server)
@@ -772,10 +771,8 @@ def run(cfg, stop):
              " (TLS 1.3)" if tls_server else "")
     pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
     while not stop.is_set():
-        if not leadership.active():
-            if not stand_by(stop, leadership):
-                break
-            state.take_over()
+        if not leadership.active() and not stand_by(stop, state):
+            break
         lead(cfg, stop, state, chain, pusher, weights)
     log.info("Parent validator stopping")
     rpc.stop()
@@ -784,14 +781,30 @@ def run(cfg, stop):
     db.close()
 
 
-def stand_by(stop, leadership):
+def take_the_lead(state):
+    """Take the leadership if it is free, and then the queue; True if this parent now leads.
+    A database that fails between the two (restarted meanwhile) gives the leadership back: a
+    parent serves only with its queue loaded."""
+    leadership = state.leadership
+    if not leadership.take():
+        return False
+    try:
+        state.take_over()
+    except common.DatabaseUnavailable as e:
+        leadership.step_down(f"the queue could not be loaded ({e})")
+        raise
+    return True
+
+
+def stand_by(stop, state):
     """Until `stop`, try to take the leadership every STANDBY_RETRY_SECONDS; True once taken.
     Meanwhile the RPC service answers ping and getStats and refuses the rest ("standby")."""
+    leadership = state.leadership
     outage = common.Outage("Leadership check failed", "Leadership check recovered", 30.0)
     announced = None
     while not stop.is_set():
         try:
-            if leadership.take():
+            if take_the_lead(state):
                 outage.succeeded()
                 return True
             outage.succeeded()
