@@ -16,6 +16,9 @@ from rpc import PeerUnavailable, RpcClient
 RESULT_LIMIT = 2048  # max_result_bytes
 MESSAGE_LIMIT = 4096  # rpc_unregistered_max_message_bytes
 HELD_LIMIT, RESULTS_LIMIT = 10_000, 1000  # common.MAX_HELD_JOBS, parent.MAX_RESULTS_PER_REPORT
+# A JobResult's struct: two data words (jobId; success and attempt) and two pointers (result,
+# signature), sent whole even when attempt and signature are unset.
+RESULT_STRUCT = 32
 
 
 def around(*edges):
@@ -53,9 +56,10 @@ def params(call, jobs):
         held = [ids[(call["pick"] + k) % len(ids)] for k in range(call["held"])]
         return ({"childId": "good", "maxJobs": call["pick"] % 3, "heldJobs": held,
                  "results": results},
-                8 * len(held) + (call["result_size"] + 16) * len(results))
+                8 * len(held) + (call["result_size"] + RESULT_STRUCT) * len(results))
     if method == "reportJobCompletions":
-        return {"childId": "good", "results": results}, (call["result_size"] + 16) * len(results)
+        return ({"childId": "good", "results": results},
+                (call["result_size"] + RESULT_STRUCT) * len(results))
 
     if method == "reportJobCompletion":
         if results:
