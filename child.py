@@ -2,8 +2,10 @@
 PostgreSQL through pgqueuer, runs each through the evaluator, and reports every result back.
 
 The protocol, as the child lives it (the calls are those of validator.capnp):
-- registerChild on every new connection to a parent, signed with the child's hotkey unless
-  auth is off. A standby parent refuses it, and the child turns to the next of parent_hosts.
+- registerChild on every new connection to a parent. Unless auth is off, the child first asks
+  for the connection's challenge (and checks the parent's clock against its own), and signs
+  its registration over it with its hotkey. A standby parent refuses it, and the child turns
+  to the next of parent_hosts.
 - Then every poll is one requestJobs call: `results`, the finished results not reported yet;
   `maxJobs`, the room for jobs; `heldJobs`, the jobs held and not reported (the parent sends
   again any of its jobs that is missing); `waitMs`, how long an idle child lets the parent
@@ -11,19 +13,25 @@ The protocol, as the child lives it (the calls are those of validator.capnp):
   (which results the parent acknowledged: only those are marked reported, so the jobs table
   is also the outbox), and `revoked`, the jobs no longer ours, which are cancelled and whose
   evaluations are stopped.
+- Unless auth is off, what the parent hands over is signed by parent_hotkey and checked
+  (Seals): a job over all its fields (one that fails is neither stored nor run), each answer
+  to a result, each revocation (of the attempt held). Each result carries the attempt it is
+  about and the child's signature.
 - reportJobCompletions sends a backlog of results (after an outage) before the poll;
   reportJobCompletion, one call per result, serves a parent of an older version.
-- receiveJob: the parent may push a job (signed by its hotkey unless auth is off).
+- receiveJob: the parent may push a job (the call signed by its hotkey unless auth is off,
+  its nonce kept in our database; the job signed as a pulled one).
 - ping and getStats (the queue counts) answer anyone.
 The child rides out outages of the parent and of its database, and stops in stages on SIGTERM
 or SIGINT.
 
 The order of this file: the schema; ChildService, the RPC service; the protocol (register,
-Parents, poll, report_results); ChildStore, the store's protocol side, composed of
-IncomingJobs, OutgoingResults and RunState, and the keys of pgqueuer's queue; run(), the main
-loop, and the shutdown. What a first reading can skip follows, one part per concern: running
-a job; the evaluator; process handling; bounded output; the Worker (pgqueuer's consumer);
-GroupCommit; crash recovery; and a patch of pgqueuer's internals.
+Parents, poll, report_results); Seals, what the child signs and checks; ChildStore, the
+store's protocol side, composed of IncomingJobs, OutgoingResults and RunState, and the keys of
+pgqueuer's queue; run(), the main loop, and the shutdown. What a first reading can skip
+follows, one part per concern: running a job; the evaluator; process handling; bounded output;
+the Worker (pgqueuer's consumer); GroupCommit; crash recovery; and a patch of pgqueuer's
+internals.
 
     python child.py --config validator_child.toml
 """
@@ -45,6 +53,7 @@ import threading
 import time
 from pathlib import Path
 
+import capnp
 import prometheus_client
 import psycopg
 
@@ -88,14 +97,17 @@ alter table child_jobs add column if not exists evaluator jsonb;
 alter table child_jobs drop constraint if exists child_jobs_status_check;
 alter table child_jobs add constraint child_jobs_status_check
     check (status in ('queued', 'running', 'completed', 'failed', 'cancelled'));
-"""]
+""", common.NONCES_SCHEMA]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
                              "logsPath"), "")
 PRUNE_EVERY = 3600.0  # seconds between deletions of what is older than retention_days
 REPORT_BATCH = 100  # results per call at most; and at most common.RESULTS_BUDGET bytes of them
-RESULT_OVERHEAD = 64  # bytes a result takes in a message besides its text
+# Bytes a result takes in a message besides its text: its struct in the list (32: jobId,
+# success and attempt, two pointers), its text's NUL and padding (up to 8), and its signature
+# (64); 104, rounded up.
+RESULT_OVERHEAD = 128
 MAX_WAIT = 5.0  # seconds an idle poll may wait for a job at the parent: below the call timeout
 EVALUATIONS = prometheus_client.Histogram(
     "validator_evaluation_seconds", "Evaluations, by outcome", ["outcome"],
@@ -107,29 +119,26 @@ EVALUATIONS = prometheus_client.Histogram(
 # ---------------------------------------------------------------------------------------------
 
 class ChildService(ServiceBase):
-    """One per connection. A receiveJob whose signature checks out (any, with auth off)
-    registers the connection: it is the parent's pusher."""
+    """One per connection. A receiveJob whose call is signed by parent_hotkey (any, with auth
+    off) registers the connection: it is the parent's pusher."""
 
     role = "child"
 
-    def __init__(self, cfg, store, wake, stop, verifier):
+    def __init__(self, cfg, store, wake, stop, seals):
         super().__init__()
         self.cfg, self.store, self.wake, self.stop = cfg, store, wake, stop
-        self.verifier = verifier  # None: auth is off
+        self.seals = seals
 
     def receive_job(self, job, timestamp=0, nonce="", signature=b""):
-        if self.verifier:  # only our parent may push, proven by its hotkey's signature
-            reason = self.verifier.check(
-                self.cfg.parent_hotkey, ["receiveJob", self.cfg.validator_id, job.get("jobId")],
-                timestamp, nonce, signature)
-            if reason:
-                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason,
-                                     self.peer)
+        self.seals.check_push(job, timestamp, nonce, signature, self.peer)
         self.registered = True  # our parent's connection: the limits of a registered one
         if self.stop.is_set():
             raise Refused("the child is stopping")
         if not job.get("jobId") or not job.get("hfRepoId"):
             raise Refused("job has no jobId or hfRepoId")
+        refusal = self.seals.job_refusal(job)
+        if refusal:  # the parent sends it again, freshly signed, after its redelivery grace
+            raise Refused(refusal)
         if self.store.incoming.holds(job["jobId"]):
             return {"accepted": True, "message": "already have this job"}
         if self.store.incoming.free_slots() < 1:
@@ -146,22 +155,49 @@ class ChildService(ServiceBase):
 # The protocol: register on each connection, then poll (report results, take and drop jobs)
 # ---------------------------------------------------------------------------------------------
 
-async def register(cfg, identity, endpoint, capability, parent_endpoint):
-    """registerChild, on every new connection to a parent (RpcClient's on_connect). A standby
-    parent raises common.Standby (Parents turns to the next); a refusal raises Refused, which
-    the main loop retries."""
-    child_id = cfg.validator_id
+async def register(cfg, seals, endpoint, capability, parent_endpoint):
+    """registerChild, on every new connection to a parent (RpcClient's on_connect). With auth
+    on it is signed over the challenge the parent chose for this connection: recorded, it is
+    worth nothing on any other. A standby parent raises common.Standby (Parents turns to the
+    next); a refusal raises Refused, which the main loop retries."""
     signed = {}
-    if identity:  # a fresh signature each time: the parent refuses a replayed one
-        signed = dict(zip(("timestamp", "nonce", "signature"), identity.sign(
-            "registerChild", child_id, endpoint, cfg.parent_hotkey)), hotkey=identity.hotkey)
-    reply = await capability.registerChild(childId=child_id, endpoint=endpoint, **signed)
+    if seals.identity:
+        challenge = await parent_challenge(cfg, capability, parent_endpoint)
+        signed = seals.registration(endpoint, challenge)
+    reply = await capability.registerChild(childId=cfg.validator_id, endpoint=endpoint,
+                                           **signed)
     if reply.message.startswith("standby"):
         raise common.Standby(reply.message)
     if not reply.success:
         raise Refused(f"the parent refused the registration: {reply.message}")
-    log.info("Successfully registered with parent validator as %s at %s", child_id,
+    log.info("Successfully registered with parent validator as %s at %s", cfg.validator_id,
              parent_endpoint)
+
+
+async def parent_challenge(cfg, capability, parent_endpoint):
+    """The challenge the parent hands out for this connection. Its clock comes with it: signed
+    calls between the two are refused when the clocks are too far apart, so say so first."""
+    try:
+        reply = await capability.challenge()
+    except capnp.KjException as e:
+        if str(e.type) != "UNIMPLEMENTED":
+            raise  # the connection broke: RpcClient makes it PeerUnavailable
+        reply = None  # built before challenge existed
+    if reply is not None and reply.error.startswith("standby"):
+        raise common.Standby(reply.error)
+    if reply is None or reply.error or not reply.challenge:
+        raise Refused(f"the parent at {parent_endpoint} gives no challenge to sign "
+                      f"({reply.error if reply else 'it does not serve challenge'}): a parent "
+                      "older than this child cannot check a registration with auth on; "
+                      "upgrade the parent")
+    ahead = time.time() - reply.time / 1000
+    if abs(ahead) > cfg.auth_max_clock_skew_seconds:
+        log.warning("This child's clock is %.0f s %s the parent's at %s, more than "
+                    "auth_max_clock_skew_seconds (%g): signed calls between them may be "
+                    "refused; fix the clocks (NTP)", abs(ahead),
+                    "ahead of" if ahead > 0 else "behind", parent_endpoint,
+                    cfg.auth_max_clock_skew_seconds)
+    return reply.challenge
 
 
 class Parents:
@@ -209,29 +245,31 @@ class Parents:
         self.clients[self.current].close()
 
 
-def poll(parent, store, child_id, interval=0.0, evaluations=None):
+def poll(parent, store, child, interval=0.0, evaluations=None):
     """One round with the parent: report finished results and ask for as many jobs as there
     is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
     results (after an outage) goes first, in reportJobCompletions calls; so do the results a
     parent of an older version ignored in requestJobs. The jobs the parent revoked (no longer
     ours) are cancelled, and those running are stopped (`evaluations`). Returns the seconds
-    after its start at which the next poll is due (`interval` is the poll_interval).
+    after its start at which the next poll is due (`interval` is the poll_interval). `child`:
+    the child's Seals, or its id alone when auth is off.
 
     A child with nothing queued or running and no result to report lets the parent hold the
     call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
     has a request open, and gets a new job at once. Such a child polls again as soon as that
     call is over; a parent that does not hold calls answers at once, and the child then waits
     out the rest itself."""
+    seals = Seals.of(child)
     rows, more, free, held = store.poll_state()
     if more:
-        report_results(parent, store, child_id)
+        report_results(parent, store, seals)
         rows, more, free, held = store.poll_state()
     idle = free == store.incoming.capacity
     wait = min(interval, MAX_WAIT) if idle and not rows else 0.0
     # Without heldJobs (more than a message should carry) the parent sends nothing again.
     held = {"heldJobs": held} if len(held) <= common.MAX_HELD_JOBS else {}
-    reply = parent.call("requestJobs", childId=child_id, maxJobs=free, **held,
-                        results=[result_message(row) for row in rows], waitMs=int(wait * 1000))
+    reply = parent.call("requestJobs", childId=seals.child_id, maxJobs=free, **held,
+                        results=[seals.result(row) for row in rows], waitMs=int(wait * 1000))
     # A parent built from the seed's schema answers neither error nor replies.
     if reply.get("error"):
         log.warning("Parent refused the job request: %s; registering again", reply["error"])
@@ -239,54 +277,148 @@ def poll(parent, store, child_id, interval=0.0, evaluations=None):
         return interval
     replies = reply.get("replies", [])
     if rows and not replies:
-        report_results(parent, store, child_id)
+        report_results(parent, store, seals)
         rows = []
-    reported = acknowledged(rows, replies)
-    # A parent of an older version revokes nothing.
-    revoked = {r["jobId"]: r.get("reason", "") for r in reply.get("revoked", [])}
-    store.add_jobs(reply.get("jobs", []), reported=reported, revoked=revoked)
-    for job_id, reason in revoked.items() if evaluations else ():
-        evaluations.revoke(job_id, reason)  # once recorded cancelled: its result is not kept
+    reported = acknowledged(rows, replies, seals)
+    store.add_jobs([job for job in reply.get("jobs", []) if not seals.job_refusal(job)],
+                   reported=reported, revoked=seals.revocations(reply.get("revoked", [])),
+                   stop=evaluations.revoke if evaluations else None)
     if idle and rows and len(reported) == len(rows):
         return 0.0  # it reported its last results: its next poll may be held
     return wait or interval
 
 
-def report_results(parent, store, child_id):
+def report_results(parent, store, child):
     """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
     results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
-    acknowledged it, so a crash or an outage at any point resends it later."""
+    acknowledged it, so a crash or an outage at any point resends it later. `child` as for
+    poll."""
+    seals = Seals.of(child)
     while rows := store.outgoing.unreported(limit=REPORT_BATCH):
+        results = [seals.result(row) for row in rows]
         try:
-            reply = parent.call("reportJobCompletions", childId=child_id,
-                                results=[result_message(row) for row in rows])
+            reply = parent.call("reportJobCompletions", childId=seals.child_id, results=results)
         except Unimplemented:  # a parent of an older version: one call per result
-            replies = [parent.call("reportJobCompletion", childId=child_id,
-                                   **result_message(row)) for row in rows]
+            replies = [parent.call("reportJobCompletion", childId=seals.child_id, **result)
+                       for result in results]
         else:
             if reply["error"]:
                 log.warning("Parent refused the results: %s; registering again", reply["error"])
                 parent.close()
                 return
             replies = reply["replies"]
-        done = acknowledged(rows, replies)
+        done = acknowledged(rows, replies, seals)
         store.outgoing.mark_reported(done)
         if len(done) < len(rows):
             return  # the rest waits for the next round, not a tight loop
 
 
-def result_message(row):
-    return {"jobId": row["job_id"], "success": row["status"] == "completed",
-            "result": row["result"] or ""}
-
-
-def acknowledged(rows, replies):
-    """The ids of the results the parent acknowledged; the others are logged."""
+def acknowledged(rows, replies, seals):
+    """The ids of the results the parent acknowledged, by an answer that is its own (Seals);
+    the others are logged, and kept to be reported again."""
+    done = []
     for row, answer in zip(rows, replies):
-        if not answer["acknowledged"]:
+        if not seals.reply_holds(row, answer):
+            continue  # logged there
+        if answer["acknowledged"]:
+            done.append(row["job_id"])
+        else:
             log.warning("Parent did not take the result of job %d: %s",
                         row["job_id"], answer.get("message", ""))
-    return [row["job_id"] for row, answer in zip(rows, replies) if answer["acknowledged"]]
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Seals: what the child signs, and checks of what the parent sends (auth on)
+# ---------------------------------------------------------------------------------------------
+
+class Seals:
+    """What this child signs and checks, one method per kind of message; common's *_fields
+    say what each signature covers (docs/security.md). Without an identity and a verifier
+    (auth off) nothing is signed and everything is taken, as before signatures existed.
+    What the parent sends that fails a check is counted and logged (Verifier.count)."""
+
+    def __init__(self, child_id, identity=None, verifier=None, parent_hotkey=""):
+        self.child_id, self.identity, self.verifier = child_id, identity, verifier
+        self.parent_hotkey = parent_hotkey
+
+    @classmethod
+    def of(cls, child):
+        """A Seals as given, or an auth-off one for a child id."""
+        return child if isinstance(child, cls) else cls(child)
+
+    def registration(self, endpoint, challenge):
+        """registerChild's signed parameters, bound to the connection's challenge."""
+        fields = common.registration_fields(self.child_id, endpoint, self.parent_hotkey,
+                                            challenge)
+        timestamp, nonce, signature = self.identity.sign(*fields)
+        return {"hotkey": self.identity.hotkey, "timestamp": timestamp, "nonce": nonce,
+                "signature": signature}
+
+    def check_push(self, job, timestamp, nonce, signature, peer):
+        """Only our parent may push, proven by a fresh signature of the call (its nonce spent
+        in our database, so a replay is refused after a restart too); raises Refused."""
+        if self.verifier:
+            reason = self.verifier.check(
+                self.parent_hotkey, ["receiveJob", self.child_id, job.get("jobId")],
+                timestamp, nonce, signature)
+            if reason:
+                self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason, peer)
+
+    def job_refusal(self, job):
+        """None if the job (pulled or pushed) is the parent's as it signed it, over all its
+        fields and our id; else why it must be neither stored nor run."""
+        if self._holds(common.job_fields(self.child_id, job), job):
+            return None
+        return self._refused(f"job {job.get('jobId')}", "its signature does not hold for "
+                             f"parent_hotkey {self.parent_hotkey} over what it asks to evaluate")
+
+    def revocations(self, revoked):
+        """{job id: (reason, attempt)} of the revocations to apply, of those the parent sent:
+        with auth on, those it signed, each of the attempt it names (IncomingJobs.revoke
+        applies it only to that attempt's copy); with auth off, all, of any attempt (None)."""
+        taken = {}
+        for r in revoked:  # a parent of an older version sends no attempt: 0
+            job_id, reason, attempt = r["jobId"], r.get("reason", ""), r.get("attempt", 0)
+            if not self.verifier:
+                taken[job_id] = (reason, None)
+            elif self._holds(common.revocation_fields(self.child_id, job_id, attempt, reason),
+                             r):
+                taken[job_id] = (reason, attempt)
+            else:
+                self._refused(f"revocation of job {job_id}", "its signature does not hold "
+                              f"for parent_hotkey {self.parent_hotkey}; the job goes on")
+        return taken
+
+    def reply_holds(self, row, answer):
+        """True if the parent's answer to our result (`row`) is its own; else it counts as
+        not acknowledged."""
+        fields = common.reply_fields(self.child_id, row["job_id"], row["attempt"],
+                                     answer["acknowledged"], answer.get("message", ""))
+        if self._holds(fields, answer):
+            return True
+        self._refused(f"answer to the result of job {row['job_id']}", "its signature does "
+                      f"not hold for parent_hotkey {self.parent_hotkey}; the result is kept "
+                      "and reported again")
+        return False
+
+    def result(self, row):
+        """The JobResult of a finished job (OutgoingResults' row), signed."""
+        message = {"jobId": row["job_id"], "attempt": row["attempt"],
+                   "success": row["status"] == "completed", "result": row["result"] or ""}
+        if self.identity:
+            message["signature"] = self.identity.seal(common.result_fields(
+                self.child_id, message["jobId"], message["attempt"], message["success"],
+                message["result"]))
+        return message
+
+    def _holds(self, fields, message):
+        return not self.verifier or self.verifier.holds(self.parent_hotkey, fields,
+                                                        message.get("signature", b""))
+
+    def _refused(self, what, reason):
+        self.verifier.count(what, reason, "the parent")
+        return reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,27 +448,36 @@ class ChildStore:
             free, held, finished = self.incoming.holdings_in(conn)
         return rows, finished > len(rows), free, held
 
-    def add_jobs(self, jobs, reported=(), revoked=()):
+    def add_jobs(self, jobs, reported=(), revoked=(), stop=None):
         """Store jobs and put them on the pgqueuer queue, all in one transaction. Returns the
         ones that are to run: new jobs, and jobs we already reported that the parent sends
         again (it has no result of ours for this assignment: a requeue, an expired lease, a
-        report it did not record). A job we hold and have not reported yet is ignored.
-        `reported`: ids of results the parent acknowledged, marked reported in the same
-        transaction (a poll's answer is one commit); `revoked`: {job id: reason} of jobs
-        the parent took back, cancelled first (see IncomingJobs.revoke)."""
+        report it did not record) as a later attempt. A job we hold and have not reported yet
+        is ignored. `reported`: ids of results the parent acknowledged, marked reported in the
+        same transaction (a poll's answer is one commit); `revoked`: {job id: (reason,
+        attempt)} of jobs the parent took back, cancelled first (see IncomingJobs.revoke);
+        `stop(job id, reason)` stops the evaluation of each, once that is committed."""
         # A sender may leave text fields out: "". The same job twice in one call is one job.
-        jobs = {job["jobId"]: {**UNSENT_TEXT, **job} for job in jobs}
+        # A job's signature was checked (Seals.job_refusal); it is not kept.
+        jobs = {job["jobId"]: {**UNSENT_TEXT, **{name: value for name, value in job.items()
+                                                 if name != "signature"}} for job in jobs}
         if not jobs and not reported and not revoked:
             return []
         with self.db.transaction() as conn:
             if reported:
                 self.outgoing.mark_reported_in(conn, reported)
-            cancelled = self.incoming.revoke(conn, revoked) if revoked else []
+            cancelled, ignored = self.incoming.revoke(conn, revoked) if revoked else ([], [])
             queued = self.incoming.store_jobs(conn, jobs) if jobs else []
-        for row in cancelled:  # logged once committed
+        for row in cancelled:  # logged and stopped once committed
             log.info("Job %d cancelled by the parent (%s): %s", row["job_id"], row["reason"],
                      "its evaluation is stopped" if row["status"] == "running"
                      else "dropped before it started")
+            if stop:
+                stop(row["job_id"], row["reason"])
+        for row in ignored:  # an earlier attempt's revocation, sent again
+            log.warning("Ignored the parent's revocation of job %d: it takes back attempt %d, "
+                        "and the copy held is attempt %d", row["job_id"], row["revoked"],
+                        row["attempt"])
         for job, delivery in queued:
             log.info("Received job %d (%s@%s)%s, queued", job["jobId"], job["hfRepoId"],
                      job["hfRepoCommit"] or "default", " again" if delivery > 1 else "")
@@ -401,26 +542,39 @@ class IncomingJobs:
 
     @staticmethod
     def revoke(conn, revoked):
-        """Cancel the unfinished jobs among `revoked`, {job id: reason}; returns their rows
-        (job_id, status before, reason). They end 'cancelled', free their slot and are settled
-        (reported_at: the parent wants no result of them). A queued job's queue entry then
-        runs nothing; a running one's evaluation is stopped by the caller
-        (Evaluations.revoke), once this is committed. A job that finished already keeps its
-        result, which the parent will acknowledge without recording it."""
-        rows = conn.execute(
-            "with old as (select job_id, status from child_jobs where job_id = any(%b) "
-            "and finished_at is null for update) "
+        """Cancel the unfinished jobs among `revoked`, {job id: (reason, attempt)}, whose copy
+        is of that attempt (None: of any); returns (their rows: job_id, status before, reason;
+        the rows of those held as another attempt: job_id, attempt, revoked). They end
+        'cancelled', free their slot and are settled (reported_at: the parent wants no result
+        of them). A queued job's queue entry then runs nothing; a running one's evaluation is
+        stopped by the caller (Evaluations.revoke), once this is committed. A job that
+        finished already keeps its result, which the parent will acknowledge without recording
+        it."""
+        held = conn.execute(
+            "select job_id, status, coalesce((job->>'attempt')::bigint, 0) as attempt "
+            "from child_jobs where job_id = any(%b) and finished_at is null "
+            "order by job_id for update", (list(revoked),)).fetchall()
+        cancelled, ignored = [], []
+        for row in held:
+            reason, attempt = revoked[row["job_id"]]
+            if attempt in (None, row["attempt"]):
+                cancelled.append(dict(row, reason=reason))
+            else:
+                ignored.append(dict(row, revoked=attempt))
+        conn.execute(
             "update child_jobs c set status = 'cancelled', finished_at = now(), "
             "reported_at = now(), result = jsonb_build_object('cancelled', r.reason)::text "
-            "from old, unnest(%b::bigint[], %b::text[]) as r(job_id, reason) "
-            "where c.job_id = old.job_id and r.job_id = old.job_id "
-            "returning c.job_id, old.status, r.reason",
-            (list(revoked), list(revoked), list(revoked.values()))).fetchall()
-        return sorted(rows, key=lambda row: row["job_id"])
+            "from unnest(%b::bigint[], %b::text[]) as r(job_id, reason) "
+            "where c.job_id = r.job_id",
+            ([row["job_id"] for row in cancelled], [row["reason"] for row in cancelled]))
+        return cancelled, ignored
 
     @staticmethod
     def store_jobs(conn, jobs):
-        """jobs: {job id: job}; returns [(job, delivery)] of those to run."""
+        """jobs: {job id: job}; returns [(job, delivery)] of those to run. A job we reported
+        runs again only as a later attempt than the one we ran (when both are known: a parent
+        of an older version sends none), so a copy of a job we reported, sent again, runs
+        nothing."""
         # %b: arrays go in binary; psycopg quotes them as text slowly (a regex per element).
         columns = (list(jobs), [json.dumps(job) for job in jobs.values()])
         deliveries = {row["job_id"]: row["deliveries"] for row in conn.execute(
@@ -433,6 +587,9 @@ class IncomingJobs:
             "attempts = 0, deliveries = deliveries + 1 "
             "from unnest(%b::bigint[], %b::jsonb[]) as s(job_id, job) "
             "where c.job_id = s.job_id and reported_at is not null "
+            "and (coalesce((s.job->>'attempt')::bigint, 0) = 0 "
+            "or coalesce((c.job->>'attempt')::bigint, 0) = 0 "
+            "or (s.job->>'attempt')::bigint > (c.job->>'attempt')::bigint) "
             "returning c.job_id, deliveries", columns))
         queued = [(job, deliveries[job_id]) for job_id, job in jobs.items()
                   if job_id in deliveries]
@@ -458,7 +615,8 @@ class OutgoingResults:
         common.RESULTS_BUDGET bytes, which is always one at least (a result is at most
         max_result_bytes, itself at most a half of the budget)."""
         return conn.execute(
-            "select job_id, status, result from (select job_id, status, result, finished_at, "
+            "select job_id, status, result, attempt from (select job_id, status, result, "
+            "finished_at, coalesce((job->>'attempt')::bigint, 0) as attempt, "
             "sum(octet_length(result) + %s) over (order by finished_at, job_id) as size "
             "from child_jobs where finished_at is not null and reported_at is null "
             "order by finished_at, job_id limit %s) oldest where size <= %s "
@@ -587,24 +745,25 @@ def run(cfg, stop):
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
     rpc = RpcThread()
-    identity, verifier = common.hotkey_auth(cfg, cfg.child_port)
+    seals = Seals(child_id, *common.hotkey_auth(cfg, cfg.child_port, store.db),
+                  cfg.parent_hotkey)
     tls_server, tls_client = common.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
-                     lambda: ChildService(cfg, store, wake, stop, verifier), cfg, tls_server)
+                     lambda: ChildService(cfg, store, wake, stop, seals), cfg, tls_server)
     endpoint = f"{cfg.child_host}:{port}"
     log.info("Child validator %s serving on %s:%d", child_id, cfg.listen_host, port)
 
     parent = Parents([RpcClient(rpc, *common.split_endpoint(at), tls=tls_client,
-                                on_connect=functools.partial(register, cfg, identity, endpoint,
+                                on_connect=functools.partial(register, cfg, seals, endpoint,
                                                              parent_endpoint=at))
                       for at in parent_endpoints(cfg)])
     try:
-        work(cfg, stop, wake, parent, store, evaluations)
+        work(cfg, stop, wake, parent, store, evaluations, seals)
     finally:
         log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
                  child_id, cfg.shutdown_grace_seconds)
         shut_down(cfg, worker, evaluations,
-                  lambda quiet: report_before_exit(parent, store, child_id, quiet))
+                  lambda quiet: report_before_exit(parent, store, seals, quiet))
         rpc.stop()
         store.db.close()
 
@@ -624,8 +783,9 @@ def parent_endpoints(cfg):
     return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
 
 
-def work(cfg, stop, wake, parent, store, evaluations=None):
-    """Until `stop`: report results, ask for jobs, and every hour delete what is too old."""
+def work(cfg, stop, wake, parent, store, evaluations=None, seals=None):
+    """Until `stop`: report results, ask for jobs, and every hour delete what is too old.
+    `seals`: what the child signs and checks (None: auth off)."""
     parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
                                 cfg.max_backoff_seconds)
     database_down = common.Outage("Database unavailable", "Database available again",
@@ -641,7 +801,8 @@ def work(cfg, stop, wake, parent, store, evaluations=None):
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
-            due = poll(parent, store, cfg.validator_id, cfg.poll_interval, evaluations)
+            due = poll(parent, store, seals or cfg.validator_id, cfg.poll_interval,
+                       evaluations)
         except PeerUnavailable as e:
             if not stop.is_set():  # else the parent stopped along with us: nothing to retry
                 stop.wait(parent_down.failed(e))
@@ -678,12 +839,12 @@ def shut_down(cfg, worker, evaluations, report):
     report(quiet=False)
 
 
-def report_before_exit(parent, store, child_id, quiet):
+def report_before_exit(parent, store, seals, quiet):
     """Report what is finished, if the parent and the database let us; what is left is sent
     after the next start."""
     parent.timeout = min(parent.timeout, 5.0)  # the shutdown must not wait long for a report
     try:
-        report_results(parent, store, child_id)
+        report_results(parent, store, seals)
     except (PeerUnavailable, Refused, common.DatabaseUnavailable) as e:
         if not quiet:
             log.warning("Results not reported before stopping (%s); they will be after the "

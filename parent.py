@@ -2,11 +2,15 @@
 evaluation job, keeps the queue of jobs in PostgreSQL, and hands jobs to child validators over
 Cap'n Proto RPC (validator.capnp).
 
-The protocol, as the parent serves it (a standby answers ping and getStats only):
+The protocol, as the parent serves it (a standby answers ping, getStats and challenge only).
+With auth on, everything that decides weights is signed: jobs, replies and revocations by the
+parent (common.job_fields, reply_fields, revocation_fields), results by the child.
+- challenge(): 32 random bytes for this connection, and the parent's clock.
 - registerChild(childId, endpoint, hotkey, signature...): a child says who it is and where it
   listens. An id that registers again keeps its counters and the jobs it holds; with auth on,
-  its hotkey must be in allowed_child_hotkeys and sign the call, and the connection then serves
-  that child only.
+  its hotkey must be in allowed_child_hotkeys and sign the call over this connection's
+  challenge (used once), the connection then serves that child only, and the id's earlier
+  connection is closed.
 - requestJobs(childId, maxJobs, heldJobs, results, waitMs): the child's poll, in one
   transaction: its results are recorded first; jobs assigned to it that it lacks (heldJobs) are
   sent again; then up to maxJobs new ones, within max_jobs_per_child (0 is a heartbeat). The
@@ -15,7 +19,8 @@ The protocol, as the parent serves it (a standby answers ping and getStats only)
   until a job arrives or the wait is over.
 - reportJobCompletion(s)(childId, results): results outside a poll. Only the child holding a job
   records its result; a repeated report is acknowledged again; one over max_result_bytes is
-  recorded as a failure that says so.
+  recorded as a failure that says so. With auth on, only a result signed by the hotkey that
+  registered the connection, over an attempt that child held, is recorded, with that proof.
 - receiveJob, which the parent calls on a child with push_jobs = true: a pending job sent straight
   to the child with the most free room; a refused one stays pending.
 - ping, and getStats: the statistics as JSON (the queue, the children, this parent's role).
@@ -29,7 +34,8 @@ The order of this file: the protocol first, then what a first reading can skip.
 - ParentService: the RPC service, one per connection, its methods named as in the schema.
 - ParentState: the one state behind every connection, and the protocol's side of it (register,
   poll, report, assign, withdraw); its parts are the pending queue, the leases, the chain
-  intake and the statistics. The messages it answers with.
+  intake and the statistics. Reports: results checked, recorded and answered. LiveChildren:
+  the one connection of each child id. The messages it answers with.
 - run(), stand_by(), lead(), main(): the main loop. It stands by until this parent is the active
   one of the parents that share the database, then reads the chain, looks after the leases and
   sets weights when due, until stopped or until the leadership is lost.
@@ -51,8 +57,10 @@ import hashlib
 import heapq
 import json
 import re
+import secrets
 import threading
 import time
+from typing import NamedTuple
 
 import prometheus_client
 import psycopg
@@ -151,7 +159,14 @@ create table if not exists leadership (
     since     timestamptz not null default now()
 );
 insert into leadership (epoch, endpoint) values (0, '') on conflict do nothing;
-"""]
+""", """
+-- The proof of a result recorded with auth on: the child's signature over it
+-- (common.result_fields), the hotkey it holds for and the attempt it names, so that anyone
+-- with the child's ss58 address can check later which child vouched for which score.
+alter table jobs add column if not exists result_signature bytea;
+alter table jobs add column if not exists result_hotkey text;
+alter table jobs add column if not exists result_attempt integer;
+""" + common.NONCES_SCHEMA]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
@@ -163,6 +178,16 @@ MAX_JOBS_PER_ANSWER = 1000
 MAX_HOTKEY_CHARS = 64  # an ss58 address has 47-48
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
+
+
+class Result(NamedTuple):
+    """One result a child reports (a JobResult); a child with auth on also sends the attempt
+    it held and its signature over both (common.result_fields)."""
+    job_id: int
+    success: bool
+    result: str
+    attempt: int = 0
+    signature: bytes = b""
 
 JOBS_FINISHED = prometheus_client.Counter(
     "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
@@ -183,9 +208,11 @@ PARENT_ACTIVE = prometheus_client.Gauge(
 
 class ParentService(ServiceBase):
     """One per connection. With auth on, a connection serves only the child that registered
-    on it, with a hotkey in allowed_child_hotkeys and a fresh signature; a call for any other
-    child is refused before its parameters are decoded. With auth off, a call a child makes
-    (registerChild, requestJobs, report...) that is answered registers the connection."""
+    on it, with a hotkey in allowed_child_hotkeys and a signature over the challenge this
+    connection was given (so a registration recorded anywhere else is worth nothing here); a
+    call for any other child is refused before its parameters are decoded, and a result counts
+    only with that hotkey's signature. With auth off, a call a child makes (registerChild,
+    requestJobs, report...) that is answered registers the connection."""
 
     role = "parent"
     CHILD_METHODS = ("requestJobs", "reportJobCompletion", "reportJobCompletions")
@@ -196,6 +223,9 @@ class ParentService(ServiceBase):
     def __init__(self, state):
         super().__init__()
         self.state, self.child_id = state, None
+        self.hotkey = None  # with auth on: the hotkey that registered child_id here
+        self.issued = None  # the challenge handed out on this connection, until a registration
+        self.open = True  # until the connection closed
 
     def precheck(self, method, params):
         if method in self.CHILD_METHODS:
@@ -210,26 +240,41 @@ class ParentService(ServiceBase):
         return method == "registerChild" or (
             not self.state.verifier and method in self.CHILD_METHODS)
 
+    def challenge(self):
+        """What a child signs into its registration on this connection. A standby answers
+        too: its challenge is as worthless anywhere else, and the child learns its clock."""
+        self.issued = secrets.token_bytes(32)
+        return {"challenge": self.issued, "time": int(time.time() * 1000)}
+
     def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
                        signature=b""):
+        challenge, self.issued = self.issued, None  # used once, whatever the answer
         self._check_active()
         verifier = self.state.verifier
         if verifier:
+            what = f"registration of {childId!r}"
             if hotkey not in self.state.cfg.allowed_child_hotkeys:
-                verifier.refuse(f"registration of {childId!r}",
-                                f"hotkey {hotkey!r} is not in allowed_child_hotkeys", self.peer)
-            reason = verifier.check(hotkey, ["registerChild", childId, endpoint,
-                                             self.state.identity.hotkey], timestamp, nonce,
-                                    signature)
+                verifier.refuse(what, f"hotkey {hotkey!r} is not in allowed_child_hotkeys",
+                                self.peer)
+            if challenge is None:
+                verifier.refuse(what, "no challenge on this connection (call challenge "
+                                "first)", self.peer)
+            reason = verifier.check(hotkey, common.registration_fields(
+                childId, endpoint, self.state.identity.hotkey, challenge), timestamp, nonce,
+                signature)
             if reason:
-                verifier.refuse(f"registration of {childId!r}", reason, self.peer)
+                verifier.refuse(what, reason, self.peer)
         message = self.state.register_child(childId, endpoint, hotkey if verifier else "",
-                                            self.peer)
-        self.child_id = childId
+                                            self)
+        self.child_id, self.hotkey = childId, hotkey if verifier else None
         return {"success": True, "message": message}
 
+    def connection_closed(self):
+        self.open = False
+        self.state.live.forget(self.child_id, self)
+
     def _check_active(self):
-        """A standby answers ping and getStats only."""
+        """A standby answers ping, getStats and challenge only."""
         if self.state.leadership:
             self.state.leadership.refuse_unless_active()
 
@@ -244,26 +289,37 @@ class ParentService(ServiceBase):
                                            cfg.rpc_idle_timeout_seconds / 2)
         deadline = time.monotonic() + wait
         with self.state.queue.arrivals.watch() as arrived:
-            jobs, replies, revoked = await asyncio.to_thread(
-                self.state.poll, childId, maxJobs, heldJobs, results)
+            jobs, answers, revoked = await asyncio.to_thread(
+                self.state.poll, childId, maxJobs, heldJobs, results, self)
             while not jobs and not revoked and maxJobs and await wait_until(arrived, deadline):
                 arrived.clear()
                 jobs, _, revoked = await asyncio.to_thread(
                     self.state.poll, childId, maxJobs, heldJobs)
-        return {"jobs": jobs, "replies": replies_message(replies), "revoked": revoked}
+        return {"jobs": jobs, "replies": self._replies(childId, results, answers),
+                "revoked": revoked}
 
-    def report_job_completion(self, childId, jobId, success, result):
-        acknowledged, message = self.state.report_completion(childId, jobId, success, result)
-        return {"acknowledged": acknowledged, "message": message}
+    def report_job_completion(self, childId, jobId, success, result, attempt=0,
+                              signature=b""):
+        results = [Result(jobId, success, result, attempt, signature)]
+        [reply] = self._replies(childId, results,
+                                self.state.report_completions(childId, results, self))
+        return reply
 
     def report_job_completions(self, childId, results=()):
-        return {"replies": replies_message(
-            self.state.report_completions(childId, self._results(results)))}
+        results = self._results(results)
+        return {"replies": self._replies(
+            childId, results, self.state.report_completions(childId, results, self))}
 
     @staticmethod
     def _results(results):
-        return [(r.get("jobId", 0), r.get("success", False), r.get("result", ""))
-                for r in results]
+        return [Result(r.get("jobId", 0), r.get("success", False), r.get("result", ""),
+                       r.get("attempt", 0), r.get("signature", b"")) for r in results]
+
+    def _replies(self, child_id, results, answers):
+        """The answers to the results as ReportReply messages, signed with auth on."""
+        return [sealed(self.state.identity, {"acknowledged": ok, "message": message},
+                       common.reply_fields(child_id, r.job_id, r.attempt, ok, message))
+                for r, (ok, message) in zip(results, answers)]
 
     def get_stats(self):
         return {"json": json.dumps(self.state.statistics.stats())}
@@ -290,6 +346,8 @@ class ParentState:
         self.leases = Leases(db, cfg, self.queue, self.fenced)
         self.intake = ChainIntake(cfg, self.queue, self.fenced)
         self.statistics = Statistics(db, cfg, verifier, leadership)
+        self.reports = Reports(cfg, verifier)
+        self.live = LiveChildren()
         if not leadership:  # else take_over() loads it: a standby holds no queue
             self.queue.reload()
 
@@ -311,7 +369,10 @@ class ParentState:
     def step_down(self):
         self.queue.clear()
 
-    def register_child(self, child_id, endpoint, hotkey="", peer="an unknown address"):
+    def register_child(self, child_id, endpoint, hotkey="", connection=None):
+        """Register (or register again) child_id, from `connection` (its ParentService); with
+        auth on, its earlier connection, if still open, is closed."""
+        peer = getattr(connection, "peer", "an unknown address")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", child_id):
             raise Refused("childId must be 1-64 letters, digits, '_', '.' or '-'")
         try:
@@ -336,7 +397,14 @@ class ParentState:
         if taken:
             self.verifier.refuse(f"registration of {child_id!r}",  # only with auth on
                                  f"the id belongs to another hotkey than {hotkey}", peer)
-        log.info("Child %s registered from %s", child_id, endpoint)
+        # With auth on, one live connection per child id: an attacker who wrote into the
+        # earlier one loses it. With auth off, as before: anyone may act for any id anyway.
+        earlier = self.live.bind(child_id, connection) if self.verifier and connection \
+            else None
+        if earlier:
+            earlier.close_connection()
+        log.info("Child %s registered from %s (endpoint %s)%s", child_id, peer, endpoint,
+                 f"; closed its earlier connection from {earlier.peer}" if earlier else "")
         return f"registered as {child_id}"
 
     def _seen(self, conn, child_id):
@@ -379,18 +447,21 @@ class ParentState:
         """A child's poll without results: see poll(); returns the jobs."""
         return self.poll(child_id, max_jobs, held_ids)[0]
 
-    def poll(self, child_id, max_jobs, held_ids=None, results=()):
-        """A child's poll: its results, [(job_id, success, result)], recorded first (see
-        report_completions), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
+    def poll(self, child_id, max_jobs, held_ids=None, results=(), connection=None):
+        """A child's poll: its results (Result, or (job_id, success, result)) recorded first
+        (see Reports), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
         (an answer lost when a connection or the parent died) are sent again first, and the
         jobs it holds that are no longer its own are revoked. All in one transaction.
         Returns (jobs, one (acknowledged, message) per result, revoked jobs as
-        {"jobId", "reason"})."""
+        {"jobId", "attempt", "reason"}); jobs and revocations signed with auth on."""
         lost, recorded, revoked = [], [], []
+        results = [Result(*r) for r in results]
+        unproven = self.reports.check(child_id, results, connection)
 
         def room(conn):
-            recorded[:] = [self._record(conn, child_id, results)] if results else []
+            recorded[:] = [self.reports.record(conn, child_id, results, unproven, connection)] \
+                if results else []
             held = self._seen(conn, child_id)
             # A job assigned moments ago may be a push still on its way to the child.
             lost[:] = [] if held_ids is None else conn.execute(
@@ -400,12 +471,13 @@ class ParentState:
                 (child_id, list(held_ids), REDELIVERY_GRACE_SECONDS,
                  MAX_JOBS_PER_ANSWER)).fetchall()
             revoked[:] = [] if held_ids is None else not_its_own(
-                conn, child_id, held_ids, [job_id for job_id, _, _ in results])
+                conn, child_id, held_ids, [r.job_id for r in results])
             return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
                        self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
-        answers = self._answers(child_id, results, *recorded[0]) if results else []
+        answers = self.reports.answers(child_id, results, recorded[0], connection) \
+            if results else []
         if lost:
             log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
@@ -417,7 +489,10 @@ class ParentState:
         for r in revoked:
             log.info("Child %s holds job %d, no longer its own (%s): telling it to stop",
                      child_id, r["jobId"], r["reason"])
-        return [job_message(row) for row in lost + rows], answers, revoked
+        identity = self.identity
+        return ([job_message(row, child_id, identity) for row in lost + rows], answers,
+                [sealed(identity, r, common.revocation_fields(child_id, r["jobId"], r["attempt"],
+                                                              r["reason"])) for r in revoked])
 
     def withdraw(self, row):
         """Undo an assignment that never reached the child (a refused push)."""
@@ -433,35 +508,67 @@ class ParentState:
         """One result: see report_completions."""
         return self.report_completions(child_id, [(job_id, success, result)])[0]
 
-    def report_completions(self, child_id, results):
-        """Record a child's results, [(job_id, success, result)], in one transaction; returns
-        one (acknowledged, message) per result. Only the child holding a job records its
-        result; a repeated report of a recorded result is acknowledged again."""
+    def report_completions(self, child_id, results, connection=None):
+        """Record a child's results (Result, or (job_id, success, result)) in one transaction,
+        as `connection` (its ParentService) reports them; returns one (acknowledged, message)
+        per result. See Reports."""
+        results = [Result(*r) for r in results]
+        unproven = self.reports.check(child_id, results, connection)
         with self.fenced() as conn:
             self._seen(conn, child_id)
-            outcome = self._record(conn, child_id, results)
+            outcome = self.reports.record(conn, child_id, results, unproven, connection)
         # Logged only once committed: the log never shows a result the database lacks.
-        return self._answers(child_id, results, *outcome)
+        return self.reports.answers(child_id, results, outcome, connection)
 
-    def _record(self, conn, child_id, results):
-        """Write the results; returns what _answers needs to answer each. A result over
-        max_result_bytes is recorded as a failure that says so: refused, the child would send
-        it again at every poll (a child whose max_result_bytes is larger than ours)."""
-        sizes = [len(result.encode()) for _, _, result in results]
-        limit = self.cfg.max_result_bytes
+
+class Reports:
+    """The results children report, in a poll or on their own: checked, recorded, answered.
+    Only the child holding a job records its result; a repeated report of a recorded result
+    is acknowledged again; one over max_result_bytes is recorded as a failure that says so.
+
+    With auth on (a verifier), a result counts only if it carries the signature of the hotkey
+    that registered the connection's child (common.result_fields) and names an attempt that
+    child held at that job (assignments). Whatever someone else writes into a registered
+    connection is refused ("refused: ..."), counted, and recorded nowhere: results decide
+    weights. A recorded result keeps its proof: the signature, the hotkey and the attempt."""
+
+    def __init__(self, cfg, verifier):
+        self.cfg, self.verifier = cfg, verifier
+
+    def check(self, child_id, results, connection):
+        """With auth on, {index: why not} of the results whose signature does not hold. CPU
+        only: done before the transaction, which holds row locks."""
+        if not self.verifier:
+            return {}
+        hotkey = getattr(connection, "hotkey", None)
+        return {i: f"its signature does not hold for the child's hotkey {hotkey}"
+                for i, r in enumerate(results) if not (hotkey and self.verifier.holds(
+                    hotkey, common.result_fields(child_id, r.job_id, r.attempt, r.success,
+                                                 r.result), r.signature))}
+
+    def record(self, conn, child_id, results, unproven, connection):
+        """Write the results that may be, in the caller's transaction; returns what answers()
+        needs. A result over max_result_bytes is recorded as a failure that says so: refused,
+        the child would send it again at every poll (a child whose max_result_bytes is larger
+        than ours); its proof covers the text the child sent."""
+        refused = self._foreign_attempts(conn, child_id, results, unproven)
+        sizes = [len(r.result.encode()) for r in results]
+        hotkey = getattr(connection, "hotkey", None)
         # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
-        written = [(job_id, False, json.dumps({"error": too_big(job_id, size, limit)}))
-                   if size > limit else (job_id, success, result)
-                   for (job_id, success, result), size in zip(results, sizes) if job_id < 2**63]
+        written = [self._row(r, size, hotkey) for i, (r, size) in enumerate(zip(results, sizes))
+                   if r.job_id < 2**63 and i not in refused]
+        columns = [list(column) for column in zip(*written)] or [[] for _ in range(6)]
         recorded = {row["job_id"] for row in conn.execute(
             """with reported as (
-                   select * from unnest(%b::bigint[], %b::boolean[], %b::text[])
-                       as r(job_id, success, result)),
+                   select * from unnest(%b::bigint[], %b::boolean[], %b::text[], %b::bytea[],
+                                        %b::text[], %b::integer[])
+                       as r(job_id, success, result, signature, hotkey, attempt)),
                finished as (
                    update jobs set status = case when reported.success then 'completed'
                                             else 'failed' end,
                        success = reported.success, result = reported.result,
-                       finished_at = now()
+                       result_signature = reported.signature, result_hotkey = reported.hotkey,
+                       result_attempt = reported.attempt, finished_at = now()
                    from reported where jobs.job_id = reported.job_id
                        and jobs.status = 'assigned' and jobs.child_id = %s
                    returning jobs.job_id, jobs.attempts, jobs.status),
@@ -469,25 +576,53 @@ class ParentState:
                    update assignments set finished_at = now(), outcome = finished.status
                    from finished where assignments.job_id = finished.job_id
                        and assignments.attempt = finished.attempts)
-               select job_id from finished""",
-            (*map(list, zip(*written)), child_id) if written else ([], [], [], child_id))}
+               select job_id from finished""", (*columns, child_id))}
         others = {row["job_id"]: row for row in conn.execute(
-            "select job_id, status, child_id from jobs where job_id = any(%b)",
-            ([job_id for job_id, _, _ in written],))}
-        return sizes, recorded, others
+            "select job_id, status, child_id from jobs where job_id = any(%b)", (columns[0],))}
+        return sizes, recorded, others, refused
 
-    def _answers(self, child_id, results, sizes, recorded, others):
+    def _row(self, r, size, hotkey):
+        """A result as written: its proof with auth on (nothing vouches for it with auth off)."""
+        limit = self.cfg.max_result_bytes
+        success, text = (False, json.dumps({"error": too_big(r.job_id, size, limit)})) \
+            if size > limit else (r.success, r.result)
+        proof = (bytes(r.signature), hotkey, r.attempt) if self.verifier else (None, None, None)
+        return (r.job_id, success, text, *proof)
+
+    def _foreign_attempts(self, conn, child_id, results, unproven):
+        """With auth on: the unproven results, and those naming an attempt at the job that
+        this child never held (a signed result of an earlier attempt is no result of this
+        one, and one of another child's attempt is not this child's to give)."""
+        if not self.verifier:
+            return unproven
+        held = {(row["job_id"], row["attempt"]) for row in conn.execute(
+            "select job_id, attempt from assignments where child_id = %s and job_id = any(%b)",
+            (child_id, [r.job_id for r in results if r.job_id < 2**63]))}
+        refused = dict(unproven)
+        for i, r in enumerate(results):
+            if i not in refused and (r.job_id, r.attempt) not in held:
+                refused[i] = f"attempt {r.attempt} of job {r.job_id} was never this child's"
+        return refused
+
+    def answers(self, child_id, results, outcome, connection):
+        """One (acknowledged, message) per result; the refused ones are counted."""
+        sizes, recorded, others, refused = outcome
         answers = []
-        for (job_id, success, result), size in zip(results, sizes):
-            if job_id in recorded:
-                recorded.discard(job_id)  # the same result twice in one call: once recorded
+        for i, (r, size) in enumerate(zip(results, sizes)):
+            if i in refused:
+                self.verifier.count(f"the result of job {r.job_id} from child {child_id!r}",
+                                    refused[i], getattr(connection, "peer", "an unknown address"))
+                answers.append((False, f"refused: {refused[i]}"))
+                continue
+            if r.job_id in recorded:
+                recorded.discard(r.job_id)  # the same result twice in one call: once recorded
                 if size > self.cfg.max_result_bytes:
                     outcome = "too big", size
                 else:
                     outcome = "recorded", None
             else:
-                outcome = "not held", others.get(job_id)
-            answers.append(self._answer(child_id, job_id, success, result, *outcome))
+                outcome = "not held", others.get(r.job_id)
+            answers.append(self._answer(child_id, r.job_id, r.success, r.result, *outcome))
         return answers
 
     def _answer(self, child_id, job_id, success, result, outcome, detail):
@@ -513,11 +648,48 @@ class ParentState:
                       f"and not held by {child_id}")
 
 
+class LiveChildren:
+    """With auth on, the connection (ParentService) each registered child id is live on: a
+    registration on a new connection closes the earlier one, so that no two connections act
+    for one child. Keyed by registered child ids (at most MAX_CHILDREN); an entry goes when
+    its connection closes."""
+
+    def __init__(self):
+        # Registrations run on worker threads, closings on the RPC loop.
+        self.lock = threading.Lock()
+        self.connections = {}  # child id -> its connection
+
+    def bind(self, child_id, connection):
+        """child_id is live on `connection` now; returns its earlier connection if still open."""
+        with self.lock:
+            self._drop(connection.child_id, connection)  # the id it served before, if any
+            earlier = self.connections.get(child_id)
+            if connection.open:  # else closed meanwhile: nothing to forget later
+                self.connections[child_id] = connection
+        return earlier if earlier not in (None, connection) and earlier.open else None
+
+    def forget(self, child_id, connection):
+        with self.lock:
+            self._drop(child_id, connection)
+
+    def _drop(self, child_id, connection):
+        if self.connections.get(child_id) is connection:
+            del self.connections[child_id]
+
+
 # -- the messages the protocol answers with -----------------------------------------------------
 
-def job_message(row):
-    """A jobs row as an EvaluationJobData message."""
-    return {
+def sealed(identity, message, fields):
+    """The message with the parent's signature over `fields` (auth on: an identity)."""
+    if identity:
+        message["signature"] = identity.seal(fields)
+    return message
+
+
+def job_message(row, child_id=None, identity=None):
+    """A jobs row as an EvaluationJobData message for child_id: with auth on, signed over all
+    of its fields and the child id, so that nobody can change what the child evaluates."""
+    message = {
         "jobId": row["job_id"], "submissionId": row["submission_id"],
         "minerHotkey": row["miner_hotkey"], "hfRepoId": row["hf_repo_id"],
         "hfRepoCommit": row["hf_repo_commit"], "envProvider": row["env_provider"],
@@ -525,22 +697,28 @@ def job_message(row):
         "randomSeed": row["random_seed"], "maxRetries": row["max_retries"],
         "retryCount": max(0, row["attempts"] - 1),
         "createdAt": int(row["created_at"].timestamp() * 1000),
+        "attempt": row["attempts"],
     }
+    return sealed(identity, message, common.job_fields(child_id, message))
 
 
 def not_its_own(conn, child_id, held_ids, reported_ids):
     """The jobs among held_ids that the child no longer holds at the parent: cancelled,
     given back to the queue, handed to another child, or finished by another one. Its
-    own results, and jobs the parent never issued, are not among them."""
+    own results, and jobs the parent never issued, are not among them. Each with the latest
+    attempt at it that the child held (0: none), which its revocation names."""
     rows = conn.execute(
-        """select job_id, status, child_id, result from jobs
-           where job_id = any(%b) and not job_id = any(%b)
+        """select job_id, status, child_id, result,
+                  (select coalesce(max(a.attempt), 0) from assignments a
+                   where a.job_id = jobs.job_id and a.child_id = %s) as attempt
+           from jobs where job_id = any(%b) and not job_id = any(%b)
              and not (child_id is not distinct from %s
                       and status in ('assigned', 'completed', 'failed'))
            order by job_id""",
-        ([j for j in held_ids if j < 2**63], [j for j in reported_ids if j < 2**63],
+        (child_id, [j for j in held_ids if j < 2**63], [j for j in reported_ids if j < 2**63],
          child_id)).fetchall()
-    return [{"jobId": row["job_id"], "reason": revocation_reason(row)} for row in rows]
+    return [{"jobId": row["job_id"], "attempt": row["attempt"],
+             "reason": revocation_reason(row)} for row in rows]
 
 
 def revocation_reason(row):
@@ -554,11 +732,6 @@ def revocation_reason(row):
     if row["status"] == "assigned":
         return f"handed to child {row['child_id']}"
     return f"{row['status']} by child {row['child_id']}"
-
-
-def replies_message(answers):
-    """(acknowledged, message) pairs as ReportReply messages."""
-    return [{"acknowledged": a, "message": m} for a, m in answers]
 
 
 def too_big(job_id, size, limit):
@@ -579,7 +752,7 @@ def run(cfg, stop):
     db = common.Database(dsn, SCHEMA, session="set idle_in_transaction_session_timeout = "
                                               f"{int(cfg.leader_timeout_seconds * 1000)}")
     weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
-    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port)
+    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port, db)
     tls_server, tls_client = common.tls_contexts(cfg)
     leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
                             cfg.leader_timeout_seconds)
@@ -590,8 +763,7 @@ def run(cfg, stop):
     PARENT_ACTIVE.set(0)
     # A parent that can lead at once serves as the active one from its first call.
     with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
-        if leadership.take():
-            state.take_over()
+        take_the_lead(state)
     rpc = RpcThread()
     port = rpc.serve(cfg.listen_host, cfg.parent_port, lambda: ParentService(state), cfg,
                      tls_server)
@@ -599,10 +771,8 @@ def run(cfg, stop):
              " (TLS 1.3)" if tls_server else "")
     pusher = Pusher(state, rpc, tls_client) if cfg.push_jobs else None
     while not stop.is_set():
-        if not leadership.active():
-            if not stand_by(stop, leadership):
-                break
-            state.take_over()
+        if not leadership.active() and not stand_by(stop, state):
+            break
         lead(cfg, stop, state, chain, pusher, weights)
     log.info("Parent validator stopping")
     rpc.stop()
@@ -611,14 +781,30 @@ def run(cfg, stop):
     db.close()
 
 
-def stand_by(stop, leadership):
+def take_the_lead(state):
+    """Take the leadership if it is free, and then the queue; True if this parent now leads.
+    A database that fails between the two (restarted meanwhile) gives the leadership back: a
+    parent serves only with its queue loaded."""
+    leadership = state.leadership
+    if not leadership.take():
+        return False
+    try:
+        state.take_over()
+    except common.DatabaseUnavailable as e:
+        leadership.step_down(f"the queue could not be loaded ({e})")
+        raise
+    return True
+
+
+def stand_by(stop, state):
     """Until `stop`, try to take the leadership every STANDBY_RETRY_SECONDS; True once taken.
     Meanwhile the RPC service answers ping and getStats and refuses the rest ("standby")."""
+    leadership = state.leadership
     outage = common.Outage("Leadership check failed", "Leadership check recovered", 30.0)
     announced = None
     while not stop.is_set():
         try:
-            if leadership.take():
+            if take_the_lead(state):
                 outage.succeeded()
                 return True
             outage.succeeded()
@@ -1255,7 +1441,8 @@ class Pusher:
                 signed = dict(zip(("timestamp", "nonce", "signature"), self.state.identity.sign(
                     "receiveJob", child_id, job["job_id"])))
             try:
-                reply = self.client(endpoint).call("receiveJob", job=job_message(job), **signed)
+                reply = self.client(endpoint).call(
+                    "receiveJob", job=job_message(job, child_id, self.state.identity), **signed)
                 accepted, message = reply["accepted"], reply["message"]
             except PeerUnavailable as e:
                 accepted, message = False, str(e)
@@ -1276,9 +1463,13 @@ class Pusher:
 # ---------------------------------------------------------------------------------------------
 
 def list_jobs(db, status=None):
+    """The jobs, with the proof of each result recorded with auth on: the child's signature
+    (hex) over common.result_fields, its hotkey and the attempt, for anyone to check."""
     return db.query(
         """select job_id, miner_hotkey, hf_repo_id, hf_repo_commit, status, priority, child_id,
-                  attempts, extract(epoch from now() - created_at) as age, result
+                  attempts, extract(epoch from now() - created_at) as age, result,
+                  encode(result_signature, 'hex') as result_signature, result_hotkey,
+                  result_attempt
            from jobs where %(status)s::text is null or status = %(status)s
            order by job_id""", {"status": status})
 

@@ -19,7 +19,8 @@ Its parts, in order:
 The hooks a service uses: `role`; LIST_LIMITS (most items of a list parameter, checked before
 decoding); precheck(method, params) (refuse on what costs nothing to read); registers(method)
 (an answered call of this method registers the connection); `peer` and `address` (set when the
-connection opens); `registered`. A method raises common.Refused to answer with a message.
+connection opens); `registered`; close_connection() (from any thread) and connection_closed()
+(called once it closed). A method raises common.Refused to answer with a message.
 
 Invariants, each of which aborts the whole process when broken (field notes):
 - one KJ loop per process: one RpcThread, shared by the servers and clients of a validator;
@@ -207,21 +208,30 @@ class Connections:
         self.open[service] = stream
         server = capnp.TwoPartyServer(stream, bootstrap=service)
         disconnected = asyncio.ensure_future(server.on_disconnect())
+        # The service may close its own connection from a worker thread (close_connection):
+        # the stream is closed here, on the loop that owns it.
+        closing, loop = asyncio.Event(), asyncio.get_running_loop()
+        service._close_connection = lambda: loop.call_soon_threadsafe(closing.set)
+        closed = asyncio.ensure_future(closing.wait())
         try:
             while not disconnected.done():
                 idle, allowed = time.monotonic() - service.last_call, self._allowed_idle(service)
-                if idle >= allowed and not service.calls:
-                    self._close(stream, service, "idle" if service.registered
-                                else "unregistered")
+                if closed.done() or (idle >= allowed and not service.calls):
+                    self._close(stream, service, "closed by its service" if closed.done()
+                                else "idle" if service.registered else "unregistered")
                     break
-                await asyncio.wait({disconnected}, timeout=max(0.05, allowed - idle))
+                await asyncio.wait({disconnected, closed}, timeout=max(0.05, allowed - idle),
+                                   return_when=asyncio.FIRST_COMPLETED)
             if guard.refused:
                 self._count(service, "too large")
         except asyncio.CancelledError:  # we are stopping
             pass
         finally:
             self.open.pop(service, None)
+            service._close_connection = lambda: None
             disconnected.cancel()
+            closed.cancel()
+            service.connection_closed()
 
     def _allowed_idle(self, service):
         if service.registered:
@@ -271,6 +281,7 @@ CLOSINGS = {
     "unregistered": "without a call within rpc_register_timeout_seconds",
     "idle": "idle for rpc_idle_timeout_seconds",
     "too large": "sent a message over the connection's limit",
+    "closed by its service": "closed by the validator (a child registered on a newer one)",
 }
 
 
@@ -386,6 +397,15 @@ class ServiceBase(SCHEMA.ValidatorJobsService.Server):
         self.calls = 0  # in progress: a connection is not idle while it waits for an answer
         self.registered = False
         self.peer, self.address = "an unknown address", "unknown"  # RpcThread.serve sets them
+        self._close_connection = lambda: None  # Connections.serve sets it while open
+
+    def close_connection(self):
+        """Close this connection; from any thread (a worker's too), at once, calls in
+        progress or not."""
+        self._close_connection()
+
+    def connection_closed(self):
+        """Called on the RPC loop once this connection closed, for whatever reason."""
 
     def ping(self):
         return {"pong": f"pong from {self.role}"}

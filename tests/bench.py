@@ -30,7 +30,9 @@ The figures, one function each below:
    the same parent with no children. pending() 1,000,000 pending jobs: the parent's RSS and
    restart time (until it serves, its queue rebuilt); baseline: the same with no job.
 5. chain()       calls to the bittensor substrate seam per sync for a subnet of 256 miners vs a
-   subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py).
+   subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py); and the requests
+   on the wire per sync through the SDK's websocket transport, counted by the loopback node of
+   tests/loopback_node.py (finney's recorded subnet 1, cut to 256 and to 1 uid).
 6. utilization() a seeded batch of 300 jobs whose evaluator sleeps a long-tailed duration
    (median 0.3 s, one in 50 at 3 s) on 2 children x 4 slots: the makespan against the ideal,
    max(sum of durations / slots, longest job); utilization_ratio = ideal / makespan. Also
@@ -919,7 +921,8 @@ def peak_rss_mb(ps):
 
 def chain(workdir, size):
     """Calls to the substrate seam during one sync (a read after the first, which connects),
-    for a subnet of `chain_miners` miners and of 1 miner; and the read's time."""
+    for a subnet of `chain_miners` miners and of 1 miner; and the read's time. Then the
+    requests on the wire (see chain_wire)."""
     os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", str(workdir / "token_symbols.json"))
     import chain as chains
     from test_bittensor_chain import NETUID, FakeSubstrate, Neuron, hotkey
@@ -944,8 +947,44 @@ def chain(workdir, size):
             bittensor_chain.close()
         progress(f"  chain, {miners} miners: {calls} calls per sync, "
                  + " ".join(f"{t:.1f}" for t in times) + " ms")
-        results[miners] = (calls, times)
+        results[miners] = (calls, times, chain_wire(workdir, miners, size["repeats"]))
     return results
+
+
+def chain_wire(workdir, miners, repeats):
+    """Requests on the wire: BittensorChain on a ws:// address (the SDK's own transport)
+    against the loopback node of the tests, serving finney's recorded subnet 1 cut to `miners`
+    uids, each with a commitment. [the first sync on a new connection, then `repeats` syncs
+    one block apart (the head moves on), then one sync 13 s after the previous one (the SDK
+    re-checks the runtime version and the finalized head every 12 s: what a sync costs with
+    sync_frequency >= 12 s)]."""
+    os.environ["BITTENSOR_RUNTIME_CACHE_DIR"] = str(workdir / f"runtime-cache-{miners}")
+    import chain as chains
+    from loopback_node import NETUID, Chain, Node
+
+    state = Chain(miners)
+    for uid, hotkey in enumerate(state.hotkeys()):
+        state.commit(hotkey, f"org/m{uid}@{uid:040x}")
+    node = Node(state)
+    bittensor_chain = chains.BittensorChain(node.url, NETUID)
+    counts = []
+
+    def sync():
+        before = node.count()
+        if len(bittensor_chain.read().commitments) != miners:
+            raise BenchError(f"the wire read lost commitments of {miners} miners")
+        counts.append(node.count(before))
+        state.advance()
+    try:
+        for _ in range(repeats + 1):
+            sync()
+        time.sleep(13.0)  # past the SDK's 12-s checks
+        sync()
+    finally:
+        bittensor_chain.close()
+        node.close()
+    progress(f"  chain on the wire, {miners} miners: {counts} requests per sync")
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1324,12 +1363,19 @@ def measure_chain(run):
     results = chain(run.workdir, size)
     few, many = results[1], results[size["chain_miners"]]
     run.figures.update(
+        chain_wire_connect_requests=many[2][0],
+        chain_wire_requests_per_sync=median(many[2][1:-1]),
+        chain_wire_requests_per_sync_1_miner=median(few[2][1:-1]),
+        chain_wire_requests_ratio=median(many[2][1:-1]) / median(few[2][1:-1]),
+        chain_wire_requests_idle_sync=many[2][-1],
+        chain_wire_requests_idle_sync_1_miner=few[2][-1],
         chain_miners=size["chain_miners"],
         chain_calls_per_sync=median(many[0]), chain_calls_per_sync_1_miner=median(few[0]),
         chain_calls_ratio=median(many[0]) / median(few[0]),
         chain_read_ms=median(many[1]), chain_read_1_miner_ms=median(few[1]),
         chain_read_ratio=median(many[1]) / median(few[1]))
-    run.repeats.update(chain_read_ms=many[1], chain_read_1_miner_ms=few[1])
+    run.repeats.update(chain_read_ms=many[1], chain_read_1_miner_ms=few[1],
+                       chain_wire_requests=many[2], chain_wire_requests_1_miner=few[2])
 
 
 def measure_rpc(run):
@@ -1579,6 +1625,12 @@ TABLE = [
      "chain_calls_per_sync_1_miner", "chain_calls_ratio", "ratio 1 (constant)"),
     ("5. chain read per sync, M miners", "chain_read_ms", "ms", "chain_read_1_miner_ms",
      "chain_read_ratio", ""),
+    ("5. requests on the wire per sync, M miners", "chain_wire_requests_per_sync", "requests",
+     "chain_wire_requests_per_sync_1_miner", "chain_wire_requests_ratio", ""),
+    ("5. ...a sync 13 s after the last, M miners", "chain_wire_requests_idle_sync", "requests",
+     "chain_wire_requests_idle_sync_1_miner", "", ""),
+    ("5. ...the first sync of a connection", "chain_wire_connect_requests", "requests", "", "",
+     ""),
     # Figure 6's ratios are ideal / measured (1 is perfect), the others measured / baseline.
     ("6. makespan, J jobs on S slots", "utilization_makespan_s", "s", "utilization_ideal_s",
      "utilization_ratio", "ratio >= 0.95"),

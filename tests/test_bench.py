@@ -43,6 +43,9 @@ FIGURES = [
     # 5. chain reads per sync
     "chain_miners", "chain_calls_per_sync", "chain_calls_per_sync_1_miner", "chain_calls_ratio",
     "chain_read_ms", "chain_read_1_miner_ms", "chain_read_ratio",
+    "chain_wire_connect_requests", "chain_wire_requests_per_sync",
+    "chain_wire_requests_per_sync_1_miner", "chain_wire_requests_ratio",
+    "chain_wire_requests_idle_sync", "chain_wire_requests_idle_sync_1_miner",
     # 6. utilization of 2 children x 4 slots on jobs of long-tailed durations
     "utilization_jobs", "utilization_slots", "utilization_median_job_s",
     "utilization_longest_job_s", "utilization_makespan_s", "utilization_ideal_s",

@@ -144,16 +144,17 @@ def test_a_poll_revokes_the_held_jobs_that_are_no_longer_the_childs(make_state):
     assert state.report_completion("c1", 4, True, "{}") == (True, "recorded")
     jobs, replies, revoked = state.poll("c1", 0, held_ids=[1, 2, 3, 4, 5, 99],
                                         results=[(4, True, "{}")])
-    assert revoked == [{"jobId": 1, "reason": "cancelled by the operator"},
-                       {"jobId": 2, "reason": "handed to child c2"},
-                       {"jobId": 5, "reason": "superseded by job 6"}]
+    # Each names the attempt taken back: the latest that c1 held (job 99 it never held).
+    assert revoked == [{"jobId": 1, "attempt": 1, "reason": "cancelled by the operator"},
+                       {"jobId": 2, "attempt": 1, "reason": "handed to child c2"},
+                       {"jobId": 5, "attempt": 1, "reason": "superseded by job 6"}]
     # Without heldJobs (a seed-built client) nothing is revoked.
     assert state.poll("c1", 0)[2] == []
     # A lease that expired: the job is back in the queue; the old holder is told.
     state.db.query("update children set last_seen = last_seen - 61 where child_id = 'c1'")
     state.leases.expire()
     assert state.poll("c1", 0, held_ids=[3])[2] == [
-        {"jobId": 3, "reason": "given back to the queue"}]
+        {"jobId": 3, "attempt": 1, "reason": "given back to the queue"}]
     # ...unless this very poll hands it back to the same child: it is its own again.
     jobs, _, revoked = state.poll("c1", 5, held_ids=[3])
     assert 3 in [job["jobId"] for job in jobs] and revoked == []

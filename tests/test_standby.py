@@ -307,3 +307,24 @@ def test_a_seed_configured_child_and_a_seed_built_client_work_with_the_active_pa
     wait_until(lambda: pair.query("select count(*) as n from jobs where status = 'completed'"
                                   ) == [{"n": 3}], 30, "3 completed jobs")
     assert child.stop() == 0
+
+
+def test_a_takeover_whose_queue_cannot_be_loaded_gives_the_lead_back_and_tries_again(
+        make_dsn, tmp_path):
+    """PostgreSQL restarted between taking the lock and loading the queue (seen under pg_ctl
+    restart): the parent died with "lost the connection to PostgreSQL". Now it gives the
+    leadership back and stands by, and its next try leads with the queue loaded."""
+    dsn = make_dsn()
+    cfg = common.load_config(write_toml(tmp_path / "p.toml", {
+        "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+        "subtensor": {"network": "file", "commitments_file": "unused.json"}}))
+    state = parent.ParentState(common.Database(dsn, parent.SCHEMA), cfg,
+                               leadership=parent.Leadership(dsn, "a:1", 4.0))
+    # The state's connection dies as in a restart of the server: its next use fails.
+    with common.connect(dsn) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (state.db.conn.info.backend_pid,))
+    with pytest.raises(common.DatabaseUnavailable):
+        parent.take_the_lead(state)
+    assert not state.leadership.active()
+    assert parent.stand_by(threading.Event(), state)
+    assert state.leadership.active() and state.queue.version is not None
