@@ -101,6 +101,7 @@ FULL = dict(
     recovery_child_kills=3, recovery_parent_kills=3, recovery_standby_kills=3,  # figure 7
     recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
+    auth_batch=1000, auth_repeats=7,  # figure 9: no-op jobs per round, rounds of each mode
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
@@ -112,6 +113,7 @@ QUICK = dict(
     recovery_child_timeout=5.0,
     recovery_job_seconds=4.0,
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
+    auth_batch=40, auth_repeats=2,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
@@ -1303,9 +1305,12 @@ def auth_cost(pg, workdir, size):
     auth = "off", their rounds interleaved, the first of each pair alternating, so that both
     see the same machine: {"on"/"off": (jobs/s of each repeat, {"parent", "children",
     "postgres": CPU ms per job of each repeat})}. Each fleet runs one round first that is not
-    counted. PostgreSQL's CPU includes the other fleet's idle polls, as it includes this
-    bench's, the same for both."""
+    counted. A round is `auth_batch` jobs, more than figure 1's: what signatures cost is per
+    job, and a longer round leaves less to the latencies a round starts and ends with (a
+    chain read, a poll), the same with auth on and off. PostgreSQL's CPU includes the other
+    fleet's idle polls, as it includes this bench's, the same for both."""
     hotkeys = Hotkeys(workdir / "wallets")
+    size = {**size, "batch": size["auth_batch"]}
     fleets, measured = {}, {}
     try:
         for mode in ("on", "off"):
@@ -1316,7 +1321,7 @@ def auth_cost(pg, workdir, size):
         with contextlib.ExitStack() as stack:
             dbs = {mode: stack.enter_context(common.connect(fleet.parent.dsn))
                    for mode, fleet in fleets.items()}
-            for r in range(-1, size["repeats"]):  # -1: the warm-up round, not counted
+            for r in range(-1, size["auth_repeats"]):  # -1: the warm-up round, not counted
                 for mode in ("on", "off") if r % 2 else ("off", "on"):
                     rate, cpu_ms = throughput_round(
                         fleets[mode], dbs[mode], size,
