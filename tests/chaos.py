@@ -607,7 +607,7 @@ class RecordingProxy:
         """Run one direction of a connection; when it ends, close both."""
         try:
             direction(pair, record, questions)
-        except (OSError, ValueError):
+        except (OSError, ValueError, capnp.KjException):  # closed, or past a bound
             pass
         finally:
             with self.lock:
@@ -727,7 +727,7 @@ def replay_connection(messages, port, timeout):
                 ended.append("closed")  # the end of the stream: the parent closed it
             except ConnectionError:
                 ended.append("closed")
-            except (OSError, ValueError):  # our timeout, or a message past any limit
+            except (OSError, ValueError, capnp.KjException):  # our timeout, a bad message
                 ended.append("stopped")
             with changed:
                 changed.notify_all()
