@@ -47,6 +47,11 @@ The figures, one function each below:
 8. idle_footprint() a parent and two children with every timing key at its default, idle for
    60 s: the CPU of each and of PostgreSQL (baseline: PostgreSQL alone, before they start), and
    the memory of each.
+9. auth_cost()   figure 1's measure with 2 children, once with hotkey signatures on (auth =
+   "on": every job, result, reply and registration signed and checked) and once with them off
+   (the baseline), on two fleets up side by side, their rounds interleaved: jobs/s and the
+   CPU per job of the parent, the children and PostgreSQL, for each. Figures 1-8 run with
+   auth off.
 """
 
 import argparse
@@ -96,6 +101,7 @@ FULL = dict(
     recovery_child_kills=3, recovery_parent_kills=3, recovery_standby_kills=3,  # figure 7
     recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
+    auth_batch=1000, auth_repeats=7,  # figure 9: no-op jobs per round, rounds of each mode
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
@@ -107,12 +113,14 @@ QUICK = dict(
     recovery_child_timeout=5.0,
     recovery_job_seconds=4.0,
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
+    auth_batch=40, auth_repeats=2,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
-# Hotkey authentication, where this version has it, is off (as in the tests): it signs and
-# checks registrations and pushes only, and the simulated children of figure 4 have no wallet.
+# Hotkey authentication, where this version has it, is off (as in the tests) but in figure 9,
+# which measures what it costs: the simulated children of figure 4 have no wallet.
 AUTH_OFF = {"auth": "off"} if "auth" in common.CONFIG_KEYS else {}
+AUTH_CHILDREN = 4  # the most children a fleet with hotkeys may have: the parent allows theirs
 
 STOP_FAILURES = []  # validators that did not stop on SIGTERM (see Validator.stop)
 
@@ -294,6 +302,30 @@ class Chain:
         self.clear()
 
 
+class Hotkeys:
+    """Hotkeys made with the bittensor SDK (no password) in one wallet under `directory`, and
+    the config keys of a validator that signs with one of them (auth = "on")."""
+
+    WALLET = "bench"
+
+    def __init__(self, directory):
+        self.directory, self.addresses = directory, {}
+
+    def address(self, name):
+        """The ss58 address of hotkey `name`, made on first use."""
+        if name not in self.addresses:
+            import bittensor
+            wallet = bittensor.Wallet(name=self.WALLET, hotkey=name, path=str(self.directory))
+            wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+            self.addresses[name] = wallet.hotkey.ss58_address
+        return self.addresses[name]
+
+    def config(self, name, **keys):
+        self.address(name)
+        return {"auth": "on", "wallet_path": str(self.directory), "wallet_name": self.WALLET,
+                "hotkey_name": name, **keys}
+
+
 class Parent:
     """A parent validator process on its own database and chain file. start() after stop() is a
     restart, on the same database and port."""
@@ -334,12 +366,19 @@ class Fleet:
     """A parent and its children, each a process with its own database, on a file chain that
     the parent reads every `sync_frequency` seconds (by default 0.1 s, so that a commitment
     becomes a job at once). The children run no-op jobs and poll every POLL_INTERVAL unless
-    `child_config` says otherwise; `parent_config` adds keys to the parent's."""
+    `child_config` says otherwise; `parent_config` adds keys to the parent's. With `hotkeys`
+    (Hotkeys), auth is on: each validator signs with a hotkey of its own, the parent allows
+    those of its first AUTH_CHILDREN children, and each child trusts the parent's."""
 
     def __init__(self, pg, workdir, slots, prefetch=0, name="fleet", sync_frequency=0.1,
-                 child_config=NO_OP_CHILD, parent_config=None):
+                 child_config=NO_OP_CHILD, parent_config=None, hotkeys=None):
         self.pg, self.workdir, self.name = pg, workdir, name
         self.slots, self.prefetch, self.child_config = slots, prefetch, child_config
+        self.hotkeys = hotkeys
+        if hotkeys:
+            parent_config = {**(parent_config or {}), **hotkeys.config(
+                f"{name}_parent", allowed_child_hotkeys=[
+                    hotkeys.address(self.child_id(k)) for k in range(1, AUTH_CHILDREN + 1)])}
         self.parent = Parent(pg, workdir, name, slots + prefetch, sync_frequency, parent_config)
         self.parent.start()
         self.children, self.child_dsns = [], {}
@@ -356,7 +395,7 @@ class Fleet:
         """Start `count` more children at once; wait until each has registered."""
         started = []
         for _ in range(count):
-            child_id = f"{self.name}_child_{len(self.children) + 1}"
+            child_id = self.child_id(len(self.children) + 1)
             dsn = self.pg.database(child_id)
             config = write_toml(self.workdir / f"{child_id}.toml", {
                 "pg_database": dsn, "validator_id": child_id, "log_level": "INFO", **AUTH_OFF,
@@ -366,6 +405,8 @@ class Fleet:
                 "max_concurrent_jobs": self.slots,
                 **({"prefetch_jobs": self.prefetch} if self.prefetch else {}),
                 **self.child_config,
+                **(self.hotkeys.config(child_id, parent_hotkey=self.hotkeys.address(
+                    f"{self.name}_parent")) if self.hotkeys else {}),
             })
             self.child_dsns[child_id] = dsn
             child = Validator(child_id, config, self.workdir)
@@ -373,6 +414,9 @@ class Fleet:
             started.append(child)
         for child in started:
             child.wait_for_log(f"Successfully registered with parent validator as {child.name}")
+
+    def child_id(self, k):
+        return f"{self.name}_child_{k}"
 
     def live_children(self):
         return [child for child in self.children if child.proc.poll() is None]
@@ -486,25 +530,41 @@ def throughput(fleet, db, size, children):
     (which includes this bench's polling, a query every 20 ms), to show where the work is."""
     rates, cpu = [], {"parent": [], "children": [], "postgres": []}
     for r in range(-1, size["repeats"]):  # -1: the warm-up round of new children, not counted
-        used = {"parent": lambda: cpu_seconds([fleet.parent.proc.ps]),
-                "children": lambda: cpu_seconds([child.ps for child in fleet.children]),
-                "postgres": fleet.pg.cpu_seconds}
-        before = {name: measure() for name, measure in used.items()}
-        job_ids = fleet.create_jobs(db, size["batch"])
-        fleet.wait_finished(db, job_ids, timeout=120)
-        cpu_ms = {name: (measure() - before[name]) / len(job_ids) * 1000
-                  for name, measure in used.items()}
-        row = db.execute("select extract(epoch from max(finished_at) - min(created_at)) as s "
-                         "from jobs where job_id = any(%s)", (job_ids,)).fetchone()
-        rate = len(job_ids) / float(row["s"])
-        progress(f"  end to end, {children} children, {repeat_name(r)}: {rate:.0f} jobs/s; "
-                 "CPU per job: " + ", ".join(f"{name} {value:.1f} ms"
-                                             for name, value in cpu_ms.items()))
+        rate, cpu_ms = throughput_round(fleet, db, size,
+                                        f"end to end, {children} children, {repeat_name(r)}")
         if r >= 0:
             rates.append(rate)
             for name, value in cpu_ms.items():
                 cpu[name].append(value)
     return rates, cpu
+
+
+def throughput_round(fleet, db, size, what):
+    """One round of throughput(): (jobs/s, {"parent", "children", "postgres": CPU ms per
+    job}), printed as `what`."""
+    used = {"parent": lambda: cpu_seconds([fleet.parent.proc.ps]),
+            "children": lambda: cpu_seconds([child.ps for child in fleet.children]),
+            "postgres": fleet.pg.cpu_seconds}
+    before = {name: measure() for name, measure in used.items()}
+    job_ids = fleet.create_jobs(db, size["batch"])
+    fleet.wait_finished(db, job_ids, timeout=120)
+    cpu_ms = {name: (measure() - before[name]) / len(job_ids) * 1000
+              for name, measure in used.items()}
+    row = db.execute("select extract(epoch from max(finished_at) - min(created_at)) as s "
+                     "from jobs where job_id = any(%s)", (job_ids,)).fetchone()
+    rate = len(job_ids) / float(row["s"])
+    progress(f"  {what}: {rate:.0f} jobs/s; CPU per job: "
+             + ", ".join(f"{name} {value:.1f} ms" for name, value in cpu_ms.items()))
+    return rate, cpu_ms
+
+
+def cpu_figures(figures, key, cpu):
+    """Figures `key`_parent, _children, _postgres: the medians of throughput()'s CPU per job;
+    and `key`: their sum, which is returned."""
+    for name, values in cpu.items():
+        figures[f"{key}_{name}"] = median(values)
+    figures[key] = sum(median(values) for values in cpu.values())
+    return figures[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1232,6 +1292,51 @@ def idle_footprint(pg, workdir, rpc, size):
 
 
 # ---------------------------------------------------------------------------------------------
+# Figure 9: what hotkey signatures cost, end to end: auth on vs auth off
+# ---------------------------------------------------------------------------------------------
+
+AUTH_COST_CHILDREN = 2
+
+
+def auth_cost(pg, workdir, size):
+    """Figure 1's measure (throughput_round) with AUTH_COST_CHILDREN children, on two fleets
+    up side by side, one with auth = "on" (hotkeys made for the run: the parent signs each
+    job and reply, the children each result, and each side checks what it gets) and one with
+    auth = "off", their rounds interleaved, the first of each pair alternating, so that both
+    see the same machine: {"on"/"off": (jobs/s of each repeat, {"parent", "children",
+    "postgres": CPU ms per job of each repeat})}. Each fleet runs one round first that is not
+    counted. A round is `auth_batch` jobs, more than figure 1's: what signatures cost is per
+    job, and a longer round leaves less to the latencies a round starts and ends with (a
+    chain read, a poll), the same with auth on and off. PostgreSQL's CPU includes the other
+    fleet's idle polls, as it includes this bench's, the same for both."""
+    hotkeys = Hotkeys(workdir / "wallets")
+    size = {**size, "batch": size["auth_batch"]}
+    fleets, measured = {}, {}
+    try:
+        for mode in ("on", "off"):
+            fleets[mode] = Fleet(pg, workdir, size["slots"], size["prefetch"],
+                                 name=f"auth_{mode}", hotkeys=hotkeys if mode == "on" else None)
+            fleets[mode].add_children(AUTH_COST_CHILDREN)
+            measured[mode] = ([], {"parent": [], "children": [], "postgres": []})
+        with contextlib.ExitStack() as stack:
+            dbs = {mode: stack.enter_context(common.connect(fleet.parent.dsn))
+                   for mode, fleet in fleets.items()}
+            for r in range(-1, size["auth_repeats"]):  # -1: the warm-up round, not counted
+                for mode in ("on", "off") if r % 2 else ("off", "on"):
+                    rate, cpu_ms = throughput_round(
+                        fleets[mode], dbs[mode], size,
+                        f"auth {mode}, {AUTH_COST_CHILDREN} children, {repeat_name(r)}")
+                    if r >= 0:
+                        measured[mode][0].append(rate)
+                        for name, value in cpu_ms.items():
+                            measured[mode][1][name].append(value)
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
+    return measured
+
+
+# ---------------------------------------------------------------------------------------------
 # The run, the table and the JSON
 # ---------------------------------------------------------------------------------------------
 
@@ -1312,10 +1417,7 @@ def measure_throughput(run):
                 figures[f"{key}_ratio"] = median(rates) / figures["pgqueuer_jobs_per_s"]
                 repeats[f"{key}_jobs_per_s"] = rates
                 if children == 2:
-                    for name, values in cpu.items():
-                        figures[f"end_to_end_cpu_ms_per_job_{name}"] = median(values)
-                    total = sum(median(values) for values in cpu.values())
-                    figures["end_to_end_cpu_ms_per_job"] = total
+                    total = cpu_figures(figures, "end_to_end_cpu_ms_per_job", cpu)
                     figures["end_to_end_cpu_ratio"] = total / figures["pgqueuer_cpu_ms_per_job"]
                     # The dispatch latencies, with these two children: pull, then push.
                     for mode in ("pull", "push"):
@@ -1446,11 +1548,26 @@ def measure_recovery(run):
                        recovery_standby_job_s=took)
 
 
+def measure_auth(run):
+    progress(f"9. hotkey signatures: end to end with {AUTH_COST_CHILDREN} children, auth on "
+             "vs auth off")
+    measured = auth_cost(run.pg, run.workdir, run.size)
+    for mode, (rates, cpu) in measured.items():
+        run.figures[f"auth_{mode}_jobs_per_s"] = median(rates)
+        run.repeats[f"auth_{mode}_jobs_per_s"] = rates
+        cpu_figures(run.figures, f"auth_{mode}_cpu_ms_per_job", cpu)
+    figures = run.figures
+    figures["auth_ratio"] = figures["auth_on_jobs_per_s"] / figures["auth_off_jobs_per_s"]
+    figures["auth_cpu_ratio"] = \
+        figures["auth_on_cpu_ms_per_job"] / figures["auth_off_cpu_ms_per_job"]
+
+
 # The sections in the order they run; `--only` picks some. The idle footprint goes first, while
 # the server holds few databases (autovacuum visits each one in turn).
 SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
-            "throughput": measure_throughput, "scale": measure_scale, "pending": measure_pending,
-            "utilization": measure_utilization, "recovery": measure_recovery}
+            "throughput": measure_throughput, "auth": measure_auth, "scale": measure_scale,
+            "pending": measure_pending, "utilization": measure_utilization,
+            "recovery": measure_recovery}
 
 
 def run_sections(size, workdir, only=None):
@@ -1549,6 +1666,17 @@ TABLE = [
     ("8. idle: RSS, child 1", "idle_child_1_rss_mb", "MB", "", "", ""),
     ("8. idle: RSS, child 2", "idle_child_2_rss_mb", "MB", "", "", ""),
     ("8. idle: PSS, PostgreSQL", "idle_postgres_pss_mb", "MB", "", "", ""),
+    # Figure 9: auth on, measured against auth off in the same run.
+    ("9. end to end, 2 children, auth on", "auth_on_jobs_per_s", "jobs/s",
+     "auth_off_jobs_per_s", "auth_ratio", "ratio >= 0.85"),
+    ("9. CPU per job, auth on: all", "auth_on_cpu_ms_per_job", "ms",
+     "auth_off_cpu_ms_per_job", "auth_cpu_ratio", ""),
+    ("9. CPU per job, auth on: the parent", "auth_on_cpu_ms_per_job_parent", "ms",
+     "auth_off_cpu_ms_per_job_parent", "", ""),
+    ("9. CPU per job, auth on: the children", "auth_on_cpu_ms_per_job_children", "ms",
+     "auth_off_cpu_ms_per_job_children", "", ""),
+    ("9. CPU per job, auth on: PostgreSQL", "auth_on_cpu_ms_per_job_postgres", "ms",
+     "auth_off_cpu_ms_per_job_postgres", "", ""),
 ]
 SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),

@@ -1,5 +1,6 @@
 """A chaos run: a parent and child validators, killed and restarted at random moments while
-miners keep committing, must lose no job and record no result twice.
+miners keep committing and an attacker on the path replays what it captured, must lose no job,
+record no result twice, and record no result that its child did not sign.
 
     python tests/chaos.py --seed 7 --miners 40 --duration 60 --children 3
 
@@ -17,19 +18,27 @@ The run, top to bottom:
    just under max_result_bytes (1 MiB) instead; about 5% hang past the child's evaluator
    timeout and about 5% crash (exit code 1). So the run knows every job's right result.
 4. The validators. A parent (parent.py) and --children children (child.py) as real processes,
-   with short polls and leases (PARENT_CONFIG, CHILD_CONFIG).
+   with short polls and leases (PARENT_CONFIG, CHILD_CONFIG), and hotkey signatures on
+   (auth = "on"): a hotkey each, made with the bittensor SDK in the work directory; the parent
+   allows the children's, each child trusts the parent's. One child (PROXIED) reaches the
+   parent only through a recording proxy (RecordingProxy), as an attacker on the path would.
 5. The faults, one after another at moments drawn from random.Random(seed) (fault_schedule):
    kill -9 the parent and restart it; kill -9 a child while it runs evaluations (none of its
    evaluator processes may outlive it) and restart it; stop one child for good
    (SIGTERM; the parent must take its jobs back); stop and start the children's PostgreSQL;
    a flood of idle connections at a validator's port from other loopback addresses, held
    open and opened again when closed, while `validator.py status` must still answer (and, at
-   the parent's port, a child killed meanwhile must register again); and unauthenticated
-   requestJobs calls of 60 MB, which the parent must drop within a second.
+   the parent's port, a child killed meanwhile must register again); unauthenticated
+   requestJobs calls of 60 MB, which the parent must drop within a second; and replays of
+   what the proxy captured: connections of PROXIED (its registration, polls and reports)
+   replayed whole to the parent from another address, which must get nothing, and a recorded
+   answer of the parent sent into PROXIED's live connection in the place of the parent's
+   next one.
 6. After --duration seconds the miners stop committing, and we wait (with a deadline) until
    the parent has a job for every commitment on chain and none pending or assigned, and the
    live children have nothing left to run or report.
-7. A clean stop of every validator (SIGTERM; exit code 0), then the checks (check_all).
+7. A clean stop of every validator (SIGTERM; exit code 0), then the checks (check_all),
+   among them that every recorded result holds its child's signature (jobs.result_signature).
 
 It prints the seed, the fault schedule, each fault when injected, the counts and each check,
 and exits 0 when every check holds, 1 otherwise. The same seed gives the same faults and the
@@ -40,6 +49,7 @@ when a check fails.
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import random
@@ -56,6 +66,7 @@ import time
 import uuid
 from pathlib import Path
 
+import capnp
 import psycopg
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +74,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import common  # noqa: E402
-from rpc import PeerUnavailable  # noqa: E402
+from rpc import SCHEMA, PeerUnavailable  # noqa: E402
 from conftest import IdleFlood, free_port, write_chain, write_toml  # noqa: E402
 from validator import fetch_stats  # noqa: E402
 
@@ -85,8 +96,10 @@ CHILD_CONFIG = {
     "max_backoff_seconds": 1.0, "worker_heartbeat_seconds": 3.0,
     "shutdown_grace_seconds": 0.0,  # a child stopped for good leaves its running jobs behind
 }
-if "auth" in common.CONFIG_KEYS:  # hotkey signatures are not what this run is about
-    PARENT_CONFIG["auth"] = CHILD_CONFIG["auth"] = "off"
+# Hotkey signatures are on (auth = "on", the default), with hotkeys made for the run
+# (make_wallets): the parent allows the children's, each child trusts the parent's.
+AUTH = {"auth": "on", "wallet_name": "chaos"}
+PROXIED = "child_1"  # the child whose traffic goes through the recording proxy
 
 EVALUATOR = '''\
 """The chaos run's evaluator: a job (JSON) on stdin, {"score": ...} on stdout. What it does
@@ -313,10 +326,12 @@ class Validator:
 
 
 class Cluster:
-    """The databases, the evaluator, the configs and the validators, in one work directory."""
+    """The databases, the evaluator, the hotkeys, the configs, the validators and the recording
+    proxy between PROXIED and the parent, in one work directory."""
 
     def __init__(self, workdir, children, pg_dsn, prefetch=0):
         self.workdir, self.servers, self.parent, self.children = workdir, [], None, {}
+        self.proxy = None
         try:
             self._set_up(workdir, children, pg_dsn, prefetch)
         except BaseException:
@@ -337,19 +352,29 @@ class Cluster:
         self.chain_path = workdir / "chain.json"
         self.parent_port = free_port()
         self.parent_dsn = self.parent_pg.dsn("parent")
+        names = [f"child_{k}" for k in range(1, children + 1)]
+        self.hotkeys = make_wallets(workdir / "wallets", ["parent", *names])
+        auth = {**AUTH, "wallet_path": str(workdir / "wallets")}
         config = write_toml(workdir / "parent.toml", {
-            **PARENT_CONFIG, "pg_database": self.parent_dsn, "parent_port": self.parent_port,
+            **PARENT_CONFIG, **auth, "hotkey_name": "parent",
+            "allowed_child_hotkeys": [self.hotkeys[name] for name in names],
+            "pg_database": self.parent_dsn, "parent_port": self.parent_port,
             "subtensor": {"network": "file", "commitments_file": str(self.chain_path)}})
         self.parent = Validator("parent", "parent.py", config, workdir / "parent.log",
                                 ready="Parent validator serving")
+        self.proxy = RecordingProxy(self.parent_port)
         self.child_dsns = {}
-        for k in range(1, children + 1):
-            name = f"child_{k}"
+        for name in names:
             self.child_dsns[name] = self.children_pg.dsn(name)
             config = write_toml(workdir / f"{name}.toml", {
-                **CHILD_CONFIG, "pg_database": self.child_dsns[name], "validator_id": name,
+                **CHILD_CONFIG, **auth, "hotkey_name": name,
+                "parent_hotkey": self.hotkeys["parent"],
+                "pg_database": self.child_dsns[name], "validator_id": name,
                 "data_dir": str(workdir / name), "child_port": free_port(),
                 "parent_port": self.parent_port,
+                # One child reaches the parent through the recording proxy only.
+                **({"parent_hosts": [f"127.0.0.1:{self.proxy.port}"]} if name == PROXIED
+                   else {}),
                 **({"prefetch_jobs": prefetch} if prefetch else {}),
                 "evaluator": {"command": [sys.executable, "-S", str(evaluator),
                                           str(EVALUATOR_TIMEOUT + 2), name],
@@ -363,6 +388,8 @@ class Cluster:
         self.evaluator = evaluator
         self.exit_codes = {}            # validator -> exit code of its SIGTERM stop
         self.hostile = []               # what went wrong with the hostile peers' faults
+        self.replays = []               # what each replayed connection got (replay_connection)
+        self.swaps = 0                  # answers of the parent swapped for recorded ones
 
     def validators(self):
         return [v for v in (self.parent, *self.children.values()) if v is not None]
@@ -402,8 +429,352 @@ class Cluster:
         for validator in self.validators():
             if validator.running():
                 validator.kill9()
+        if self.proxy:
+            self.proxy.stop()
         for server in self.servers:
             server.close()
+
+
+def make_wallets(directory, names):
+    """A hotkey for each name, made with the bittensor SDK (no password) in wallet
+    AUTH["wallet_name"] under `directory`: name -> its ss58 address. (The SDK writes nothing
+    under ~/.bittensor for this.)"""
+    import bittensor
+    addresses = {}
+    for name in names:
+        wallet = bittensor.Wallet(name=AUTH["wallet_name"], hotkey=name, path=str(directory))
+        wallet.create_new_hotkey(use_password=False, overwrite=True, suppress=True)
+        addresses[name] = wallet.hotkey.ss58_address
+    return addresses
+
+
+# ---------------------------------------------------------------------------------------------
+# The recording proxy between one child and the parent, and the replayer (the replay faults)
+# ---------------------------------------------------------------------------------------------
+
+_CAPNP = Path(capnp.__file__).resolve().parent
+RPC_MESSAGE = capnp.load(str(_CAPNP / "rpc.capnp"), imports=[str(_CAPNP.parent)]).Message
+SERVICE = SCHEMA.ValidatorJobsService.schema
+METHODS = SERVICE.method_names  # by method id
+REPLAY_SOURCE = "127.0.0.77"  # the replayer's address: what the parent logs of it is a replay's
+MAX_FRAME_SEGMENTS = 512  # as Cap'n Proto's own reader (and rpc.FrameGuard)
+
+
+class Frames:
+    """Cuts one direction of a connection into its Cap'n Proto messages (a segment table, then
+    the segments), holding at most one unfinished message of at most `limit` bytes."""
+
+    def __init__(self, limit):
+        self.limit, self.buffer = limit, bytearray()
+
+    def feed(self, data):
+        """The messages that `data` completes, whole; ValueError for one over the limit."""
+        self.buffer += data
+        messages = []
+        while len(self.buffer) >= 4:
+            segments = int.from_bytes(self.buffer[:4], "little") + 1
+            if segments > MAX_FRAME_SEGMENTS:
+                raise ValueError(f"a message of {segments} segments")
+            header = (4 + 4 * segments + 7) // 8 * 8
+            if len(self.buffer) < header:
+                break
+            size = header + 8 * sum(struct.unpack_from(f"<{segments}I", self.buffer, 4))
+            if size > self.limit:
+                raise ValueError(f"a message of {size} bytes, over {self.limit}")
+            if len(self.buffer) < size:
+                break
+            messages.append(bytes(self.buffer[:size]))
+            del self.buffer[:size]
+        return messages
+
+
+def rpc_header(message):
+    """(kind, question id, method) of an RPC message: ("call", 3, "requestJobs"),
+    ("return", 3, None), ("finish", 3, None), ("bootstrap", 0, None), (other kind, None, None)."""
+    with RPC_MESSAGE.from_bytes(message) as msg:
+        kind = msg.which()
+        if kind == "call":
+            call = msg.call
+            method = METHODS[call.methodId] if call.interfaceId == SERVICE.node.id \
+                and call.methodId < len(METHODS) else None
+            return kind, call.questionId, method
+        if kind == "return":
+            return kind, getattr(msg, "return").answerId, None
+        if kind in ("finish", "bootstrap"):
+            return kind, getattr(msg, kind).questionId, None
+        return kind, None, None
+
+
+def rpc_results(message, method):
+    """The results of `method` an RPC Return carries, as a dict; {"exception": reason} for a
+    call that failed (or an answer that is not of `method`), {} for another kind of return."""
+    with RPC_MESSAGE.from_bytes(message) as msg:
+        answer = getattr(msg, "return")
+        if answer.which() == "exception":
+            return {"exception": answer.exception.reason}
+        if answer.which() != "results":
+            return {}
+        try:
+            return answer.results.content.as_struct(
+                SERVICE.methods[method].result_type).to_dict()
+        except capnp.KjException as e:
+            return {"exception": f"not an answer to {method}: {e.description}"}
+
+
+def with_answer_id(message, answer_id):
+    """An RPC Return as if it answered question `answer_id`."""
+    with RPC_MESSAGE.from_bytes(message) as msg:
+        builder = msg.as_builder()
+    getattr(builder, "return").answerId = answer_id
+    return builder.to_bytes()
+
+
+def carries(results):
+    """What a requestJobs answer carries: its counts of jobs, replies and revocations."""
+    return {key: len(results.get(key, [])) for key in ("jobs", "replies", "revoked")}
+
+
+def describe_carried(counts):
+    return ", ".join(f"{n} {key}" for key, n in counts.items())
+
+
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1, between one child and the parent for the whole run (the
+    child's parent_hosts names it), as an attacker on the path would be. It passes every
+    message on whole and unchanged, and keeps, for the replay faults: what the child sent on
+    each of its last KEEP_CONNECTIONS connections (their first RECORD_MESSAGES messages, at
+    most RECORD_BYTES), and the last KEEP_ANSWERS answers of the parent to requestJobs that
+    carried something (jobs, replies or revocations). Armed (swap_next_answer), it puts one of
+    those recorded answers in the place of the parent's next answer to requestJobs that carries
+    something (which is lost then: the parent must send its jobs again). At most
+    MAX_CONNECTIONS connections at once (more are closed at once); each holds at most one
+    message of each direction, of at most common.MAX_MESSAGE_BYTES."""
+
+    MAX_CONNECTIONS = 8
+    KEEP_CONNECTIONS = 8
+    RECORD_MESSAGES = 200
+    RECORD_BYTES = 1 << 20
+    KEEP_ANSWERS = 32
+    CHUNK = 1 << 16
+
+    def __init__(self, upstream_port):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)  # to see stop() between accepts
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.live = []      # [client socket, parent socket] of each connection open now
+        self.recorded = collections.deque(maxlen=self.KEEP_CONNECTIONS)  # (opened at, [messages])
+        self.answers = collections.deque(maxlen=self.KEEP_ANSWERS)  # (at, message, counts)
+        self.relayed = self.turned_away = 0
+        self.swap = None    # armed: {"pick": float in [0, 1), "done": Event, "outcome": str}
+        self.running = True
+        self.threads = [threading.Thread(target=self._accept, name="proxy", daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # the timeout, or the listener closed by stop()
+                continue
+            with self.lock:
+                full = len(self.live) >= self.MAX_CONNECTIONS or not self.running
+            if full:
+                self.turned_away += 1
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:  # the parent is down: so is the child's connection
+                client.close()
+                continue
+            server.settimeout(None)
+            client.settimeout(None)
+            pair, record, questions = [client, server], [], {}
+            with self.lock:
+                self.live.append(pair)
+                self.recorded.append((time.monotonic(), record))
+                self.relayed += 1
+                self.threads = [t for t in self.threads if t.is_alive()]
+                for target in (self._up, self._down):
+                    thread = threading.Thread(target=self._pump, args=(target, pair, record,
+                                                                       questions), daemon=True)
+                    self.threads.append(thread)
+                    thread.start()
+
+    def _pump(self, direction, pair, record, questions):
+        """Run one direction of a connection; when it ends, close both."""
+        try:
+            direction(pair, record, questions)
+        except (OSError, ValueError, capnp.KjException):  # closed, or past a bound
+            pass
+        finally:
+            with self.lock:
+                if pair in self.live:
+                    self.live.remove(pair)
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _up(self, pair, record, questions):
+        """The child's messages to the parent: recorded (the first ones), the calls noted."""
+        client, server = pair
+        frames, recorded_bytes = Frames(common.MAX_MESSAGE_BYTES), 0
+        while data := client.recv(self.CHUNK):
+            for message in frames.feed(data):
+                kind, question, method = rpc_header(message)
+                if kind == "call":
+                    questions[question] = method
+                if len(record) < self.RECORD_MESSAGES and \
+                        recorded_bytes + len(message) <= self.RECORD_BYTES:
+                    record.append(message)
+                    recorded_bytes += len(message)
+                server.sendall(message)
+
+    def _down(self, pair, record, questions):
+        """The parent's messages to the child: its answers to requestJobs recorded, or
+        swapped for a recorded one when armed."""
+        client, server = pair
+        frames = Frames(common.MAX_MESSAGE_BYTES)
+        while data := server.recv(self.CHUNK):
+            for message in frames.feed(data):
+                kind, question, _ = rpc_header(message)
+                if kind == "return" and questions.pop(question, None) == "requestJobs":
+                    message = self._answer(message, question)
+                client.sendall(message)
+
+    def _answer(self, message, question):
+        counts = carries(rpc_results(message, "requestJobs"))
+        sent = message
+        with self.lock:
+            swap, recorded = self.swap, list(self.answers)
+            if swap and recorded and any(counts.values()):  # an answer that matters, lost
+                self.swap = None
+                at, old, old_counts = recorded[int(swap["pick"] * len(recorded))]
+                sent = with_answer_id(old, question)
+                swap["outcome"] = (f"the parent's answer ({describe_carried(counts)}) dropped; "
+                                   f"in its place one recorded {time.monotonic() - at:.1f}s "
+                                   f"earlier ({describe_carried(old_counts)})")
+                swap["done"].set()
+            if any(counts.values()):
+                self.answers.append((time.monotonic(), message, counts))
+        return sent
+
+    def recordings(self):
+        """The recorded connections, oldest first: (seconds since opened, their messages)."""
+        with self.lock:
+            return [(time.monotonic() - at, list(record)) for at, record in self.recorded
+                    if record]
+
+    def swap_next_answer(self, pick, timeout):
+        """Put a recorded answer (the pick-th of them, pick in [0, 1)) in the place of the
+        parent's next answer to requestJobs that carries something, within `timeout` seconds;
+        what happened, or None."""
+        swap = {"pick": pick, "done": threading.Event(), "outcome": None}
+        with self.lock:
+            self.swap = swap
+        swap["done"].wait(timeout)
+        with self.lock:
+            if self.swap is swap:
+                self.swap = None
+        return swap["outcome"]
+
+    def stop(self):
+        self.running = False
+        with self.lock:
+            live = list(self.live)
+        for pair in live:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in list(self.threads):
+            thread.join(5.0)
+        self.listener.close()
+
+
+def replay_connection(messages, port, timeout):
+    """Send what a child sent on one connection (recorded by the proxy), message for message,
+    on a new connection from REPLAY_SOURCE to the parent at `port`, as the child did: after
+    each call, its answer is awaited (up to `timeout` seconds) before the next message goes.
+    Ends when every message is sent, the parent closes the connection, or a call is not
+    answered in time. Returns {"sent", "messages", "calls" (in what was sent), "answers":
+    [(method, results)], "closed" (by the parent)}."""
+    # The questions by id, each id's in the order asked: an id is asked again only once its
+    # question is answered (the bootstrap's too, whose answer is no call's).
+    asked = collections.defaultdict(collections.deque)
+    answers, ended, changed = [], [], threading.Condition()
+    sent = calls = 0
+    with socket.socket() as sock:
+        sock.bind((REPLAY_SOURCE, 0))
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+
+        def read():
+            frames = Frames(common.MAX_MESSAGE_BYTES)
+            try:
+                while data := sock.recv(RecordingProxy.CHUNK):
+                    for message in frames.feed(data):
+                        kind, question, _ = rpc_header(message)
+                        method = asked[question].popleft() if kind == "return" and \
+                            asked.get(question) else None
+                        if method not in (None, "bootstrap"):
+                            results = rpc_results(message, method)
+                            with changed:
+                                answers.append((method, results))
+                                changed.notify_all()
+                ended.append("closed")  # the end of the stream: the parent closed it
+            except ConnectionError:
+                ended.append("closed")
+            except (OSError, ValueError, capnp.KjException):  # our timeout, a bad message
+                ended.append("stopped")
+            with changed:
+                changed.notify_all()
+
+        reader = threading.Thread(target=read, name="replayer", daemon=True)
+        reader.start()
+        try:
+            for message in messages:
+                kind, question, method = rpc_header(message)
+                if kind in ("call", "bootstrap"):
+                    asked[question].append(method if kind == "call" else "bootstrap")
+                sock.sendall(message)
+                sent += 1
+                if kind == "call" and method:
+                    calls += 1
+                    with changed:
+                        changed.wait_for(lambda n=calls: len(answers) == n or ended, timeout)
+                    if len(answers) < calls:
+                        break  # closed, or not answered in time
+        except ConnectionError:
+            ended.append("closed")
+        except OSError:  # our timeout: the parent stopped reading
+            pass
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout)
+    return {"sent": sent, "messages": len(messages), "calls": calls, "answers": list(answers),
+            "closed": "closed" in ended}
+
+
+def replay_problems(replay):
+    """What a replayed connection got that it must not have: a registration, a job, a result
+    taken."""
+    problems = []
+    for method, results in replay["answers"]:
+        if method == "registerChild" and results.get("success"):
+            problems.append(f"a replayed registration was accepted: {results}")
+        if method == "requestJobs" and results.get("jobs"):
+            problems.append(f"a replayed requestJobs got jobs "
+                            f"{[job['jobId'] for job in results['jobs']]}")
+        replies = [results] if method == "reportJobCompletion" else \
+            results.get("replies", []) if method in ("requestJobs", "reportJobCompletions") \
+            else []
+        for reply in replies:
+            if reply.get("acknowledged"):
+                problems.append(f"a replayed result was acknowledged: {reply}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,10 +785,11 @@ class Cluster:
 class Fault:
     at: float       # seconds after the start of the run
     kind: str       # kill-parent, kill-child, stop-child, restart-postgres, idle-flood,
-    #                 oversized-calls
+    #                 oversized-calls, replay
     target: str     # "parent", a child's name, or "postgres"
     down: float     # seconds it stays down before it is started again (or the flood lasts)
     mode: str       # restart-postgres: how pg_ctl stops it (fast, or immediate: a crash)
+    pick: float     # replay: which recordings it replays, in [0, 1)
 
     def __str__(self):
         return {
@@ -430,16 +802,19 @@ class Fault:
                           f"connections for {self.down:g}s",
             "oversized-calls": f"send the parent {OVERSIZED_CALLS} unauthenticated requestJobs "
                                "of 60 MB",
+            "replay": f"replay {self.target}'s recorded connections to the parent, and a recorded "
+                      f"answer of the parent into {self.target}'s connection",
         }[self.kind]
 
 
 def fault_schedule(seed, duration, children):
     """The run's faults, from random.Random(seed) alone: each kind once in a random order,
     then random ones, a random gap apart, until a second before the end of `duration`. One
-    child is stopped for good only if another one stays."""
+    child is stopped for good only if another one stays, and never PROXIED (the replays' live
+    connection)."""
     rng = random.Random(seed)
     live = [f"child_{k}" for k in range(1, children + 1)]
-    repeated = ["kill-parent", "kill-child", "restart-postgres"]
+    repeated = ["kill-parent", "kill-child", "restart-postgres", "replay"]
     kinds = repeated + (["stop-child"] if children >= 2 else []) + ["idle-flood",
                                                                    "oversized-calls"]
     first = rng.sample(kinds, len(kinds))
@@ -450,14 +825,17 @@ def fault_schedule(seed, duration, children):
             return faults
         kind = first.pop(0) if first else rng.choice(repeated)
         target = {"kill-parent": "parent", "restart-postgres": "postgres",
-                  "oversized-calls": "parent"}.get(kind) \
-            or rng.choice(live + ["parent"] if kind == "idle-flood" else live)
+                  "oversized-calls": "parent", "replay": PROXIED}.get(kind) \
+            or rng.choice(live + ["parent"] if kind == "idle-flood" else
+                          [name for name in live if name != PROXIED] if kind == "stop-child"
+                          else live)
         if kind == "stop-child":
             live.remove(target)
         # A database down for longer than child_timeout_seconds makes its children unseen.
         down = round(rng.uniform(1.0, 5.0) if kind in ("restart-postgres", "idle-flood")
                      else rng.uniform(0.0, 2.0), 1)
-        faults.append(Fault(round(at, 1), kind, target, down, rng.choice(["fast", "immediate"])))
+        faults.append(Fault(round(at, 1), kind, target, down, rng.choice(["fast", "immediate"]),
+                            rng.random()))
 
 
 def inject(fault, cluster):
@@ -504,6 +882,8 @@ def inject(fault, cluster):
         return idle_flood(cluster, fault)
     if fault.kind == "oversized-calls":
         return oversized_calls(cluster)
+    if fault.kind == "replay":
+        return replay(cluster, fault)
     if not cluster.children_pg.restartable:
         return "SKIPPED: PostgreSQL is an external server (--pg-dsn); we restart only our own"
     cluster.children_pg.stop(fault.mode)
@@ -570,6 +950,64 @@ def oversized_calls(cluster):
         cluster.hostile.append(f"{len(slow)} of {OVERSIZED_CALLS} oversized calls were not "
                                f"dropped within a second: {took}")
     return "dropped after " + ", ".join("never" if t is None else f"{t:.2f}s" for t in took)
+
+
+REPLAY_TIMEOUT = 5.0  # seconds for the parent to answer a replayed connection
+SWAP_TIMEOUT = 10.0   # seconds for the parent's next answer to the proxied child's requestJobs
+
+
+def replay(cluster, fault):
+    """As an attacker on the path with what the recording proxy captured: (1) what the child
+    sent on its earliest connection kept (its registration, then its polls and reports) and
+    on one more picked at random, each replayed whole on a new connection to the parent from
+    REPLAY_SOURCE: every registration must be refused, no job handed out, no result taken
+    (the checks); (2) the parent's next answer to the child's requestJobs that carries jobs,
+    replies or revocations dropped, and a recorded earlier one sent in its place: the child
+    must run nothing twice and lose nothing (the parent sends the jobs of the dropped answer
+    again; the child reports again the results whose replies it lost)."""
+    done = []
+    recorded = cluster.proxy.recordings()
+    for k in sorted({0, int(fault.pick * len(recorded))} if recorded else ()):
+        age, messages = recorded[k]
+        outcome = replay_connection(messages, cluster.parent_port, REPLAY_TIMEOUT)
+        cluster.replays.append(outcome)
+        done.append(f"replayed {outcome['sent']} of the {len(messages)} messages of a "
+                    f"connection opened {age:.0f}s ago: {describe_answers(outcome)}")
+    if not recorded:
+        done.append("no connection recorded yet")
+    swapped = cluster.proxy.swap_next_answer(fault.pick, SWAP_TIMEOUT)
+    cluster.swaps += swapped is not None
+    done.append(swapped or f"no answer to swap within {SWAP_TIMEOUT:g}s")
+    return "; ".join(done)
+
+
+def refused(method, results):
+    """True if these results of `method` refuse the call, False if they grant it, None for a
+    method that has nothing to grant (challenge, ping)."""
+    if "exception" in results:
+        return True
+    if method == "registerChild":
+        return not results.get("success")
+    if method in ("requestJobs", "reportJobCompletions"):
+        return bool(results.get("error"))
+    if method == "reportJobCompletion":
+        return not results.get("acknowledged")
+    return None
+
+
+def describe_answers(outcome):
+    """The parent's answers to a replayed connection, counted by method and verdict."""
+    counts = collections.Counter(
+        (method, {True: "refused", False: "GRANTED", None: "answered"}[refused(method, results)])
+        for method, results in outcome["answers"])
+    registrations = {results.get("message") or results.get("exception")
+                     for method, results in outcome["answers"] if method == "registerChild"}
+    return (", ".join(f"{method} {verdict} x{n}" for (method, verdict), n in sorted(counts.items()))
+            or "no answer") + (f" (registration: {', '.join(map(str, registrations))})"
+                               if registrations else "") \
+        + (f"; {outcome['calls'] - len(outcome['answers'])} call unanswered"
+           if outcome["calls"] > len(outcome["answers"]) else "") \
+        + ("; the parent closed the connection" if outcome["closed"] else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,7 +1184,64 @@ def check_all(cluster, chain, stats):
     checks.append(("every validator stopped by SIGTERM exits with code 0", problems))
     checks.append(("status answered during idle floods; oversized unauthenticated calls were "
                    "dropped within a second", cluster.hostile))
+    checks.append(("every result recorded holds its proof: the signature of the hotkey of the "
+                   "child that held the job, over the attempt it held and the result recorded",
+                   proof_problems(cluster, jobs)))
+    checks.append((f"what was replayed got nothing: each connection of {PROXIED} replayed from "
+                   f"{REPLAY_SOURCE} was refused its registration, got no job and had no result "
+                   f"taken, and the parent logged it; {PROXIED} worked through the proxy",
+                   replay_check(cluster, jobs)))
     return checks, jobs
+
+
+def too_big_failure(job):
+    """A result over max_result_bytes, recorded as a failure that says so: its proof covers
+    the text the child sent, which the parent does not keep."""
+    return job["status"] == "failed" and "(max_result_bytes)" in (error_of(job["result"]) or "")
+
+
+def proof_problems(cluster, jobs):
+    """Each result a child reported and the parent recorded (not a job the parent gave up on,
+    nor one recorded as failed for being too big) must carry the signature of that child's
+    hotkey over common.result_fields of what is recorded: no result is there that the child
+    did not vouch for."""
+    problems = []
+    for job in jobs:
+        if job["status"] not in ("completed", "failed") or gave_up(job) or too_big_failure(job):
+            continue
+        name, hotkey = job["child_id"], cluster.hotkeys.get(job["child_id"])
+        proof = (job.get("result_hotkey"), job.get("result_attempt"), job.get("result_signature"))
+        if proof[:2] != (hotkey, job["attempts"]):
+            problems.append(f"job {job['job_id']} by {name} (attempt {job['attempts']}, hotkey "
+                            f"{hotkey}) has the proof of hotkey {proof[0]}, attempt {proof[1]}")
+        elif not common.Verifier.holds(hotkey, common.result_fields(
+                name, job["job_id"], proof[1], job["success"], job["result"]),
+                bytes(proof[2] or b"")):
+            problems.append(f"job {job['job_id']} by {name}: its stored signature does not hold "
+                            f"for {hotkey} over the result recorded")
+    return problems
+
+
+def replay_check(cluster, jobs):
+    problems = [f"{problem} (a connection opened from {REPLAY_SOURCE})"
+                for outcome in cluster.replays for problem in replay_problems(outcome)]
+    for outcome in cluster.replays:
+        verdicts = [refused(method, results) for method, results in outcome["answers"]
+                    if method == "registerChild"]
+        if not verdicts and not outcome["closed"]:
+            problems.append(f"a replayed connection got no answer to its registration and was "
+                            f"not closed: {describe_answers(outcome)}")
+    parent_log = cluster.parent.log()
+    source = re.escape(REPLAY_SOURCE)
+    if accepted := re.findall(rf".*registered from {source}:.*", parent_log):
+        problems.append(f"the parent logged {accepted[0]!r}")
+    if cluster.replays and not re.search(rf"Refused .* from {source}:\d+", parent_log):
+        problems.append(f"the parent never logged a refusal of a call from {REPLAY_SOURCE}")
+    if not cluster.proxy.relayed or not any(
+            job["child_id"] == PROXIED and job["status"] == "completed" for job in jobs):
+        problems.append(f"{PROXIED} completed no job through the proxy "
+                        f"({cluster.proxy.relayed} connections relayed)")
+    return problems
 
 
 # How the validators' logs show them riding out the faults: (whose log, pattern, meaning).
@@ -762,6 +1257,11 @@ RECOVERIES = [
     ("parent", r"cancelled: superseded", "jobs superseded by their miner's next submission"),
     ("child", r"cancelled by the parent .*: its evaluation is stopped",
      "evaluations stopped because the parent took the job back"),
+    ("parent", r"Refused ", "refusals logged by the parent (at most one in 10 s)"),
+    ("child", r"Refused ", "refusals logged by a child (at most one in 10 s each)"),
+    ("child", r"Ignored the parent's revocation", "revocations ignored by a child"),
+    ("parent", r"closed its earlier connection", "registrations that closed an earlier "
+                                                 "connection"),
 ]
 
 
@@ -792,6 +1292,11 @@ def print_counts(cluster, chain, jobs, stats):
               f"database: {own['n']} jobs, {own['completed']} completed, {own['failed']} "
               f"failed, {own['unreported']} unreported; {cluster.children[name].starts} starts"
               + ("" if name in cluster.live else ", stopped for good"))
+    print(f"proxy: {cluster.proxy.relayed} connections of {PROXIED} relayed "
+          f"({cluster.proxy.turned_away} turned away); {len(cluster.replays)} replayed from "
+          f"{REPLAY_SOURCE} ({sum(o['sent'] for o in cluster.replays)} messages); "
+          f"{cluster.swaps} answers of the parent swapped for recorded ones; the parent counts "
+          f"{stats.get('auth_failures')} auth failures since its last start")
     logs = {"parent": cluster.parent.log(),
             "child": "".join(child.log() for child in cluster.children.values())}
     print("seen in the logs: " + ", ".join(

@@ -1,8 +1,9 @@
 """The chaos run (tests/chaos.py) at a size that takes about a minute: a parent and three
-children, killed, restarted and stopped at moments drawn from a seed while miners commit, with
-their PostgreSQL restarted, evaluators that hang or crash, floods of idle connections and
-oversized unauthenticated calls, lose no job and record no result twice. See chaos.py for the
-run and its checks.
+children with hotkey signatures on, killed, restarted and stopped at moments drawn from a seed
+while miners commit, with their PostgreSQL restarted, evaluators that hang or crash, floods of
+idle connections, oversized unauthenticated calls, and replays of what a recording proxy
+between child_1 and the parent captured, lose no job, record no result twice, and record only
+results their child signed. See chaos.py for the run and its checks.
 
 CHAOS_SEED=N picks another fault schedule (the default is fixed, so a failure reproduces);
 `python tests/chaos.py --seed N` runs the same thing longer or larger by hand."""
@@ -35,7 +36,13 @@ def test_a_chaos_run_loses_no_job_and_records_no_result_twice():
     # Every kind of fault was injected (the schedule takes each kind once first).
     for fault in ("FAULT kill -9 the parent", "FAULT kill -9 child_",
                   "FAULT stop child_", "FAULT stop the children's PostgreSQL",
-                  "FAULT flood ", "FAULT send the parent 4 unauthenticated requestJobs"):
+                  "FAULT flood ", "FAULT send the parent 4 unauthenticated requestJobs",
+                  "FAULT replay child_1's recorded connections"):
         assert fault in run.stdout
     assert re.search(r"killed with [1-9]\d* evaluators running, 0 left after it", run.stdout)
+    # child_1 worked through the proxy; what it had sent was replayed and refused, and an
+    # answer of the parent to it was swapped for a recorded one.
+    assert re.search(r"proxy: [1-9]\d* connections of child_1 relayed", run.stdout)
+    assert "registerChild refused x1" in run.stdout
+    assert "; in its place one recorded" in run.stdout
     assert "chaos: PASS" in run.stdout
