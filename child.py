@@ -245,21 +245,20 @@ class Parents:
         self.clients[self.current].close()
 
 
-def poll(parent, store, child, interval=0.0, evaluations=None):
+def poll(parent, store, seals, interval=0.0, evaluations=None):
     """One round with the parent: report finished results and ask for as many jobs as there
     is room for (0 is a heartbeat), in one requestJobs call, and queue the jobs. A backlog of
     results (after an outage) goes first, in reportJobCompletions calls; so do the results a
     parent of an older version ignored in requestJobs. The jobs the parent revoked (no longer
     ours) are cancelled, and those running are stopped (`evaluations`). Returns the seconds
-    after its start at which the next poll is due (`interval` is the poll_interval). `child`:
-    the child's Seals, or its id alone when auth is off.
+    after its start at which the next poll is due (`interval` is the poll_interval). `seals`:
+    the child's Seals, which sign what it sends and check what the parent sends.
 
     A child with nothing queued or running and no result to report lets the parent hold the
     call until it has a job for it (long polling), up to the interval or MAX_WAIT: it always
     has a request open, and gets a new job at once. Such a child polls again as soon as that
     call is over; a parent that does not hold calls answers at once, and the child then waits
     out the rest itself."""
-    seals = Seals.of(child)
     rows, more, free, held = store.poll_state()
     if more:
         report_results(parent, store, seals)
@@ -288,12 +287,11 @@ def poll(parent, store, child, interval=0.0, evaluations=None):
     return wait or interval
 
 
-def report_results(parent, store, child):
+def report_results(parent, store, seals):
     """Send every finished, unreported result, oldest first, in calls of up to REPORT_BATCH
     results and common.RESULTS_BUDGET bytes; a result is marked reported only once the parent
-    acknowledged it, so a crash or an outage at any point resends it later. `child` as for
+    acknowledged it, so a crash or an outage at any point resends it later. `seals` as for
     poll."""
-    seals = Seals.of(child)
     while rows := store.outgoing.unreported(limit=REPORT_BATCH):
         results = [seals.result(row) for row in rows]
         try:
@@ -342,11 +340,6 @@ class Seals:
         self.child_id, self.identity, self.verifier = child_id, identity, verifier
         self.parent_hotkey = parent_hotkey
 
-    @classmethod
-    def of(cls, child):
-        """A Seals as given, or an auth-off one for a child id."""
-        return child if isinstance(child, cls) else cls(child)
-
     def registration(self, endpoint, challenge):
         """registerChild's signed parameters, bound to the connection's challenge."""
         fields = common.registration_fields(self.child_id, endpoint, self.parent_hotkey,
@@ -360,7 +353,7 @@ class Seals:
         in our database, so a replay is refused after a restart too); raises Refused."""
         if self.verifier:
             reason = self.verifier.check(
-                self.parent_hotkey, ["receiveJob", self.child_id, job.get("jobId")],
+                self.parent_hotkey, common.push_fields(self.child_id, job.get("jobId")),
                 timestamp, nonce, signature)
             if reason:
                 self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason, peer)
@@ -758,7 +751,7 @@ def run(cfg, stop):
                                                              parent_endpoint=at))
                       for at in parent_endpoints(cfg)])
     try:
-        work(cfg, stop, wake, parent, store, evaluations, seals)
+        work(cfg, stop, wake, parent, store, seals, evaluations)
     finally:
         log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
                  child_id, cfg.shutdown_grace_seconds)
@@ -783,9 +776,9 @@ def parent_endpoints(cfg):
     return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
 
 
-def work(cfg, stop, wake, parent, store, evaluations=None, seals=None):
+def work(cfg, stop, wake, parent, store, seals, evaluations=None):
     """Until `stop`: report results, ask for jobs, and every hour delete what is too old.
-    `seals`: what the child signs and checks (None: auth off)."""
+    `seals`: what the child signs and checks (see poll)."""
     parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
                                 cfg.max_backoff_seconds)
     database_down = common.Outage("Database unavailable", "Database available again",
@@ -801,8 +794,7 @@ def work(cfg, stop, wake, parent, store, evaluations=None, seals=None):
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
-            due = poll(parent, store, seals or cfg.validator_id, cfg.poll_interval,
-                       evaluations)
+            due = poll(parent, store, seals, cfg.poll_interval, evaluations)
         except PeerUnavailable as e:
             if not stop.is_set():  # else the parent stopped along with us: nothing to retry
                 stop.wait(parent_down.failed(e))

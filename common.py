@@ -537,6 +537,12 @@ def revocation_fields(child_id, job_id, attempt, reason):
     return ["revoke", child_id, job_id, attempt, reason]
 
 
+def push_fields(child_id, job_id):
+    """The parent's signature over the call that pushes a job (receiveJob), with its time and
+    nonce; the job inside carries its own (job_fields)."""
+    return ["receiveJob", child_id, job_id]
+
+
 def registration_fields(child_id, endpoint, parent_hotkey, challenge):
     """A child's registration, bound to the challenge the parent chose for this connection."""
     return ["registerChild", child_id, endpoint, parent_hotkey, bytes(challenge).hex()]

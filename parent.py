@@ -1439,7 +1439,7 @@ class Pusher:
             signed = {}
             if self.state.identity:
                 signed = dict(zip(("timestamp", "nonce", "signature"), self.state.identity.sign(
-                    "receiveJob", child_id, job["job_id"])))
+                    *common.push_fields(child_id, job["job_id"]))))
             try:
                 reply = self.client(endpoint).call(
                     "receiveJob", job=job_message(job, child_id, self.state.identity), **signed)

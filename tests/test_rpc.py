@@ -127,19 +127,19 @@ def test_a_child_polls_again_at_once_only_when_its_next_poll_is_held(parent, mak
     results polls again at once, since that poll is held; one whose result was refused does
     not (it would ask again and again)."""
     register(parent.client, "c1")
-    store = child.ChildStore(make_dsn(), 4)
-    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # idle: held, answered with jobs
+    store, seals = child.ChildStore(make_dsn(), 4), child.Seals("c1")
+    assert child.poll(parent.client, store, seals, 0.5) == 0.5  # idle: held, answered with jobs
     assert store.incoming.holdings() == (1, [1, 2, 3])
     for job_id in (1, 2, 3):
         store.runs.start(job_id)
         store.runs.finish(job_id, True, "{}")
-    assert child.poll(parent.client, store, "c1", 0.5) == 0.0  # the last results, taken
+    assert child.poll(parent.client, store, seals, 0.5) == 0.0  # the last results, taken
     assert store.outgoing.unreported() == []
-    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # held; no job came
+    assert child.poll(parent.client, store, seals, 0.5) == 0.5  # held; no job came
     store.add_jobs([{"jobId": 999}])
     store.runs.start(999)
     store.runs.finish(999, True, "{}")
-    assert child.poll(parent.client, store, "c1", 0.5) == 0.5  # unknown job 999: refused
+    assert child.poll(parent.client, store, seals, 0.5) == 0.5  # unknown job 999: refused
     assert [row["job_id"] for row in store.outgoing.unreported()] == [999]
     store.db.close()
 
@@ -240,7 +240,7 @@ def test_a_child_reports_one_by_one_to_a_parent_without_the_batch_method(tmp_pat
             store.runs.finish(n, True, f'{{"score": {n}}}')
         client = RpcClient(rpc, "127.0.0.1", older_parent.port)
         # Reported apart, and one not taken: the next poll is due after the interval.
-        assert child.poll(client, store, "c1", interval=2.0) == 2.0
+        assert child.poll(client, store, child.Seals("c1"), interval=2.0) == 2.0
         assert [older_parent.stdout.readline() for _ in range(3)] == [
             "requestJobs 4\n", '7 {"score": 7}\n', '8 {"score": 8}\n']
         # 7 is reported; 8 was not taken, and is kept; 9 came with the poll.
@@ -267,7 +267,7 @@ def test_an_idle_child_polls_an_older_parent_once_per_interval(tmp_path, make_ds
     stop = threading.Event()
     loop = threading.Thread(target=child.work, args=(
         cfg, stop, threading.Event(), RpcClient(rpc, "127.0.0.1", older_parent.port),
-        store))
+        store, child.Seals("c1")))
     loop.start()
     try:
         polls = []
