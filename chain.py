@@ -1,5 +1,5 @@
 """The parent validator's side of the chain: everything that reads the subnet or writes to it
-(and, with bittensor, the one module that imports the SDK besides the wallet code in common.py).
+(and, with bittensor, the one module that imports the SDK besides the wallet code in auth.py).
 
 Its parts: the snapshot a sync works on (every miner's latest commitment at one block); the two
 chain sources, FileChain (a JSON file another process rewrites) and BittensorChain (the real
@@ -20,6 +20,7 @@ import time
 
 import prometheus_client
 
+import auth
 import common
 from common import log
 
@@ -477,7 +478,7 @@ def open_weights(cfg, chain, db):
         raise common.ConfigError(f'{cfg.config_path}: key \'weights.enabled\' needs a real '
                                  'chain; a file chain (subtensor.network = "file") has none '
                                  'to set weights on')
-    return WeightSetter(cfg, db, chain, common.Identity(cfg).keypair)
+    return WeightSetter(cfg, db, chain, auth.Identity(cfg).keypair)
 
 
 def weights_report(cfg, db, chain):
@@ -493,7 +494,7 @@ def weights_report(cfg, db, chain):
         note = "a file chain: there is no chain to set these weights on"
         rows = weight_table(db, cfg.weights, neurons, set())
     else:
-        signer = common.Identity(cfg).keypair
+        signer = auth.Identity(cfg).keypair
         subnet = chain.subnet(signer.ss58_address)
         block = subnet.block
         rows = weight_table(db, cfg.weights, subnet.neurons, set())

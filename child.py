@@ -57,6 +57,7 @@ import capnp
 import prometheus_client
 import psycopg
 
+import auth
 import common
 from common import Refused, log
 from rpc import REFUSALS, PeerUnavailable, RpcClient, RpcThread, ServiceBase, Unimplemented
@@ -97,7 +98,7 @@ alter table child_jobs add column if not exists evaluator jsonb;
 alter table child_jobs drop constraint if exists child_jobs_status_check;
 alter table child_jobs add constraint child_jobs_status_check
     check (status in ('queued', 'running', 'completed', 'failed', 'cancelled'));
-""", common.NONCES_SCHEMA]
+""", auth.NONCES_SCHEMA]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
@@ -331,7 +332,7 @@ def acknowledged(rows, replies, seals):
 # ---------------------------------------------------------------------------------------------
 
 class Seals:
-    """What this child signs and checks, one method per kind of message; common's *_fields
+    """What this child signs and checks, one method per kind of message; auth's *_fields
     say what each signature covers (docs/security.md). Without an identity and a verifier
     (auth off) nothing is signed and everything is taken, as before signatures existed.
     What the parent sends that fails a check is counted and logged (Verifier.count)."""
@@ -342,7 +343,7 @@ class Seals:
 
     def registration(self, endpoint, challenge):
         """registerChild's signed parameters, bound to the connection's challenge."""
-        fields = common.registration_fields(self.child_id, endpoint, self.parent_hotkey,
+        fields = auth.registration_fields(self.child_id, endpoint, self.parent_hotkey,
                                             challenge)
         timestamp, nonce, signature = self.identity.sign(*fields)
         return {"hotkey": self.identity.hotkey, "timestamp": timestamp, "nonce": nonce,
@@ -353,7 +354,7 @@ class Seals:
         in our database, so a replay is refused after a restart too); raises Refused."""
         if self.verifier:
             reason = self.verifier.check(
-                self.parent_hotkey, common.push_fields(self.child_id, job.get("jobId")),
+                self.parent_hotkey, auth.push_fields(self.child_id, job.get("jobId")),
                 timestamp, nonce, signature)
             if reason:
                 self.verifier.refuse(f"receiveJob of job {job.get('jobId')}", reason, peer)
@@ -361,7 +362,7 @@ class Seals:
     def job_refusal(self, job):
         """None if the job (pulled or pushed) is the parent's as it signed it, over all its
         fields and our id; else why it must be neither stored nor run."""
-        if self._holds(common.job_fields(self.child_id, job), job):
+        if self._holds(auth.job_fields(self.child_id, job), job):
             return None
         return self._refused(f"job {job.get('jobId')}", "its signature does not hold for "
                              f"parent_hotkey {self.parent_hotkey} over what it asks to evaluate")
@@ -375,7 +376,7 @@ class Seals:
             job_id, reason, attempt = r["jobId"], r.get("reason", ""), r.get("attempt", 0)
             if not self.verifier:
                 taken[job_id] = (reason, None)
-            elif self._holds(common.revocation_fields(self.child_id, job_id, attempt, reason),
+            elif self._holds(auth.revocation_fields(self.child_id, job_id, attempt, reason),
                              r):
                 taken[job_id] = (reason, attempt)
             else:
@@ -386,7 +387,7 @@ class Seals:
     def reply_holds(self, row, answer):
         """True if the parent's answer to our result (`row`) is its own; else it counts as
         not acknowledged."""
-        fields = common.reply_fields(self.child_id, row["job_id"], row["attempt"],
+        fields = auth.reply_fields(self.child_id, row["job_id"], row["attempt"],
                                      answer["acknowledged"], answer.get("message", ""))
         if self._holds(fields, answer):
             return True
@@ -400,7 +401,7 @@ class Seals:
         message = {"jobId": row["job_id"], "attempt": row["attempt"],
                    "success": row["status"] == "completed", "result": row["result"] or ""}
         if self.identity:
-            message["signature"] = self.identity.seal(common.result_fields(
+            message["signature"] = self.identity.seal(auth.result_fields(
                 self.child_id, message["jobId"], message["attempt"], message["success"],
                 message["result"]))
         return message
@@ -738,9 +739,9 @@ def run(cfg, stop):
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()
     rpc = RpcThread()
-    seals = Seals(child_id, *common.hotkey_auth(cfg, cfg.child_port, store.db),
+    seals = Seals(child_id, *auth.hotkey_auth(cfg, cfg.child_port, store.db),
                   cfg.parent_hotkey)
-    tls_server, tls_client = common.tls_contexts(cfg)
+    tls_server, tls_client = auth.tls_contexts(cfg)
     port = rpc.serve(cfg.listen_host, cfg.child_port,
                      lambda: ChildService(cfg, store, wake, stop, seals), cfg, tls_server)
     endpoint = f"{cfg.child_host}:{port}"

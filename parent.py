@@ -4,7 +4,7 @@ Cap'n Proto RPC (validator.capnp).
 
 The protocol, as the parent serves it (a standby answers ping, getStats and challenge only).
 With auth on, everything that decides weights is signed: jobs, replies and revocations by the
-parent (common.job_fields, reply_fields, revocation_fields), results by the child.
+parent (auth.job_fields, reply_fields, revocation_fields), results by the child.
 - challenge(): 32 random bytes for this connection, and the parent's clock.
 - registerChild(childId, endpoint, hotkey, signature...): a child says who it is and where it
   listens. An id that registers again keeps its counters and the jobs it holds; with auth on,
@@ -68,6 +68,7 @@ from prometheus_client.core import GaugeMetricFamily
 from psycopg.rows import tuple_row
 
 import chain as chains
+import auth
 import common
 from common import Refused, log
 from rpc import PeerUnavailable, RpcClient, RpcThread, ServiceBase
@@ -161,12 +162,12 @@ create table if not exists leadership (
 insert into leadership (epoch, endpoint) values (0, '') on conflict do nothing;
 """, """
 -- The proof of a result recorded with auth on: the child's signature over it
--- (common.result_fields), the hotkey it holds for and the attempt it names, so that anyone
+-- (auth.result_fields), the hotkey it holds for and the attempt it names, so that anyone
 -- with the child's ss58 address can check later which child vouched for which score.
 alter table jobs add column if not exists result_signature bytea;
 alter table jobs add column if not exists result_hotkey text;
 alter table jobs add column if not exists result_attempt integer;
-""" + common.NONCES_SCHEMA]
+""" + auth.NONCES_SCHEMA]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
@@ -182,7 +183,7 @@ MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it i
 
 class Result(NamedTuple):
     """One result a child reports (a JobResult); a child with auth on also sends the attempt
-    it held and its signature over both (common.result_fields)."""
+    it held and its signature over both (auth.result_fields)."""
     job_id: int
     success: bool
     result: str
@@ -259,7 +260,7 @@ class ParentService(ServiceBase):
             if challenge is None:
                 verifier.refuse(what, "no challenge on this connection (call challenge "
                                 "first)", self.peer)
-            reason = verifier.check(hotkey, common.registration_fields(
+            reason = verifier.check(hotkey, auth.registration_fields(
                 childId, endpoint, self.state.identity.hotkey, challenge), timestamp, nonce,
                 signature)
             if reason:
@@ -318,7 +319,7 @@ class ParentService(ServiceBase):
     def _replies(self, child_id, results, answers):
         """The answers to the results as ReportReply messages, signed with auth on."""
         return [sealed(self.state.identity, {"acknowledged": ok, "message": message},
-                       common.reply_fields(child_id, r.job_id, r.attempt, ok, message))
+                       auth.reply_fields(child_id, r.job_id, r.attempt, ok, message))
                 for r, (ok, message) in zip(results, answers)]
 
     def get_stats(self):
@@ -491,7 +492,7 @@ class ParentState:
                      child_id, r["jobId"], r["reason"])
         identity = self.identity
         return ([job_message(row, child_id, identity) for row in lost + rows], answers,
-                [sealed(identity, r, common.revocation_fields(child_id, r["jobId"], r["attempt"],
+                [sealed(identity, r, auth.revocation_fields(child_id, r["jobId"], r["attempt"],
                                                               r["reason"])) for r in revoked])
 
     def withdraw(self, row):
@@ -527,7 +528,7 @@ class Reports:
     is acknowledged again; one over max_result_bytes is recorded as a failure that says so.
 
     With auth on (a verifier), a result counts only if it carries the signature of the hotkey
-    that registered the connection's child (common.result_fields) and names an attempt that
+    that registered the connection's child (auth.result_fields) and names an attempt that
     child held at that job (assignments). Whatever someone else writes into a registered
     connection is refused ("refused: ..."), counted, and recorded nowhere: results decide
     weights. A recorded result keeps its proof: the signature, the hotkey and the attempt."""
@@ -543,7 +544,7 @@ class Reports:
         hotkey = getattr(connection, "hotkey", None)
         return {i: f"its signature does not hold for the child's hotkey {hotkey}"
                 for i, r in enumerate(results) if not (hotkey and self.verifier.holds(
-                    hotkey, common.result_fields(child_id, r.job_id, r.attempt, r.success,
+                    hotkey, auth.result_fields(child_id, r.job_id, r.attempt, r.success,
                                                  r.result), r.signature))}
 
     def record(self, conn, child_id, results, unproven, connection):
@@ -699,7 +700,7 @@ def job_message(row, child_id=None, identity=None):
         "createdAt": int(row["created_at"].timestamp() * 1000),
         "attempt": row["attempts"],
     }
-    return sealed(identity, message, common.job_fields(child_id, message))
+    return sealed(identity, message, auth.job_fields(child_id, message))
 
 
 def not_its_own(conn, child_id, held_ids, reported_ids):
@@ -752,8 +753,8 @@ def run(cfg, stop):
     db = common.Database(dsn, SCHEMA, session="set idle_in_transaction_session_timeout = "
                                               f"{int(cfg.leader_timeout_seconds * 1000)}")
     weights = chains.open_weights(cfg, chain, db)  # None unless [weights] enabled
-    identity, verifier = common.hotkey_auth(cfg, cfg.parent_port, db)
-    tls_server, tls_client = common.tls_contexts(cfg)
+    identity, verifier = auth.hotkey_auth(cfg, cfg.parent_port, db)
+    tls_server, tls_client = auth.tls_contexts(cfg)
     leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
                             cfg.leader_timeout_seconds)
     state = ParentState(db, cfg, identity, verifier, leadership)
@@ -1439,7 +1440,7 @@ class Pusher:
             signed = {}
             if self.state.identity:
                 signed = dict(zip(("timestamp", "nonce", "signature"), self.state.identity.sign(
-                    *common.push_fields(child_id, job["job_id"]))))
+                    *auth.push_fields(child_id, job["job_id"]))))
             try:
                 reply = self.client(endpoint).call(
                     "receiveJob", job=job_message(job, child_id, self.state.identity), **signed)
@@ -1464,7 +1465,7 @@ class Pusher:
 
 def list_jobs(db, status=None):
     """The jobs, with the proof of each result recorded with auth on: the child's signature
-    (hex) over common.result_fields, its hotkey and the attempt, for anyone to check."""
+    (hex) over auth.result_fields, its hotkey and the attempt, for anyone to check."""
     return db.query(
         """select job_id, miner_hotkey, hf_repo_id, hf_repo_commit, status, priority, child_id,
                   attempts, extract(epoch from now() - created_at) as age, result,

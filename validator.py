@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+import auth
 import common
 from rpc import PeerUnavailable, RpcClient, RpcThread
 
@@ -116,7 +117,7 @@ def status(argv):
     args = p.parse_args(argv)
     try:
         cfg = common.load_config(args.config) if args.config else None
-        tls = common.tls_contexts(cfg)[1] if cfg else None
+        tls = auth.tls_contexts(cfg)[1] if cfg else None
         parents, own = config_endpoints(cfg) if cfg else (["localhost:8001"], None)
         if args.parents:
             parents = args.parents

@@ -73,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+import auth  # noqa: E402
 import common  # noqa: E402
 from rpc import SCHEMA, PeerUnavailable  # noqa: E402
 from conftest import IdleFlood, free_port, write_chain, write_toml  # noqa: E402
@@ -1203,7 +1204,7 @@ def too_big_failure(job):
 def proof_problems(cluster, jobs):
     """Each result a child reported and the parent recorded (not a job the parent gave up on,
     nor one recorded as failed for being too big) must carry the signature of that child's
-    hotkey over common.result_fields of what is recorded: no result is there that the child
+    hotkey over auth.result_fields of what is recorded: no result is there that the child
     did not vouch for."""
     problems = []
     for job in jobs:
@@ -1214,7 +1215,7 @@ def proof_problems(cluster, jobs):
         if proof[:2] != (hotkey, job["attempts"]):
             problems.append(f"job {job['job_id']} by {name} (attempt {job['attempts']}, hotkey "
                             f"{hotkey}) has the proof of hotkey {proof[0]}, attempt {proof[1]}")
-        elif not common.Verifier.holds(hotkey, common.result_fields(
+        elif not auth.Verifier.holds(hotkey, auth.result_fields(
                 name, job["job_id"], proof[1], job["success"], job["result"]),
                 bytes(proof[2] or b"")):
             problems.append(f"job {job['job_id']} by {name}: its stored signature does not hold "

@@ -16,6 +16,7 @@ import types
 import pytest
 from conftest import ROOT, commitment, free_port, wait_until, write_chain, write_toml
 
+import auth
 import common
 from rpc import PeerUnavailable, RpcClient
 
@@ -59,7 +60,7 @@ def signed_registration(client, wallets, signer, child_id, claimed=None, timesta
     endpoint = "127.0.0.1:9000"
     timestamp = timestamp or int(time.time() * 1000)
     nonce = nonce or f"nonce-{time.monotonic_ns()}"
-    message = common.signed_message(*common.registration_fields(
+    message = auth.signed_message(*auth.registration_fields(
         child_id, endpoint, wallets["parent"].ss58_address, challenge), timestamp, nonce)
     return {"childId": child_id, "endpoint": endpoint, "timestamp": timestamp, "nonce": nonce,
             "hotkey": wallets[claimed or signer].ss58_address,
@@ -68,7 +69,7 @@ def signed_registration(client, wallets, signer, child_id, claimed=None, timesta
 
 def signed_result(wallets, child_id, job_id, attempt, success, result, signer=None):
     """A JobResult as a child with auth on reports it: signed by `signer` (the child)."""
-    message = common.signed_message(*common.result_fields(child_id, job_id, attempt, success,
+    message = auth.signed_message(*auth.result_fields(child_id, job_id, attempt, success,
                                                           result))
     return {"jobId": job_id, "success": success, "result": result, "attempt": attempt,
             "signature": wallets[signer or child_id].sign(message)}
@@ -141,14 +142,14 @@ def test_signed_children_run_the_whole_job_flow_and_take_pushes_only_from_the_pa
 
     def sealed(signer):  # the job's own signature, over all its fields
         return {**job, "signature": wallets[signer].sign(
-            common.signed_message(*common.job_fields("c1", job)))}
+            auth.signed_message(*auth.job_fields("c1", job)))}
 
     assert client.call("receiveJob", job=sealed("parent")) == {"accepted": False,
                                                                "message": "not allowed"}
 
     def signed(signer):
         timestamp, nonce = int(time.time() * 1000), f"n-{time.monotonic_ns()}"
-        message = common.signed_message("receiveJob", "c1", 50, timestamp, nonce)
+        message = auth.signed_message("receiveJob", "c1", 50, timestamp, nonce)
         return {"timestamp": timestamp, "nonce": nonce, "signature": wallets[signer].sign(message)}
 
     assert client.call("receiveJob", job=sealed("parent"), **signed("stranger"))["accepted"] \
@@ -207,7 +208,7 @@ def certificates(tmp_path_factory):
 
 def tls_client(rpc, port, keys):
     cfg = types.SimpleNamespace(config_path="test", **keys)
-    return RpcClient(rpc, "127.0.0.1", port, tls=common.tls_contexts(cfg)[1])
+    return RpcClient(rpc, "127.0.0.1", port, tls=auth.tls_contexts(cfg)[1])
 
 
 def test_signed_children_over_mutual_tls_run_the_job_flow_and_others_are_refused(
@@ -251,7 +252,7 @@ def test_unreadable_tls_files_name_the_keys(tmp_path):
     cfg = types.SimpleNamespace(config_path="x.toml", tls_cert=str(tmp_path / "none.crt"),
                                 tls_key=str(tmp_path / "none.key"), tls_ca="")
     with pytest.raises(common.ConfigError, match="x.toml: keys 'tls_cert', 'tls_key', 'tls_ca'"):
-        common.tls_contexts(cfg)
+        auth.tls_contexts(cfg)
 
 
 def test_a_tls_handshake_that_never_comes_is_closed_after_the_register_timeout(
@@ -353,12 +354,12 @@ def replay(transcript, port):
 
 def honest_registration(rpc, port, wallets, child_id="c1"):
     """What a real child with auth on does on a new connection: challenge, registerChild
-    signed over that challenge (common.Identity, as the child signs), then a poll."""
-    me = common.Identity(types.SimpleNamespace(config_path="test", **identity(wallets, child_id)))
+    signed over that challenge (auth.Identity, as the child signs), then a poll."""
+    me = auth.Identity(types.SimpleNamespace(config_path="test", **identity(wallets, child_id)))
     client = RpcClient(rpc, "127.0.0.1", port)
     challenge = client.call("challenge")["challenge"]
     endpoint = "127.0.0.1:9000"
-    timestamp, nonce, signature = me.sign(*common.registration_fields(
+    timestamp, nonce, signature = me.sign(*auth.registration_fields(
         child_id, endpoint, wallets["parent"].ss58_address, challenge))
     registered = client.call("registerChild", childId=child_id, endpoint=endpoint,
                              hotkey=me.hotkey, timestamp=timestamp, nonce=nonce,

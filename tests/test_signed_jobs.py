@@ -20,6 +20,7 @@ import test_security
 from test_security import identity
 
 import child
+import auth
 import common
 from rpc import RpcClient, ServiceBase
 
@@ -28,7 +29,7 @@ wallets = test_security.wallets  # the fixture: hotkeys "parent", "c1", ...
 
 
 def seal(keypair, fields):
-    return keypair.sign(common.signed_message(*fields))
+    return keypair.sign(auth.signed_message(*fields))
 
 
 class FakeParentState:
@@ -45,10 +46,10 @@ class FakeParentState:
         self.lock = threading.Lock()
 
     def signed_job(self, job):
-        return self.alter({**job, "signature": seal(self.keypair, common.job_fields(CHILD, job))})
+        return self.alter({**job, "signature": seal(self.keypair, auth.job_fields(CHILD, job))})
 
     def revocation(self, job_id, attempt, reason="cancelled by the operator", forged=False):
-        signature = seal(self.keypair, common.revocation_fields(CHILD, job_id, attempt, reason))
+        signature = seal(self.keypair, auth.revocation_fields(CHILD, job_id, attempt, reason))
         return {"jobId": job_id, "attempt": attempt, "reason": reason,
                 "signature": bytes(64) if forged else signature}
 
@@ -57,7 +58,7 @@ class FakeParentState:
             self.results += results
         return [{"acknowledged": True, "message": "recorded",
                  "signature": bytes(64) if self.forge_replies else seal(
-                     self.keypair, common.reply_fields(CHILD, r["jobId"], r.get("attempt", 0),
+                     self.keypair, auth.reply_fields(CHILD, r["jobId"], r.get("attempt", 0),
                                                        True, "recorded"))}
                 for r in results]
 
@@ -79,9 +80,9 @@ class FakeParent(ServiceBase):
 
     def register_child(self, childId, endpoint, hotkey="", timestamp=0, nonce="",
                        signature=b""):
-        fields = common.registration_fields(childId, endpoint, self.state.keypair.ss58_address,
+        fields = auth.registration_fields(childId, endpoint, self.state.keypair.ss58_address,
                                             self.challenge_bytes or b"")
-        held = common.Verifier.holds(hotkey, [*fields, timestamp, nonce], signature)
+        held = auth.Verifier.holds(hotkey, [*fields, timestamp, nonce], signature)
         self.state.registrations.append(held)
         return {"success": held, "message": "registered" if held else "not allowed"}
 
@@ -117,8 +118,8 @@ def job(job_id, attempt=1, **fields):
 
 def seals(wallets, db, skew=10.0):
     cfg = types.SimpleNamespace(config_path="test", **identity(wallets, CHILD))
-    return child.Seals(CHILD, common.Identity(cfg),
-                       common.Verifier(60.0, skew, common.NonceLedger(db)),
+    return child.Seals(CHILD, auth.Identity(cfg),
+                       auth.Verifier(60.0, skew, auth.NonceLedger(db)),
                        wallets["parent"].ss58_address)
 
 
@@ -185,9 +186,9 @@ def test_a_job_altered_after_the_parent_signed_it_is_refused_pulled_or_pushed(
     assert [row["job_id"] for row in stored] == [1, 6]
     assert "signature" not in stored[0]["job"] and stored[0]["job"]["attempt"] == 1
     for result in fake_parent.results:
-        fields = common.result_fields(CHILD, result["jobId"], result["attempt"],
+        fields = auth.result_fields(CHILD, result["jobId"], result["attempt"],
                                       result["success"], result["result"])
-        assert common.Verifier.holds(wallets[CHILD].ss58_address, fields, result["signature"])
+        assert auth.Verifier.holds(wallets[CHILD].ss58_address, fields, result["signature"])
     assert [(r["jobId"], r["attempt"]) for r in fake_parent.results] == [(1, 1), (6, 1)]
 
 
@@ -208,9 +209,9 @@ def test_an_answer_to_a_result_with_a_bad_signature_acknowledges_nothing(
     fake_parent.forge_replies = True
     child.poll(client, store, child_seals)
     [sent] = fake_parent.results
-    assert sent["attempt"] == 3 and common.Verifier.holds(
+    assert sent["attempt"] == 3 and auth.Verifier.holds(
         wallets[CHILD].ss58_address,
-        common.result_fields(CHILD, 7, 3, True, json.dumps({"score": 7})), sent["signature"])
+        auth.result_fields(CHILD, 7, 3, True, json.dumps({"score": 7})), sent["signature"])
     assert [row["job_id"] for row in store.outgoing.unreported()] == [7]  # kept
     assert "Refused answer to the result of job 7 from the parent: its signature" in caplog.text
     fake_parent.forge_replies = False
@@ -254,7 +255,7 @@ def test_a_pushed_job_replayed_after_a_restart_of_the_child_is_refused(
     parent_key = wallets["parent"]
     sent = job(3)
     timestamp, nonce = int(time.time() * 1000), "nonce-replayed-after-restart"
-    push = {"job": {**sent, "signature": seal(parent_key, common.job_fields(CHILD, sent))},
+    push = {"job": {**sent, "signature": seal(parent_key, auth.job_fields(CHILD, sent))},
             "timestamp": timestamp, "nonce": nonce,
             "signature": seal(parent_key, ["receiveJob", CHILD, 3, timestamp, nonce])}
     answers = []

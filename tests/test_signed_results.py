@@ -10,6 +10,7 @@ import sys
 from conftest import ROOT, commitment, wait_until, write_chain
 
 import chain as chains
+import auth
 import common
 import parent as parents
 import test_security as security
@@ -22,7 +23,7 @@ wallets, parent = security.wallets, security.parent
 
 
 def holds(wallets, name, fields, signature):
-    return common.Verifier.holds(wallets[name].ss58_address, fields, signature)
+    return auth.Verifier.holds(wallets[name].ss58_address, fields, signature)
 
 
 def registered(parent, wallets, child_id, signer=None):
@@ -86,19 +87,19 @@ def test_injected_results_are_refused_and_recorded_nowhere_and_a_signed_one_keep
     # is the parent's signed word.
     [reply] = c1.call("reportJobCompletions", childId="c1", results=[good])["replies"]
     assert (reply["acknowledged"], reply["message"]) == (True, "recorded")
-    assert holds(wallets, "parent", common.reply_fields("c1", 1, 1, True, "recorded"),
+    assert holds(wallets, "parent", auth.reply_fields("c1", 1, 1, True, "recorded"),
                  reply["signature"])
     job = jobs_json(tmp_path)[1]
     assert (job["status"], job["result"], job["result_hotkey"], job["result_attempt"]) == \
         ("completed", score, wallets["c1"].ss58_address, 1)
     # Anyone with c1's ss58 address can check which child vouched for this score.
-    proof = common.result_fields("c1", 1, job["result_attempt"], True, job["result"])
-    assert common.Verifier.holds(job["result_hotkey"], proof,
+    proof = auth.result_fields("c1", 1, job["result_attempt"], True, job["result"])
+    assert auth.Verifier.holds(job["result_hotkey"], proof,
                                  bytes.fromhex(job["result_signature"]))
     assert [(row.uid, row.score) for row in weights(tmp_path)] == [(1, 7.0)]
     # A refused reply is signed too: the child can tell the parent's refusal from a forgery.
     refused = c1.call("reportJobCompletion", childId="c1", **injected[0])
-    assert holds(wallets, "parent", common.reply_fields("c1", 1, 1, False, refused["message"]),
+    assert holds(wallets, "parent", auth.reply_fields("c1", 1, 1, False, refused["message"]),
                  refused["signature"])
 
 
@@ -124,13 +125,13 @@ def test_jobs_revocations_and_jobs_sent_again_carry_the_parents_signature(tmp_pa
     assert [job["jobId"] for job in jobs] == [1, 2]
 
     def signed(job):
-        fields = common.job_fields("c1", {k: v for k, v in job.items() if k != "signature"})
+        fields = auth.job_fields("c1", {k: v for k, v in job.items() if k != "signature"})
         return holds(wallets, "parent", fields, job["signature"])
     assert all(map(signed, jobs))
     # What it covers: changed on the way, or sent to another child, it holds no more.
     assert not signed(dict(jobs[0], hfRepoCommit="f" * 40))
     assert not signed(dict(jobs[0], randomSeed=jobs[0]["randomSeed"] ^ 1))
-    assert not common.Verifier.holds(wallets["parent"].ss58_address, common.job_fields(
+    assert not auth.Verifier.holds(wallets["parent"].ss58_address, auth.job_fields(
         "c2", {k: v for k, v in jobs[0].items() if k != "signature"}), jobs[0]["signature"])
 
     # A job the child lacks is sent again after the redelivery grace, signed afresh.
@@ -143,7 +144,7 @@ def test_jobs_revocations_and_jobs_sent_again_carry_the_parents_signature(tmp_pa
     [revoked] = answer["revoked"]
     assert (revoked["jobId"], revoked["attempt"], revoked["reason"]) == \
         (2, 1, "cancelled by the operator")
-    assert holds(wallets, "parent", common.revocation_fields("c1", 2, 1, revoked["reason"]),
+    assert holds(wallets, "parent", auth.revocation_fields("c1", 2, 1, revoked["reason"]),
                  revoked["signature"])
 
 
