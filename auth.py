@@ -48,10 +48,12 @@ def job_fields(child_id, job):
     return ["job", child_id, *(job.get(name, unsent) for name, unsent in JOB_FIELDS.items())]
 
 
-def result_fields(child_id, job_id, attempt, success, result):
-    """The child's signature over its result of one attempt at a job."""
+def result_fields(child_id, job_id, attempt, success, result, retryable=False):
+    """The child's signature over its result of one attempt at a job. A retryable failure
+    (not the miner's fault) adds one field, so that a result signed before the flag existed
+    reads as final, and the flag cannot be turned either way without the child's key."""
     return ["result", child_id, job_id, attempt, bool(success),
-            hashlib.sha256(result.encode()).hexdigest()]
+            hashlib.sha256(result.encode()).hexdigest(), *(["retryable"] if retryable else [])]
 
 
 def reply_fields(child_id, job_id, attempt, acknowledged, message):

@@ -399,11 +399,12 @@ class Seals:
     def result(self, row):
         """The JobResult of a finished job (OutgoingResults' row), signed."""
         message = {"jobId": row["job_id"], "attempt": row["attempt"],
-                   "success": row["status"] == "completed", "result": row["result"] or ""}
+                   "success": row["status"] == "completed", "result": row["result"] or "",
+                   "retryable": bool(row.get("retryable"))}
         if self.identity:
             message["signature"] = self.identity.seal(auth.result_fields(
                 self.child_id, message["jobId"], message["attempt"], message["success"],
-                message["result"]))
+                message["result"], message["retryable"]))
         return message
 
     def _holds(self, fields, message):

@@ -183,12 +183,14 @@ MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it i
 
 class Result(NamedTuple):
     """One result a child reports (a JobResult); a child with auth on also sends the attempt
-    it held and its signature over both (auth.result_fields)."""
+    it held and its signature over both (auth.result_fields). `retryable`: a failure that is
+    not the miner's, to be tried again."""
     job_id: int
     success: bool
     result: str
     attempt: int = 0
     signature: bytes = b""
+    retryable: bool = False
 
 JOBS_FINISHED = prometheus_client.Counter(
     "validator_jobs_finished", "Jobs that ended, by outcome", ["outcome"])
@@ -300,8 +302,8 @@ class ParentService(ServiceBase):
                 "revoked": revoked}
 
     def report_job_completion(self, childId, jobId, success, result, attempt=0,
-                              signature=b""):
-        results = [Result(jobId, success, result, attempt, signature)]
+                              signature=b"", retryable=False):
+        results = [Result(jobId, success, result, attempt, signature, retryable)]
         [reply] = self._replies(childId, results,
                                 self.state.report_completions(childId, results, self))
         return reply
@@ -314,7 +316,8 @@ class ParentService(ServiceBase):
     @staticmethod
     def _results(results):
         return [Result(r.get("jobId", 0), r.get("success", False), r.get("result", ""),
-                       r.get("attempt", 0), r.get("signature", b"")) for r in results]
+                       r.get("attempt", 0), r.get("signature", b""), r.get("retryable", False))
+                for r in results]
 
     def _replies(self, child_id, results, answers):
         """The answers to the results as ReportReply messages, signed with auth on."""
@@ -545,7 +548,7 @@ class Reports:
         return {i: f"its signature does not hold for the child's hotkey {hotkey}"
                 for i, r in enumerate(results) if not (hotkey and self.verifier.holds(
                     hotkey, auth.result_fields(child_id, r.job_id, r.attempt, r.success,
-                                                 r.result), r.signature))}
+                                               r.result, r.retryable), r.signature))}
 
     def record(self, conn, child_id, results, unproven, connection):
         """Write the results that may be, in the caller's transaction; returns what answers()

@@ -21,7 +21,7 @@ struct EvaluationJobData {
   # result and a revocation name the attempt they are about.
   attempt @12 :UInt32;
   # Added: the parent's hotkey signature over every field above and the child id
-  # (common.job_fields); a child with auth on runs only a job whose signature holds.
+  # (auth.job_fields); a child with auth on runs only a job whose signature holds.
   signature @13 :Data;
 }
 
@@ -31,13 +31,17 @@ struct JobResult {
   success @1 :Bool;
   result @2 :Text;
   attempt @3 :UInt32;           # added: the attempt the child held (the job's `attempt`)
-  signature @4 :Data;           # added: the child's signature over it (common.result_fields)
+  signature @4 :Data;           # added: the child's signature over it (auth.result_fields)
+  # Added: a failure that is not the miner's (the evaluator exited 75, could not start, was
+  # killed by a signal the child did not send, or the child had no disk for it): the parent
+  # gives the job out again, up to maxRetries. Covered by the signature.
+  retryable @5 :Bool;
 }
 
 struct ReportReply {
   acknowledged @0 :Bool;        # as in reportJobCompletion
   message @1 :Text;
-  signature @2 :Data;           # added: the parent's signature over it (common.reply_fields)
+  signature @2 :Data;           # added: the parent's signature over it (auth.reply_fields)
 }
 
 # Added: a job a child holds that is no longer its own, and why.
@@ -45,7 +49,7 @@ struct Revocation {
   jobId @0 :UInt64;
   reason @1 :Text;              # e.g. "cancelled by the operator", "superseded by job 9"
   attempt @2 :UInt32;           # added: the attempt taken back
-  signature @3 :Data;           # added: the parent's signature (common.revocation_fields)
+  signature @3 :Data;           # added: the parent's signature (auth.revocation_fields)
 }
 
 interface ValidatorJobsService {
@@ -76,8 +80,9 @@ interface ValidatorJobsService {
   # child may stop resending it; `message` (added) says why a report was not recorded.
   # Added: `attempt` and `signature`, as in JobResult; `signature` (added) of the answer, as in
   # ReportReply.
+  # Added: `retryable`, as in JobResult.
   reportJobCompletion @2 (childId :Text, jobId :UInt64, success :Bool, result :Text,
-                          attempt :UInt32, signature :Data)
+                          attempt :UInt32, signature :Data, retryable :Bool)
       -> (acknowledged :Bool, message :Text, signature :Data);
 
   # Parent calls this on child to send a job directly. Added: the parent's signature over
