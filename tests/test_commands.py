@@ -91,3 +91,24 @@ def test_the_weights_command_reads_its_config_once_and_closes_its_database(
     assert validator.weights(["--config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["block"] == 120
     assert len(loads) == 1 and len(databases) == 1 and databases[0].conn.closed
+
+
+def test_the_front_door_lists_every_command_and_each_has_its_own_help():
+    run = subprocess.run([sys.executable, ROOT / "validator.py", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    listed = run.stdout.split("commands (python validator.py COMMAND --help for each):\n")[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.strip()]
+    assert names == list(validator.COMMANDS)
+    assert "--config" in run.stdout and "--wallet.hotkey" in run.stdout  # the role's flags
+    for name in names:
+        own = subprocess.run([sys.executable, ROOT / "validator.py", name, "--help"],
+                             capture_output=True, text=True, timeout=60)
+        assert own.returncode == 0, (name, own.stderr)
+        assert own.stdout.startswith("usage: "), (name, own.stdout)
+        assert f"validator.py {name}" in own.stdout.splitlines()[0] or name == "bench", name
+    bare = subprocess.run([sys.executable, ROOT / "validator.py"], capture_output=True,
+                          text=True, timeout=60)
+    assert bare.returncode == 2
+    assert "commands (python validator.py COMMAND" in bare.stderr
+    assert bare.stderr.rstrip().endswith("error: name a config (--config FILE) or a command")

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import ROOT, write_toml
@@ -34,6 +35,41 @@ def test_command_line_flags_override_the_file():
     args = common.role_arguments("test").parse_args([
         "--config", str(ROOT / "validator_child.toml"), "--is-parent-validator"])
     assert common.config_from_arguments(args).is_parent_validator is True
+
+
+def test_the_subnet_templates_flags_override_the_file_too():
+    args = common.role_arguments("test").parse_args([
+        "--config", str(ROOT / "validator_parent.toml"), "--netuid", "61",
+        "--subtensor.network", "test", "--subtensor.chain_endpoint", "wss://node.example:443",
+        "--wallet.name", "owner", "--wallet.hotkey", "validator", "--wallet.path", "/srv/w",
+        "--logging.debug"])
+    cfg = common.config_from_arguments(args)
+    assert (cfg.subtensor.netuid, cfg.subtensor.network, cfg.subtensor.address) == \
+        (61, "test", "wss://node.example:443")
+    assert (cfg.wallet_name, cfg.hotkey_name, cfg.wallet_path) == ("owner", "validator", "/srv/w")
+    assert cfg.log_level == "DEBUG"
+    untouched = common.load_config(ROOT / "validator_parent.toml")
+    assert cfg.neuron.sync_frequency == untouched.neuron.sync_frequency
+    trace = common.role_arguments("test").parse_args([
+        "--config", str(ROOT / "validator_parent.toml"), "--logging.trace"])
+    assert common.config_from_arguments(trace).log_level == "TRACE"
+
+
+def test_trace_logs_the_libraries_debug_lines_and_debug_does_not():
+    """log_level = "TRACE" is DEBUG for the validator and for pgqueuer, psycopg and asyncio,
+    which DEBUG keeps at WARNING."""
+    import logging
+    for level, library_level in (("DEBUG", logging.WARNING), ("TRACE", logging.DEBUG)):
+        cfg = types.SimpleNamespace(log_format="text", log_level=level, is_parent_validator=True)
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        try:
+            root.handlers = []
+            common.setup_logging(cfg)
+            assert root.level == logging.DEBUG
+            assert logging.getLogger("pgqueuer").level == library_level
+        finally:
+            root.handlers, root.level = saved
 
 
 @pytest.mark.parametrize("table, message", [

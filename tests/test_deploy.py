@@ -2,6 +2,7 @@
 and restarts rely on, their command line is one validator.py accepts, and `systemd-analyze
 verify` passes them where that tool is installed."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -158,3 +159,45 @@ def test_systemd_analyze_verify_passes_the_units(tmp_path):
     ours = [line for line in (result.stdout + result.stderr).splitlines()
             if "validator-" in line]
     assert result.returncode == 0 and ours == [], result.stdout + result.stderr
+
+
+PM2_FILE = DEPLOY / "ecosystem.config.js"
+
+
+@pytest.fixture(scope="module")
+def pm2_apps():
+    """The apps of the pm2 ecosystem file, as pm2 reads them: loaded by Node.js."""
+    loaded = subprocess.run(
+        ["node", "-e", "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))",
+         str(PM2_FILE)], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    return {app["name"]: app for app in json.loads(loaded.stdout)}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+@pytest.mark.parametrize("app_name, unit_name, instance", [
+    ("validator-parent", "validator-parent.service", None),
+    ("validator-child-1", "validator-child@.service", "1")])
+def test_the_pm2_file_runs_what_the_systemd_units_run(pm2_apps, app_name, unit_name, instance):
+    """The pm2 apps and the units must not drift apart: the same command, directory and
+    environment, the same restarts, and a stop that signals the validator only and waits at
+    least as long as systemd does before SIGKILL."""
+    app, unit = pm2_apps[app_name], parse_unit(DEPLOY / unit_name)
+
+    def expand(text):
+        return text.replace("%i", instance) if instance else text
+
+    assert [app["interpreter"], app["script"], *app["args"]] == \
+        expand(value(unit, "Service", "ExecStart")).split()
+    assert app["cwd"] == value(unit, "Service", "WorkingDirectory")
+    unit_env = dict(entry.split("=", 1) for entry in values(unit, "Service", "Environment"))
+    assert set(app["env"]) == set(unit_env)
+    assert app["env"]["PYTHONUNBUFFERED"] == unit_env["PYTHONUNBUFFERED"]
+    state = "/var/lib/" + expand(value(unit, "Service", "StateDirectory"))
+    assert all(path.startswith(state + "/") for name, path in app["env"].items()
+               if name != "PYTHONUNBUFFERED")  # systemd's %t and %S, made plain paths
+    assert value(unit, "Service", "Restart") == "on-failure" and app["autorestart"] is True
+    assert app["restart_delay"] == seconds(value(unit, "Service", "RestartSec")) * 1000
+    assert app["stop_exit_codes"] == [int(value(unit, "Service", "RestartPreventExitStatus"))]
+    assert value(unit, "Service", "KillMode") == "mixed" and app["treekill"] is False
+    assert app["kill_timeout"] >= seconds(value(unit, "Service", "TimeoutStopSec")) * 1000
