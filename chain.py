@@ -366,6 +366,15 @@ WEIGHT_ATTEMPTS = prometheus_client.Counter(
     "validator_weight_attempts", "Attempts to set weights, by outcome", ["outcome"])
 WEIGHTS_SET_BLOCK = prometheus_client.Gauge(
     "validator_weights_last_set_block", "Block of the last successful set of weights")
+# As the chain counts them at each check: what the alert "weights not set for two intervals"
+# compares (deploy/alerts.yml). Before the first check, or with our hotkey never having set
+# weights, since_update is -1.
+WEIGHTS_SINCE_UPDATE = prometheus_client.Gauge(
+    "validator_weights_blocks_since_update", "Blocks since our hotkey last set weights (-1: never)")
+WEIGHTS_INTERVAL = prometheus_client.Gauge(
+    "validator_weights_interval_blocks",
+    "Blocks between two sets of weights ([weights] every_blocks, or the tempo)")
+WEIGHTS_SINCE_UPDATE.set(-1)
 
 
 @dataclasses.dataclass
@@ -418,6 +427,8 @@ class WeightSetter:
             return self._nothing(subnet, interval, f"our hotkey {self.hotkey} is not "
                                                    f"registered on subnet {self.netuid}")
         since = subnet.since_update
+        WEIGHTS_SINCE_UPDATE.set(-1 if since is None else since)
+        WEIGHTS_INTERVAL.set(interval)
         wait = 0 if since is None else max(interval - since, subnet.rate_limit - since)
         if wait > 0:
             log.debug("Weights: last set %d blocks ago; next in %d blocks", since, wait)
