@@ -1180,8 +1180,11 @@ class ChainIntake:
         """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
         in the snapshot's order, in one statement; returns the new jobs' rows."""
         jobs = self.cfg.jobs
+        # The seed comes from this parent's randomness, drawn once and kept with the job: no
+        # miner can know it before its evaluation (it was once derived from the commitment).
+        # 32 bits: the wire's randomSeed is a UInt32.
         columns = list(zip(*((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision,
-                              c.block, int(digest[16:24], 16))
+                              c.block, secrets.randbits(32))
                              for digest, (c, repo_id, revision) in eligible.items())))
         return conn.execute(
             # A known fingerprint inserts nothing and takes no job id.

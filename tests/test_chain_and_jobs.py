@@ -139,3 +139,42 @@ def test_job_messages_carry_the_seed_fields(make_state):
     assert job["logsPath"] == f"job-{job['jobId']}.log"
     assert 0 < job["submissionId"] < 2**63 and 0 <= job["randomSeed"] < 2**32
     assert job["createdAt"] > 1.7e12  # unix milliseconds
+
+
+def test_seeds_come_from_the_parents_randomness_and_survive_a_restart(make_state, make_dsn,
+                                                                      tmp_path):
+    """A seed derived from the commitment could be computed by the miner before it commits,
+    and two parents reading one chain would evaluate with the same seed."""
+    import hashlib
+    import common
+    import parent
+    from conftest import write_toml
+
+    commitments = [commitment(i) for i in range(1, 21)]
+    first = make_state()
+    first.intake.add_commitments(snapshot(100, commitments))
+    seeds = {r["miner_hotkey"]: r["random_seed"] for r in seeded(first)}
+    path = write_toml(tmp_path / "other.toml", {
+        "pg_database": make_dsn(), "is_parent_validator": True, "auth": "off",
+        "subtensor": {"network": "file", "commitments_file": "unused.json"}})
+    other = parent.ParentState(common.Database(common.load_config(path).pg_database,
+                                               parent.SCHEMA), common.load_config(path))
+    other.intake.add_commitments(snapshot(100, commitments))
+    other_seeds = {r["miner_hotkey"]: r["random_seed"] for r in seeded(other)}
+    assert set(seeds) == set(other_seeds) and len(seeds) == 20
+    assert all(0 <= seed < 2**32 for seed in seeds.values())
+    assert sum(seeds[k] == other_seeds[k] for k in seeds) <= 1  # 20 draws of 32 bits
+    assert len(set(seeds.values())) == 20
+    for row in seeded(first):  # no function of the commitment that the seed once was
+        digest = hashlib.sha256(f"{row['miner_hotkey']}\n{row['hf_repo_id']}\n"
+                                f"{row['hf_repo_commit']}".encode()).hexdigest()
+        assert row["random_seed"] != int(digest[16:24], 16)
+    first.db.close()
+    restarted = make_state()
+    restarted.intake.add_commitments(snapshot(101, commitments))  # the same, read again
+    assert {r["miner_hotkey"]: r["random_seed"] for r in seeded(restarted)} == seeds
+
+
+def seeded(state):
+    return state.db.query("select miner_hotkey, hf_repo_id, hf_repo_commit, random_seed "
+                          "from jobs order by job_id")
