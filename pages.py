@@ -218,8 +218,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             **(headers or {})}.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self.wfile.write(data)
 
     def log_message(self, format, *args):
         log.debug("Dashboard: %s %s", self.address_string(), format % args)
@@ -412,7 +411,8 @@ def attr(name, value):
 def figure(key, label, text, raw=None, href=None):
     """One figure of a dl: `text` is HTML (escaped by the caller), `raw` the value in data-v."""
     shown = f'<a href="{esc(href)}">{text}</a>' if href else text
-    return f"<div><dt>{esc(label)}</dt><dd data-k=\"{esc(key)}\"{attr('data-v', raw)}>{shown}</dd></div>"
+    return (f"<div><dt>{esc(label)}</dt><dd data-k=\"{esc(key)}\"{attr('data-v', raw)}>"
+            f"{shown}</dd></div>")
 
 
 def figures(items):
@@ -438,8 +438,8 @@ class Column(types.SimpleNamespace):
 def table(name, columns, rows, row_id):
     """A table (data-table=name) of `rows` (dicts), one data-row=row_id(row) per row."""
     head = "".join(f"<th>{esc(c.heading)}</th>" for c in columns)
-    body = "".join(f'<tr data-row="{esc(row_id(row))}">{"".join(c.cell(row) for c in columns)}</tr>'
-                   for row in rows)
+    body = "".join(f'<tr data-row="{esc(row_id(row))}">'
+                   f'{"".join(column.cell(row) for column in columns)}</tr>' for row in rows)
     if not rows:
         body = f'<tr><td colspan="{len(columns)}" class="note">none</td></tr>'
     return f'<table data-table="{esc(name)}"><tr>{head}</tr>{body}</table>'
@@ -579,9 +579,8 @@ class ParentPages(Pages):
     def chain_state(self, data):
         """(block, unix time of the last sync or None, commitments, neurons): this parent's
         last sync, or the block its database reached (a standby syncs nothing)."""
-        last = getattr(self.state.intake, "last_sync", None)
-        if last:
-            moment, snapshot = last
+        if self.state.intake.last_sync:
+            moment, snapshot = self.state.intake.last_sync
             return snapshot.block, moment, len(snapshot.commitments), len(snapshot.neurons)
         return data["last_block"], None, None, None
 
@@ -641,7 +640,7 @@ class ParentPages(Pages):
         weights as `validator.py weights` computes them (chain.weight_table, over every
         completed job: computed at most every MINERS_CACHE_SECONDS), and the latest job of
         each one on this page."""
-        last = getattr(self.state.intake, "last_sync", None)
+        last = self.state.intake.last_sync
         key = last and (last[0], last[1].block)
         moment, cached_key, rows = self.miners_cache
         if rows is None or cached_key != key or time.monotonic() - moment > MINERS_CACHE_SECONDS:
@@ -789,8 +788,9 @@ CHILD_COLUMNS = [
 
 
 def read_children(db, statistics, offset):
-    """getStats' children (parent.Statistics.children: the same numbers), one page of them,
-    with each one's hotkey, registration, failed and expired hand-overs."""
+    """getStats' children (parent.Statistics.children: the same numbers; parent.MAX_CHILDREN
+    at most), one page of them, with each one's hotkey, registration, failed and expired
+    hand-overs."""
     with db.transaction():
         rows = statistics.children()[offset:offset + ROWS_PER_PAGE]
         more = db.query(
@@ -817,7 +817,8 @@ def render_children(rows, offset):
 def offset_links(path, offset, more):
     links = []
     if offset:
-        links.append(link(href(path, offset=max(0, offset - ROWS_PER_PAGE) or None), "← previous"))
+        links.append(link(href(path, offset=max(0, offset - ROWS_PER_PAGE) or None),
+                          "← previous"))
     if more and offset + ROWS_PER_PAGE <= MAX_OFFSET:
         links.append(link(href(path, offset=offset + ROWS_PER_PAGE), "next →"))
     return f'<nav class="pages">{"".join(links)}</nav>' if links else ""
@@ -836,8 +837,8 @@ JOB_COLUMNS = [
     Column("status", show=lambda row: f'<a class="{esc(row["status"])}" '
                                       f'href="{esc(href("/jobs", status=row["status"]))}">'
                                       f'{esc(row["status"])}</a>'),
-    Column("child_id", "child", show=lambda row: link(href("/jobs", child=row["child_id"]),
-                                                      row["child_id"]) if row["child_id"] else "–"),
+    Column("child_id", "child", show=lambda row: link(
+        href("/jobs", child=row["child_id"]), row["child_id"]) if row["child_id"] else "–"),
     Column("attempts", number=True),
     Column("created_at", "created", show=lambda row: ago(row["created_at"]), raw=True),
     Column("finished_at", "finished", show=lambda row: ago(row["finished_at"]), raw=True),
@@ -1023,15 +1024,15 @@ def render_miners(source, shown, latest, offset, total, settings):
     columns = [
         Column("uid", number=True),
         Column("hotkey", show=lambda row: link(href("/jobs", miner=row["hotkey"]), row["hotkey"])),
-        Column("job_id", "latest job", show=lambda row: link(f"/jobs/{row['job_id']}",
-                                                             row["job_id"]) if row["job_id"] else "–"),
+        Column("job_id", "latest job", show=lambda row: link(
+            f"/jobs/{row['job_id']}", row["job_id"]) if row["job_id"] else "–"),
         Column("submission", show=lambda row: esc(row["submission"] or "–")),
         Column("commit_block", "committed at", number=True),
         Column("status", show=lambda row: status_text(row["status"]) if row["status"] else "–"),
         Column("score", show=lambda row: "–" if row["score"] is None else f"{row['score']:.6g}",
                raw=True, number=True),
-        Column("weight", show=lambda row: "–" if row["weight"] is None else f"{row['weight']:.4f}",
-               raw=True, number=True),
+        Column("weight", show=lambda row: "–" if row["weight"] is None
+               else f"{row['weight']:.4f}", raw=True, number=True),
     ]
     how = (f"each miner's {esc(settings.aggregation)} <code>{esc(settings.score_key)}</code> "
            "over its completed jobs" + (f" (EMA alpha {settings.ema_alpha:g})"
@@ -1133,8 +1134,9 @@ def render_child(data, slots):
         parts.append(
             f'<section data-row="{row["job_id"]}">'
             + figures([figure("job_id", "job", esc(row["job_id"])),
-                       figure("repository", "repository", f"{esc(job.get('hfRepoId'))}@"
-                                                          f"{esc(job.get('hfRepoCommit') or 'default')}"),
+                       figure("repository", "repository",
+                              f"{esc(job.get('hfRepoId'))}@"
+                              f"{esc(job.get('hfRepoCommit') or 'default')}"),
                        figure("miner", "miner", esc(job.get("minerHotkey"))),
                        figure("elapsed", "running for", duration(row["elapsed"]), row["elapsed"]),
                        figure("attempts", "starts", esc(row["attempts"]))])
