@@ -218,7 +218,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             **(headers or {})}.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # its answer is the headers alone
+            self.wfile.write(data)
 
     def log_message(self, format, *args):
         log.debug("Dashboard: %s %s", self.address_string(), format % args)
@@ -711,7 +712,8 @@ def read_overview(db, statistics, weights_enabled):
 
 def render_overview(data, alerts):
     stats, counts = data["stats"], data["counts"]
-    parts = ["".join(f'<p class="alert" data-k="alert">{esc(text)}</p>' for text in alerts)
+    parts = ["".join(f'<p class="alert" data-row="{i}" data-k="alert">{esc(text)}</p>'
+                     for i, text in enumerate(alerts))
              or '<p class="calm" data-k="calm">Nothing needs attention.</p>']
     if stats["role"] == "active":
         role = f"active, epoch {stats['leadership_epoch']}"

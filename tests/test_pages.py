@@ -499,3 +499,38 @@ def test_a_jobs_page_gives_the_command_that_checks_its_proof(tmp_path, make_stat
     assert check() == "True"
     state.db.query("update jobs set result = %s", (json.dumps({"score": 9}),))
     assert check() == "False"
+
+
+def test_the_overview_says_what_needs_attention_and_the_weights_last_set(
+        tmp_path, make_state):
+    state = make_state(weights={"enabled": True})
+    for block, success, message in ((90, True, "set"), (95, True, "set"),
+                                    (100, False, "the node said <b>no</b>")):
+        state.db.query("insert into weight_attempts (block, uids, weights, commit_reveal, "
+                       "success, message) values (%s, '{1,2,3}', '{0.2,0.3,0.5}', false, %s, %s)",
+                       (block, success, message))
+    state.db.query("""insert into jobs (fingerprint, submission_id, miner_hotkey, hf_repo_id,
+                          hf_repo_commit, commit_block, env_provider, env_name, random_seed,
+                          max_retries, created_at)
+                      values ('f', 1, '5Miner001', 'org/model-1', '', 100, 'demo', 'demo-env',
+                              1, 3, now() - interval '1 hour')""")
+    weights = type("WeightSetter", (), {"next_check": 130.0, "clock": lambda self: 100.0,
+                                        "skipped": set()})()
+    cfg = common.load_config(tmp_path / "state.toml", {"dashboard_port": free_port()})
+    server = pages.serve_parent(cfg, state.db.dsn, state, weights)
+    server.pages.started -= 3600  # an hour without a chain read
+    try:
+        page = Cells(fetch(f"http://127.0.0.1:{cfg.dashboard_port}/")[2])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (page.figure("weights_block"), page.figure("weights_uids")) == ("95", "3")
+    assert float(page.figure("weights_next")) == 30.0
+    assert page.figure("weights_last_attempt") == "failed: the node said <b>no</b>"
+    alerts = [row["alert"] for row in page.rows(None).values()]
+    assert len(alerts) == 4, alerts
+    assert alerts[0].startswith("no active child: no job is evaluated")
+    assert alerts[1].startswith("1 jobs pending (the oldest for 60 min) and none finished")
+    assert alerts[2].startswith("no chain read has succeeded for 60 min (0 failed")
+    assert alerts[3] == "the last attempt to set weights (block 100) failed: the node said " \
+        "<b>no</b>"
