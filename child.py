@@ -59,6 +59,7 @@ import psycopg
 
 import auth
 import common
+import pages
 from common import Refused, log
 from rpc import REFUSALS, PeerUnavailable, RpcClient, RpcThread, ServiceBase, Unimplemented
 
@@ -736,6 +737,7 @@ def run(cfg, stop):
     evaluations = Evaluations(store.runs.record_evaluator)
 
     common.serve_metrics(cfg)
+    pages.serve_child(cfg, dsn, store, logs_dir)  # with dashboard_port
     worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
                     functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
     worker.start()

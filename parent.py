@@ -70,6 +70,7 @@ from psycopg.rows import tuple_row
 import chain as chains
 import auth
 import common
+import pages
 from common import Refused, log
 from rpc import PeerUnavailable, RpcClient, RpcThread, ServiceBase
 
@@ -764,6 +765,7 @@ def run(cfg, stop):
     if cfg.metrics_port:
         prometheus_client.REGISTRY.register(QueueMetrics(state.statistics))
         common.serve_metrics(cfg)
+    pages.serve_parent(cfg, dsn, state, weights)  # with dashboard_port
     PARENT_ACTIVE.set(0)
     # A parent that can lead at once serves as the active one from its first call.
     with contextlib.suppress(common.DatabaseUnavailable):  # else stand_by() tries again
@@ -1093,6 +1095,7 @@ class ChainIntake:
     def __init__(self, cfg, queue, fenced):
         self.cfg, self.queue, self.fenced = cfg, queue, fenced
         self.skipped = set()  # bad commitments already logged, so each is logged once
+        self.last_sync = None  # (unix time, ChainSnapshot) of the last sync: the dashboard's
 
     def add_commitments(self, snapshot):
         """Create a job for every new, eligible commitment in the snapshot. Each job and its
@@ -1105,6 +1108,7 @@ class ChainIntake:
             conn.execute("insert into chain_state values ('last_block', %s) on conflict (key) "
                          "do update set value = greatest(chain_state.value, excluded.value)",
                          (snapshot.block,))
+        self.last_sync = (time.time(), snapshot)
         self.queue.push(queue_entry(job) for job in new)
         for job in new:
             log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],

@@ -52,6 +52,11 @@ The figures, one function each below:
    (the baseline), on two fleets up side by side, their rounds interleaved: jobs/s and the
    CPU per job of the parent, the children and PostgreSQL, for each. Figures 1-8 run with
    auth off.
+10. dashboard()  a parent (with one simulated child) whose database holds `pages_jobs` finished
+   jobs: the ms of a load of each dashboard page (urllib, one at a time), next to a getStats
+   call (the baseline); and the protocol's ping latency (p50, p99) while `pages_browsers`
+   threads each load a page every second, next to the same pings with no page load, their
+   windows interleaved.
 """
 
 import argparse
@@ -102,6 +107,7 @@ FULL = dict(
     recovery_child_timeout=5.0, recovery_job_seconds=4.0,  # its child_timeout_seconds; jobs
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
     auth_batch=1000, auth_repeats=7,  # figure 9: no-op jobs per round, rounds of each mode
+    pages_jobs=10_000, pages_loads=50, pages_browsers=4, pages_seconds=10.0,  # figure 10
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
@@ -114,6 +120,7 @@ QUICK = dict(
     recovery_job_seconds=4.0,
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
     auth_batch=40, auth_repeats=2,
+    pages_jobs=10_000, pages_loads=5, pages_browsers=4, pages_seconds=2.0,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
@@ -1340,6 +1347,90 @@ def auth_cost(pg, workdir, size):
 # The run, the table and the JSON
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Figure 10: what the dashboard costs: a page load, and the protocol's latency meanwhile
+# ---------------------------------------------------------------------------------------------
+
+DASHBOARD_PAGES = {"overview": "/", "children": "/children", "jobs": "/jobs",
+                   "jobs_failed": "/jobs?status=failed", "job": "/jobs/5000",
+                   "miners": "/miners"}
+
+
+def load_page(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        if answer.status != 200:
+            raise BenchError(f"{url} answered {answer.status}")
+        return answer.read()
+
+
+def dashboard(pg, workdir, rpc, size):
+    """{page: [ms a load]}, [ms a getStats], and the ping windows: [(idle pings, pings while
+    `pages_browsers` threads load a page every second)] (see the module's docstring)."""
+    import urllib.error
+    port = free_port()
+    parent = Parent(pg, workdir, "dashboard", size["slots"], config={"dashboard_port": port})
+    parent.chain.neurons(range(256))  # the jobs' miners are registered: the miners page scores
+    parent.start()
+    try:
+        with common.connect(parent.dsn) as conn:
+            conn.execute(
+                """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid,
+                       hf_repo_id, hf_repo_commit, commit_block, env_provider, env_name,
+                       random_seed, max_retries, status, child_id, attempts, finished_at,
+                       success, result)
+                   select md5(i::text), i, format('5Miner%%s', lpad((i %% 256)::text, 3, '0')),
+                          i %% 256, 'org/model-' || i, lpad(to_hex(i), 40, '0'), 1000, 'demo',
+                          'demo-env', i, 3, case when i %% 10 = 0 then 'failed' else
+                          'completed' end, 'sim_child', 1, now() - (i || ' s')::interval,
+                          i %% 10 <> 0, format('{"score": %%s}', i %% 97)
+                   from generate_series(1, %s) as i""", (size["pages_jobs"],))
+            conn.execute("analyze jobs")
+        SimulatedChild(rpc, parent.port, "sim_child").heartbeat()
+        base = f"http://127.0.0.1:{port}"
+        probe = RpcClient(rpc, "127.0.0.1", parent.port)
+        loads = {name: [] for name in DASHBOARD_PAGES}
+        stats = []
+        for _ in range(size["pages_loads"] + 1):  # the first round is not counted
+            for name, path in DASHBOARD_PAGES.items():
+                started = time.perf_counter()
+                load_page(base + path)
+                loads[name].append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            probe.call("getStats")
+            stats.append((time.perf_counter() - started) * 1000)
+        loads = {name: values[1:] for name, values in loads.items()}
+        windows = []
+        for _ in range(size["repeats"]):
+            idle = ping_probe(probe, size["pages_seconds"])
+            stop, failures = threading.Event(), []
+
+            def browser(k):
+                paths = list(DASHBOARD_PAGES.values())
+                while not stop.wait(1.0):
+                    try:
+                        load_page(base + paths[k % len(paths)])
+                    except (OSError, urllib.error.URLError, BenchError) as e:
+                        failures.append(e)
+                    k += 1
+            browsers = [threading.Thread(target=browser, args=(k,), daemon=True)
+                        for k in range(size["pages_browsers"])]
+            for thread in browsers:
+                thread.start()
+            loaded = ping_probe(probe, size["pages_seconds"])
+            stop.set()
+            for thread in browsers:
+                thread.join(60)
+            if failures:
+                raise BenchError(f"{len(failures)} page loads failed: {failures[0]}")
+            windows.append((idle, loaded))
+            progress(f"  ping p99 {percentile(idle, 99):.2f} ms alone, "
+                     f"{percentile(loaded, 99):.2f} ms with {size['pages_browsers']} browsers")
+        return loads, stats[1:], windows
+    finally:
+        parent.stop()
+
+
 class Run:
     """What every section of the run shares: its sizes, its files, the PostgreSQL server, the
     RPC thread, and the figures and repeats measured so far."""
@@ -1562,12 +1653,37 @@ def measure_auth(run):
         figures["auth_on_cpu_ms_per_job"] / figures["auth_off_cpu_ms_per_job"]
 
 
+def measure_dashboard(run):
+    size = run.size
+    progress(f"10. the dashboard: page loads with {size['pages_jobs']:,} jobs; ping while "
+             f"{size['pages_browsers']} browsers load a page every second")
+    loads, stats, windows = dashboard(run.pg, run.workdir, run.rpc, size)
+    figures = run.figures
+    figures.update(pages_jobs=size["pages_jobs"], pages_browsers=size["pages_browsers"],
+                   pages_getstats_ms=median(stats))
+    for name, values in loads.items():
+        figures[f"pages_{name}_ms"] = median(values)
+        run.repeats[f"pages_{name}_ms"] = values
+    figures["pages_overview_ratio"] = figures["pages_overview_ms"] / median(stats)
+    idle_p99 = [percentile(idle, 99) for idle, _ in windows]
+    loaded_p99 = [percentile(loaded, 99) for _, loaded in windows]
+    figures.update(
+        pages_ping_idle_p50_ms=median([median(idle) for idle, _ in windows]),
+        pages_ping_p50_ms=median([median(loaded) for _, loaded in windows]),
+        pages_ping_idle_p99_ms=median(idle_p99), pages_ping_p99_ms=median(loaded_p99))
+    figures["pages_ping_p50_ratio"] = \
+        figures["pages_ping_p50_ms"] / figures["pages_ping_idle_p50_ms"]
+    figures["pages_ping_p99_ratio"] = \
+        figures["pages_ping_p99_ms"] / figures["pages_ping_idle_p99_ms"]
+    run.repeats.update(pages_ping_idle_p99_ms=idle_p99, pages_ping_p99_ms=loaded_p99)
+
+
 # The sections in the order they run; `--only` picks some. The idle footprint goes first, while
 # the server holds few databases (autovacuum visits each one in turn).
 SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
             "throughput": measure_throughput, "auth": measure_auth, "scale": measure_scale,
             "pending": measure_pending, "utilization": measure_utilization,
-            "recovery": measure_recovery}
+            "recovery": measure_recovery, "dashboard": measure_dashboard}
 
 
 def run_sections(size, workdir, only=None):
@@ -1677,6 +1793,18 @@ TABLE = [
      "auth_off_cpu_ms_per_job_children", "", ""),
     ("9. CPU per job, auth on: PostgreSQL", "auth_on_cpu_ms_per_job_postgres", "ms",
      "auth_off_cpu_ms_per_job_postgres", "", ""),
+    # Figure 10: the dashboard, with P jobs in the parent's database.
+    ("10. page load, P jobs: overview", "pages_overview_ms", "ms", "pages_getstats_ms",
+     "pages_overview_ratio", ""),
+    ("10. page load: children", "pages_children_ms", "ms", "", "", ""),
+    ("10. page load: jobs", "pages_jobs_ms", "ms", "", "", ""),
+    ("10. page load: jobs, failed only", "pages_jobs_failed_ms", "ms", "", "", ""),
+    ("10. page load: a job", "pages_job_ms", "ms", "", "", ""),
+    ("10. page load: miners", "pages_miners_ms", "ms", "", "", ""),
+    ("10. ping p50, B browsers loading", "pages_ping_p50_ms", "ms", "pages_ping_idle_p50_ms",
+     "pages_ping_p50_ratio", ""),
+    ("10. ping p99, B browsers loading", "pages_ping_p99_ms", "ms", "pages_ping_idle_p99_ms",
+     "pages_ping_p99_ratio", ""),
 ]
 SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),
@@ -1685,6 +1813,7 @@ SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("W s", "{idle_footprint_seconds:g} s"),
     ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
     ("seconds T", "seconds {recovery_standby_leader_timeout_s:g}"),
+    ("P jobs", "{pages_jobs:,} jobs"), ("B browsers", "{pages_browsers} browsers"),
 ]
 
 
