@@ -168,6 +168,12 @@ class Chain:
             self.graph["num_uids"] = count
             self._storage = {}
 
+    def upgrade(self):
+        """A runtime upgrade: the next block sets spec 475's code (its state holds it)."""
+        with self.lock:
+            self.upgrade_at = self.head + 1
+            self.advance()
+
     def advance(self, blocks=1):
         with self.lock:
             self.head += blocks

@@ -471,3 +471,48 @@ def test_a_hundred_syncs_with_faults_leak_no_connection_thread_or_memory(node, p
     finally:
         chain.close()
     wait_until(lambda: not node.connections, timeout=5, what="the connection closed")
+
+
+# ---------------------------------------------------------------------------------------------
+# A runtime upgrade under a running parent
+# ---------------------------------------------------------------------------------------------
+
+UPGRADED = "Chain runtime upgraded: spec 343 -> 475 (the SDK fetched its metadata)"
+
+
+def test_a_parent_running_across_the_runtime_upgrade_keeps_syncing_with_one_line(
+        node, running_parent, caplog):
+    """The upgrade's block is read at 343 (its parent's runtime) while the head's runtime is
+    475: the SDK fetches 475's metadata, the parent says so once and loses nothing. The next
+    block is read at 475, where the SDK cannot encode get_metagraph (V14 describes no runtime
+    API and no recording of 475's V15 exists here): that sync fails with one line, losing
+    nothing, which on finney (which serves V15) it would not."""
+    caplog.set_level(logging.INFO)
+    chain, hot = node.chain, node.chain.hotkeys()
+    chain.commit(hot[3], submission("org/three", "3" * 40))
+    dsn = running_parent(5.0)
+    wait_until(lambda: len(jobs(dsn)) == 1, what="the first sync's job")
+    threads = threading.active_count()
+
+    chain.upgrade()
+    chain.commit(hot[10], submission("org/ten", "a" * 40))
+    wait_until(lambda: len(jobs(dsn)) == 2, what="the sync at the upgrade's block")
+    wait_until(lambda: UPGRADED in caplog.messages, timeout=20, what="the upgrade's line")
+    syncs = sum(1 for m, p in node.requests if p and p[0] == METAGRAPH)
+    wait_until(lambda: sum(1 for m, p in node.requests if p and p[0] == METAGRAPH) >= syncs + 3,
+               what="three more syncs")
+    assert caplog.messages.count(UPGRADED) == 1
+    assert [m for m, _ in node.requests].count("state_getMetadata") == 1
+    assert [(row[0], row[4], row[5]) for row in jobs(dsn)] == [
+        (hot[3], RECORDED_BLOCK, "pending"), (hot[10], RECORDED_BLOCK + 1, "pending")]
+    assert sync_said(caplog) == []
+    assert len(node.connections) == 1 and threading.active_count() == threads
+
+    chain.advance()  # read at 475: no runtime API to read the neurons with
+    chain.commit(hot[13], submission("org/thirteen", "c" * 40))
+    wait_until(lambda: sync_said(caplog), what="the failed sync's line")
+    [line] = sync_said(caplog)
+    assert line.startswith(SYNC_FAILED) and line.endswith(
+        "ValueError: Runtime API Call 'SubnetInfoRuntimeApi.get_metagraph' not found in "
+        "registry"), line
+    assert len(jobs(dsn)) == 2
