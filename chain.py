@@ -110,7 +110,7 @@ class BittensorChain:
             self._disconnect()
             raise ChainUnavailable(f"chain {self.network}: {self.describe(e)}") from None
         if self.spec is not None and spec != self.spec:
-            log.info("Chain runtime upgraded: spec %d -> %d (the SDK fetched its metadata)",
+            log.info("Chain runtime upgraded: spec %d -> %d (the SDK loaded its metadata)",
                      self.spec, spec)
         self.spec = spec
         if graph is None:
@@ -196,7 +196,7 @@ class BittensorChain:
 
     def _call_args(self, call):
         """{name: value} of a call the SDK's transport composed (SCALE bytes, decoded back
-        with the runtime it was composed for); {} if it cannot be read."""
+        with the head's runtime, the one it was composed with); {} if it cannot be read."""
         try:
             decoded = self._run(self.client.decode_scale("Call", call.data), self.timeout)
         except Exception:
