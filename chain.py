@@ -95,6 +95,7 @@ class BittensorChain:
         self.sdk, self.network, self.netuid = bittensor, network, netuid
         self.timeout, self.substrate = timeout, substrate
         self.client = None  # connected bittensor.Client; None: the next read connects
+        self.spec = None    # the runtime's spec version at the last read
         # The SDK is async. Its connection lives on this loop, run by a thread of its own so
         # that the websocket is kept alive between syncs, not only while the parent reads.
         self.loop = asyncio.new_event_loop()
@@ -104,10 +105,14 @@ class BittensorChain:
 
     def read(self):
         try:
-            graph = self._run(self._metagraph(), self.timeout)
+            graph, spec = self._run(self._metagraph(), self.timeout)
         except Exception as e:  # the SDK raises many types for a node that is down or slow
             self._disconnect()
             raise ChainUnavailable(f"chain {self.network}: {self.describe(e)}") from None
+        if self.spec is not None and spec != self.spec:
+            log.info("Chain runtime upgraded: spec %d -> %d (the SDK loaded its metadata)",
+                     self.spec, spec)
+        self.spec = spec
         if graph is None:
             raise ChainUnavailable(f"subnet {self.netuid} does not exist on {self.network}")
         return ChainSnapshot(graph.block, [
@@ -118,7 +123,12 @@ class BittensorChain:
             {n.hotkey: n.uid for n in graph.neurons})
 
     async def _metagraph(self):
-        return await (await self._connected()).subnets.metagraph(self.netuid)
+        # spec_version: the SDK's transport re-checks the head's runtime at most once a block
+        # (one request) and, after an upgrade, fetches the new metadata, saying nothing. An
+        # in-memory substrate has no runtime to upgrade.
+        client = await self._connected()
+        graph = await client.subnets.metagraph(self.netuid)
+        return graph, (await client.spec_version() if self.substrate is None else None)
 
     async def _connected(self):
         if self.client is None:
@@ -177,10 +187,21 @@ class BittensorChain:
                              self.timeout)
         except Exception as e:
             return f"the SDK's dry run failed: {self.describe(e)}"
-        params = getattr(plan.call, "params", None) or {}
-        if "dests" not in params:
+        params = getattr(plan.call, "params", None)
+        if params is None and hasattr(plan.call, "data"):
+            params = self._call_args(plan.call)
+        if "dests" not in (params or {}):
             return "commit-reveal: the values are sealed in a timelocked commit"
         return dict(zip(params["dests"], params["weights"]))
+
+    def _call_args(self, call):
+        """{name: value} of a call the SDK's transport composed (SCALE bytes, decoded back
+        with the head's runtime, the one it was composed with); {} if it cannot be read."""
+        try:
+            decoded = self._run(self.client.decode_scale("Call", call.data), self.timeout)
+        except Exception:
+            return {}
+        return {arg["name"]: arg["value"] for arg in decoded.get("call_args") or []}
 
     def _run(self, coro, timeout):
         # The SDK sets no deadline per call (its transport waits 60 s for each frame, then

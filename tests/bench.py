@@ -32,7 +32,9 @@ The figures, one function each below:
 5. chain()       calls to the bittensor substrate seam per sync for a subnet of 256 miners vs a
    subnet of 1 miner (the fake substrate of tests/test_bittensor_chain.py); and the requests
    on the wire per sync through the SDK's websocket transport, counted by the loopback node of
-   tests/loopback_node.py (finney's recorded subnet 1, cut to 256 and to 1 uid).
+   tests/loopback_node.py (finney's recorded subnet 1, cut to 256 and to 1 uid), and the
+   first sync after a runtime upgrade (the new metadata's download) beside a sync 13 s after
+   the last.
 6. utilization() a seeded batch of 300 jobs whose evaluator sleeps a long-tailed duration
    (median 0.3 s, one in 50 at 3 s) on 2 children x 4 slots: the makespan against the ideal,
    max(sum of durations / slots, longest job); utilization_ratio = ideal / makespan. Also
@@ -956,17 +958,19 @@ def chain(workdir, size):
             bittensor_chain.close()
         progress(f"  chain, {miners} miners: {calls} calls per sync, "
                  + " ".join(f"{t:.1f}" for t in times) + " ms")
-        results[miners] = (calls, times, chain_wire(workdir, miners, size["repeats"]))
+        results[miners] = (calls, times, chain_wire(workdir, miners, size["repeats"],
+                                                     upgrade=miners > 1))
     return results
 
 
-def chain_wire(workdir, miners, repeats):
+def chain_wire(workdir, miners, repeats, upgrade=False):
     """Requests on the wire: BittensorChain on a ws:// address (the SDK's own transport)
     against the loopback node of the tests, serving finney's recorded subnet 1 cut to `miners`
     uids, each with a commitment. [the first sync on a new connection, then `repeats` syncs
     one block apart (the head moves on), then one sync 13 s after the previous one (the SDK
     re-checks the runtime version and the finalized head every 12 s: what a sync costs with
-    sync_frequency >= 12 s)]."""
+    sync_frequency >= 12 s), and with `upgrade`, one more 13 s later, the first after a runtime
+    upgrade (spec 343 -> 475: the SDK downloads the new metadata, 357 KB of V14)]."""
     os.environ["BITTENSOR_RUNTIME_CACHE_DIR"] = str(workdir / f"runtime-cache-{miners}")
     import chain as chains
     from loopback_node import NETUID, Chain, Node
@@ -989,6 +993,10 @@ def chain_wire(workdir, miners, repeats):
             sync()
         time.sleep(13.0)  # past the SDK's 12-s checks
         sync()
+        if upgrade:
+            state.upgrade()  # the block the sync reads holds spec 475's code
+            time.sleep(13.0)
+            sync()
     finally:
         bittensor_chain.close()
         node.close()
@@ -1460,10 +1468,11 @@ def measure_chain(run):
     few, many = results[1], results[size["chain_miners"]]
     run.figures.update(
         chain_wire_connect_requests=many[2][0],
-        chain_wire_requests_per_sync=median(many[2][1:-1]),
+        chain_wire_requests_per_sync=median(many[2][1:-2]),
         chain_wire_requests_per_sync_1_miner=median(few[2][1:-1]),
-        chain_wire_requests_ratio=median(many[2][1:-1]) / median(few[2][1:-1]),
-        chain_wire_requests_idle_sync=many[2][-1],
+        chain_wire_requests_ratio=median(many[2][1:-2]) / median(few[2][1:-1]),
+        chain_wire_requests_idle_sync=many[2][-2],
+        chain_wire_requests_upgrade_sync=many[2][-1],
         chain_wire_requests_idle_sync_1_miner=few[2][-1],
         chain_miners=size["chain_miners"],
         chain_calls_per_sync=median(many[0]), chain_calls_per_sync_1_miner=median(few[0]),
@@ -1752,6 +1761,8 @@ TABLE = [
      "chain_wire_requests_idle_sync_1_miner", "", ""),
     ("5. ...the first sync of a connection", "chain_wire_connect_requests", "requests", "", "",
      ""),
+    ("5. ...the first sync after a runtime upgrade", "chain_wire_requests_upgrade_sync",
+     "requests", "chain_wire_requests_idle_sync", "", ""),
     # Figure 6's ratios are ideal / measured (1 is perfect), the others measured / baseline.
     ("6. makespan, J jobs on S slots", "utilization_makespan_s", "s", "utilization_ideal_s",
      "utilization_ratio", "ratio >= 0.95"),

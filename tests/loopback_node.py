@@ -9,7 +9,16 @@ metagraph at a later block, the events of a block that included our extrinsic.
 The node is one chain at a head block that a test moves on (`advance`). It serves every block
 it made with the state of now (a test reads one block per sync), answers the methods the SDK
 calls, counts every request it receives (`requests`, a batch counted per request), and can be
-told to misbehave on one method (`fault`)."""
+told to misbehave on one method (`fault`).
+
+A runtime upgrade (`Chain(upgrade_at=U)`): as on finney between the two recordings of
+tests/finney, blocks before U hold the code of spec 343, block U and later that of spec 475
+(`state_getRuntimeVersion` per block hash). The SDK decodes a block with the runtime of its
+parent, so block U is still read at 343 and U+1 on at 475. Spec 475's metadata exists only as V14
+(`state_getMetadata`): its V15 request is answered None, as the SDK expects of a runtime without
+it, and its state is encoded with the SDK's codec over that recorded V14. V14 describes no
+runtime API, and the SDK decodes none at such a runtime but a frozen legacy few: a runtime API
+(get_metagraph) is served at blocks read at 343 only."""
 
 import asyncio
 import contextlib
@@ -45,8 +54,29 @@ CODEC = RuntimeCodec(strip_option_opaque_metadata(bytes.fromhex(METADATA_ANSWER[
                      spec_version=RUNTIME_VERSION["specVersion"],
                      transaction_version=RUNTIME_VERSION["transactionVersion"],
                      spec_name=RUNTIME_VERSION["specName"], ss58_format=42)
+CODECS = {CODEC.spec_version: CODEC}
+
+
+def _spec475():
+    """Spec 475's recorded V14 metadata, checked against its published digest."""
+    with gzip.open(FINNEY / "metadata_v14_spec475.scale.gz", "rb") as f:
+        raw = f.read()
+    if hashlib.sha256(raw).hexdigest() != SPEC475_SHA256:
+        raise ValueError("tests/finney/metadata_v14_spec475.scale.gz is not the recorded bytes")
+    version = dict(RUNTIME_VERSION, specVersion=475, transactionVersion=1)
+    return raw, version, RuntimeCodec(raw, spec_version=475, transaction_version=1,
+                                      spec_name=version["specName"], ss58_format=42)
+
+
+SPEC475_SHA256 = "e181ddacd13d1050e82a2afea8e58ba5d3fc84504fa92d2884c91df8c9dd8020"
+# RUNTIME_475 keeps the recorded version's api list (spec 343's): the SDK reads only the spec
+# name and the two versions.
+METADATA_475, RUNTIME_475, CODEC_475 = _spec475()
+CODECS[475] = CODEC_475
+VERSIONS = {343: RUNTIME_VERSION, 475: RUNTIME_475}
 RECORDED_BLOCK = RECORDED["chain_getBlockHash"]["params"][0]
 RECORDED_HASH = RECORDED["chain_getBlockHash"]["result"]
+RECORDED_PARENT = RECORDED["chain_getHeader"]["result"]["parentHash"]
 
 
 def api_type(api, method):
@@ -75,12 +105,12 @@ def _metagraph_fields():
 METAGRAPH_FIELDS = _metagraph_fields()
 
 
-def storage_key(pallet, item, params=()):
-    return "0x" + CODEC.storage_key(CODEC.storage_entry(pallet, item), list(params)).hex()
+def storage_key(pallet, item, params=(), codec=CODEC):
+    return "0x" + codec.storage_key(codec.storage_entry(pallet, item), list(params)).hex()
 
 
-def scale(pallet, item, value):
-    return "0x" + CODEC.encode(CODEC.storage_entry(pallet, item).value_type, value).hex()
+def scale(pallet, item, value, codec=CODEC):
+    return "0x" + codec.encode(codec.storage_entry(pallet, item).value_type, value).hex()
 
 
 def compact(n):
@@ -88,9 +118,18 @@ def compact(n):
 
 
 EVENTS_KEY = storage_key("System", "Events")
+DISPATCH_INFO = {"weight": {"ref_time": 10**9, "proof_size": 0}, "class": "Normal",
+                 "pays_fee": "Yes"}
 SUCCESS_EVENT = {"phase": {"ApplyExtrinsic": 0}, "topics": [], "event": {"System": {
-    "ExtrinsicSuccess": {"dispatch_info": {"weight": {"ref_time": 10**9, "proof_size": 0},
-                                           "class": "Normal", "pays_fee": "Yes"}}}}}
+    "ExtrinsicSuccess": {"dispatch_info": DISPATCH_INFO}}}}
+
+
+def failure_event(pallet_index, error_index):
+    """System.ExtrinsicFailed with a pallet's error (its index in the metadata)."""
+    return {"phase": {"ApplyExtrinsic": 0}, "topics": [], "event": {"System": {
+        "ExtrinsicFailed": {"dispatch_error": {"Module": {
+            "index": pallet_index, "error": "0x" + bytes([error_index, 0, 0, 0]).hex()}},
+            "dispatch_info": DISPATCH_INFO}}}}
 WEIGHT_CALLS = {"set_weights", "set_mechanism_weights", "commit_weights",
                 "commit_mechanism_weights", "commit_timelocked_weights",
                 "commit_timelocked_mechanism_weights", "commit_crv3_mechanism_weights"}
@@ -100,18 +139,21 @@ class Chain:
     """Subnet 1 as recorded on finney, from the recorded block on; a test changes it through the
     methods below (each an act of the real chain), under `lock`, from any thread."""
 
-    def __init__(self, miners=None):
+    def __init__(self, miners=None, upgrade_at=None):
         self.lock = threading.RLock()
+        self.upgrade_at = upgrade_at  # first block whose state holds spec 475's code
+        self.failure = None    # (pallet index, error index): included extrinsics fail so
         self.head = RECORDED_BLOCK
         self.graph = recorded_metagraph()
         if miners is not None:
             self.keep_uids(miners)
         self.commitments = {}  # hotkey -> its CommitmentOf value (a Registration)
         self.revealed = {}     # hotkey -> its RevealedCommitments value
-        self.overrides = {}    # storage key -> SCALE hex, set by a test
+        self.overrides = []    # (pallet, item, params, value) set by a test, at either spec
         self.blocks = {}       # hash -> {"number", "extrinsics", "events"} of blocks we made
         self.extrinsics = []   # every extrinsic submitted, as hex
-        self._storage = None   # storage key -> SCALE hex, built from the above when read
+        self.decoded = []      # ... decoded with the metadata of the block that included it
+        self._storage = {}     # spec -> {storage key: SCALE hex}, built from the above
         self.numbers = {GENESIS: 0}  # hash -> number of every block hash the node gave out
 
     # -- what a test changes ------------------------------------------------------------------
@@ -124,12 +166,18 @@ class Chain:
                 if isinstance(value, list) and len(value) == uids:
                     self.graph[field] = value[:count]
             self.graph["num_uids"] = count
-            self._storage = None
+            self._storage = {}
+
+    def upgrade(self):
+        """A runtime upgrade: the next block sets spec 475's code (its state holds it)."""
+        with self.lock:
+            self.upgrade_at = self.head + 1
+            self.advance()
 
     def advance(self, blocks=1):
         with self.lock:
             self.head += blocks
-            self._storage = None
+            self._storage = {}
 
     def commit(self, hotkey, text, block=None):
         """set_commitment(text) by hotkey: Raw fields of up to 128 bytes, as the pallet keeps
@@ -149,7 +197,7 @@ class Chain:
         with self.lock:
             self.commitments[hotkey] = {"deposit": 0, "block": self.head if block is None
                                         else block, "info": {"fields": fields}}
-            self._storage = None
+            self._storage = {}
 
     def reveal(self, hotkey, text, block=None):
         """The chain decrypted hotkey's timelocked commitment: it drops the sealed field (the
@@ -159,7 +207,7 @@ class Chain:
             raw = text.encode()
             self.revealed[hotkey] = [("0x" + (compact(len(raw)) + raw).hex(),
                                       self.head if block is None else block)]
-            self._storage = None
+            self._storage = {}
 
     def register(self, uid, hotkey, stake_rao=0):
         """hotkey takes uid (the one there before is deregistered)."""
@@ -170,19 +218,34 @@ class Chain:
             g["last_update"][uid] = 0
             g["total_stake"][uid] = g["alpha_stake"][uid] = stake_rao
             g["tao_stake"][uid] = 0
-            self._storage = None
+            self._storage = {}
 
     def set_last_update(self, uid, block):
         """uid set weights at `block` (0: never)."""
         with self.lock:
             self.graph["last_update"][uid] = block
-            self._storage = None
+            self._storage = {}
 
     def set_storage(self, pallet, item, params, value):
-        """A storage item the recording lacks (a hyperparameter, a rate-limit state)."""
+        """A storage item the recording lacks (a hyperparameter, a rate-limit state), encoded
+        at each spec whose metadata has it."""
         with self.lock:
-            self.overrides[storage_key(pallet, item, params)] = scale(pallet, item, value)
-            self._storage = None
+            self.overrides.append((pallet, item, tuple(params), value))
+            self._storage = {}
+
+    def fail_with(self, pallet, error):
+        """Extrinsics included from now on fail with this pallet error (by name, at 475)."""
+        ir = next(p for p in CODEC_475.metadata_ir().pallets if p.name == pallet)
+        with self.lock:
+            self.failure = (ir.index, next(e.index for e in ir.errors if e.name == error))
+
+    def spec_at(self, number):
+        """The spec whose code block `number`'s state holds."""
+        return 475 if self.upgrade_at is not None and number >= self.upgrade_at else 343
+
+    def codec_reading(self, number):
+        """The codec the SDK decodes block `number` with: its parent's runtime."""
+        return CODECS[self.spec_at(max(number - 1, 0))]
 
     def hotkeys(self):
         with self.lock:
@@ -195,6 +258,7 @@ class Chain:
         if number == 0:
             return GENESIS
         block_hash = RECORDED_HASH if number == RECORDED_BLOCK else \
+            RECORDED_PARENT if number == RECORDED_BLOCK - 1 else \
             "0x" + hashlib.blake2b(b"loopback %d" % number, digest_size=32).hexdigest()
         with self.lock:
             self.numbers[block_hash] = number
@@ -207,29 +271,33 @@ class Chain:
 
     def nonce(self, address):
         with self.lock:
-            return sum(1 for e in self.extrinsics if signer(CODEC.decode_extrinsic(e)) == address)
+            return sum(1 for e in self.decoded if signer(e) == address)
 
     def header(self, number):
         """The recorded header, renumbered and chained to its parent."""
         header = json.loads(json.dumps(RECORDED["chain_getHeader"]["result"]))
         if number != RECORDED_BLOCK:
             header.update(number=hex(number), parentHash=self.block_hash(number - 1))
+        else:
+            self.block_hash(number - 1)  # the recorded parent's hash is known from now on
         return header
 
-    def storage(self):
-        """{key: SCALE hex} of every item this node keeps, rebuilt after a change."""
+    def storage(self, number=None):
+        """{key: SCALE hex} of every item this node keeps at block `number` (None: the head),
+        encoded with the metadata the SDK reads that block with; rebuilt after a change."""
         with self.lock:
-            if self._storage is None:
-                self._storage = self._build_storage()
-            return self._storage
+            codec = self.codec_reading(self.head if number is None else number)
+            if codec.spec_version not in self._storage:
+                self._storage[codec.spec_version] = self._build_storage(codec)
+            return self._storage[codec.spec_version]
 
-    def _build_storage(self):
+    def _build_storage(self, codec):
         g, items = self.graph, {}
 
         def put(pallet, item, params_list, values):
-            entry = CODEC.storage_entry(pallet, item)
-            keys = CODEC.storage_key_batch(entry, [list(p) for p in params_list])
-            items.update(("0x" + key.hex(), "0x" + CODEC.encode(entry.value_type, v).hex())
+            entry = codec.storage_entry(pallet, item)
+            keys = codec.storage_key_batch(entry, [list(p) for p in params_list])
+            items.update(("0x" + key.hex(), "0x" + codec.encode(entry.value_type, v).hex())
                          for key, v in zip(keys, values))
 
         put("Commitments", "CommitmentOf", [(NETUID, h) for h in self.commitments],
@@ -247,7 +315,11 @@ class Chain:
                             ("RevealPeriodEpochs", g["commit_reveal_period"]),
                             ("LastUpdate", g["last_update"])):
             put("SubtensorModule", item, [(NETUID,)], [value])
-        items.update(self.overrides)
+        if codec is CODEC_475:  # an item spec 343 lacks: the subnet runs Yuma consensus
+            put("SubtensorModule", "SubnetEpochConsensus", [(NETUID,)], ["Yuma"])
+        for pallet, item, params, value in self.overrides:
+            if pallet != "SubtensorModule" or item in STORAGE_ITEMS[codec.spec_version]:
+                put(pallet, item, [params], [value])
         return items
 
     def metagraph(self, number):
@@ -259,26 +331,34 @@ class Chain:
                                        graph).hex()
 
     def include(self, extrinsic_hex):
-        """A new block with this signed extrinsic, which succeeds: a weights call sets its
-        signer's LastUpdate. Returns (the block's hash, None)."""
+        """A new block with this signed extrinsic, which succeeds (a weights call sets its
+        signer's LastUpdate) or fails with `failure`. Returns (the block's hash, None)."""
         with self.lock:
-            extrinsic = CODEC.decode_extrinsic(extrinsic_hex)
-            self.extrinsics.append(extrinsic_hex)
             self.head += 1
+            codec = self.codec_reading(self.head)
+            extrinsic = codec.decode_extrinsic(extrinsic_hex)
+            self.extrinsics.append(extrinsic_hex)
+            self.decoded.append(extrinsic)
             block_hash = self.block_hash(self.head)
+            event = SUCCESS_EVENT if self.failure is None else failure_event(*self.failure)
             self.blocks[block_hash] = {"number": self.head, "extrinsics": [extrinsic_hex],
-                                       "events": scale("System", "Events", [SUCCESS_EVENT])}
+                                       "events": scale("System", "Events", [event], codec)}
             hotkey = signer(extrinsic)
-            if extrinsic["call"]["call_function"] in WEIGHT_CALLS \
+            if self.failure is None and extrinsic["call"]["call_function"] in WEIGHT_CALLS \
                     and hotkey in self.graph["hotkeys"]:
                 self.graph["last_update"][self.graph["hotkeys"].index(hotkey)] = self.head
-            self._storage = None
+            self._storage = {}
             return block_hash, None
 
 
 
 def signer(extrinsic):
     return extrinsic["address"]
+
+
+STORAGE_ITEMS = {spec: {item.name for pallet in codec.metadata_ir().pallets
+                        if pallet.name == "SubtensorModule" for item in pallet.storage}
+                 for spec, codec in CODECS.items()}
 
 
 class Node:
@@ -289,6 +369,7 @@ class Node:
         self.chain = chain
         self.requests, self.connections = [], set()
         self._fault = None  # (kind, method, seconds) while set: see fault()
+        self.ticks = set()  # runtime APIs after whose answer the chain makes a block
         self._subscriptions = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="loopback-node",
@@ -357,9 +438,16 @@ class Node:
                 "block": {"header": chain.header(number),
                           "extrinsics": made.get("extrinsics", [])}, "justifications": None}
         if method == "state_getRuntimeVersion":
-            return RUNTIME_VERSION
+            return VERSIONS[chain.spec_at(self._number((params + [None])[0]))]
+        if method == "state_getMetadata":
+            if chain.spec_at(self._number((params + [None])[0])) == 475:
+                return "0x" + METADATA_475.hex()
+            raise _not_found("no V14 recording of spec 343 here; its V15 is served")
         if method == "state_call":
-            return self._runtime_call(*params)
+            result = self._runtime_call(*params)
+            if params[0] in self.ticks:
+                chain.advance()
+            return result
         if method.startswith("state_") and method in STORAGE_METHODS:
             return self._storage(method, params)
         if method == "account_nextIndex":
@@ -377,11 +465,15 @@ class Node:
             raise _not_found(f"UnknownBlock: State already discarded for {block_hash}")
         return block_hash
 
+    def _number(self, block_hash):
+        return self.chain.number_of(self._at(block_hash))
+
     def _runtime_call(self, name, params_hex, block_hash=None):
-        number = self.chain.number_of(self._at(block_hash))
-        if name == "Metadata_metadata_at_version":
-            return METADATA_ANSWER
-        if name == "SubnetInfoRuntimeApi_get_metagraph":
+        number = self._number(block_hash)
+        if name == "Metadata_metadata_at_version":  # None: spec 475 has only its V14 here
+            return "0x00" if self.chain.spec_at(number) == 475 else METADATA_ANSWER
+        if name == "SubnetInfoRuntimeApi_get_metagraph" \
+                and self.chain.codec_reading(number) is CODEC:
             netuid = int.from_bytes(bytes.fromhex(params_hex.removeprefix("0x")), "little")
             return self.chain.metagraph(number) if netuid == NETUID else "0x00"
         raise _not_found(f"Execution failed: Other: Exported method {name} is not found")
@@ -399,7 +491,7 @@ class Node:
                  "changes": [[key, items.get(key)] for key in keys]}]
 
     def _items(self, block_hash):
-        items = self.chain.storage()
+        items = self.chain.storage(self.chain.number_of(block_hash))
         made = self.chain.blocks.get(block_hash)
         return dict(items, **{EVENTS_KEY: made["events"]}) if made else items
 
