@@ -1205,16 +1205,24 @@ def proof_problems(cluster, jobs):
     """Each result a child reported and the parent recorded (not a job the parent gave up on,
     nor one recorded as failed for being too big) must carry the signature of that child's
     hotkey over auth.result_fields of what is recorded: no result is there that the child
-    did not vouch for."""
+    did not vouch for. The rule the parent applies (docs/security.md): a result counts from
+    the job's current holder, signed over an attempt that holder held at that job. It need
+    not be the newest: a job taken back from a child unseen and handed to the same child
+    again is still running there under its first attempt, and the answer that carried the
+    newer one may have been lost."""
+    held = collections.defaultdict(set)
+    for row in rows(cluster.parent_dsn, "select job_id, attempt, child_id from assignments"):
+        held[(row["job_id"], row["child_id"])].add(row["attempt"])
     problems = []
     for job in jobs:
         if job["status"] not in ("completed", "failed") or gave_up(job) or too_big_failure(job):
             continue
         name, hotkey = job["child_id"], cluster.hotkeys.get(job["child_id"])
         proof = (job.get("result_hotkey"), job.get("result_attempt"), job.get("result_signature"))
-        if proof[:2] != (hotkey, job["attempts"]):
-            problems.append(f"job {job['job_id']} by {name} (attempt {job['attempts']}, hotkey "
-                            f"{hotkey}) has the proof of hotkey {proof[0]}, attempt {proof[1]}")
+        if proof[0] != hotkey or proof[1] not in held[(job["job_id"], name)]:
+            problems.append(f"job {job['job_id']} by {name} (attempts it held: "
+                            f"{sorted(held[(job['job_id'], name)])}, hotkey {hotkey}) has the "
+                            f"proof of hotkey {proof[0]}, attempt {proof[1]}")
         elif not auth.Verifier.holds(hotkey, auth.result_fields(
                 name, job["job_id"], proof[1], job["success"], job["result"]),
                 bytes(proof[2] or b"")):

@@ -163,3 +163,31 @@ def test_with_auth_off_results_need_no_signature_and_carry_no_proof(tmp_path, pa
     wait_until(lambda: jobs_json(tmp_path)[1]["status"] == "completed", 10, "the result")
     assert jobs_json(tmp_path)[1]["result_signature"] is None
     assert "Child c1 completed job 1" in proc.log()
+
+
+def test_a_job_handed_to_its_child_again_records_that_childs_result_of_the_earlier_attempt(
+        tmp_path, parent, wallets):
+    """The chaos run's case (seed 58213): a job taken back while its child still ran it, then
+    handed to the same child again as attempt 2. The child, which held the job and never saw
+    the newer delivery (or ignored it), reports over attempt 1: the result counts, with that
+    proof, because the rule is "from the current holder, over an attempt it held"."""
+    c1 = registered(parent, wallets, "c1")
+    assert [j["attempt"] for j in c1.call("requestJobs", childId="c1", maxJobs=1)["jobs"]] == [1]
+    requeue = subprocess.run([sys.executable, ROOT / "validator.py", "requeue", "1", "--config",
+                              tmp_path / "parent.toml"], capture_output=True, text=True,
+                             timeout=60)
+    assert requeue.returncode == 0, requeue.stderr
+
+    def handed_again():  # the parent takes the operator's change within a second
+        jobs = c1.call("requestJobs", childId="c1", maxJobs=3)["jobs"]
+        return [j["attempt"] for j in jobs if j["jobId"] == 1]
+    assert wait_until(handed_again, 30, "job 1 handed to c1 again") == [2]
+    score = '{"score": 3}'
+    [reply] = c1.call("reportJobCompletions", childId="c1",
+                      results=[signed_result(wallets, "c1", 1, 1, True, score)])["replies"]
+    assert (reply["acknowledged"], reply["message"]) == (True, "recorded")
+    job = jobs_json(tmp_path)[1]
+    assert (job["status"], job["child_id"], job["attempts"], job["result_attempt"]) == \
+        ("completed", "c1", 2, 1)
+    assert holds(wallets, "c1", auth.result_fields("c1", 1, 1, True, score),
+                 bytes.fromhex(job["result_signature"]))
