@@ -1095,7 +1095,7 @@ def read_child(db, counts):
 
 def log_path(logs_dir, job_id, job):
     """The log file of a job's evaluator: named by the parent (its last part only), inside
-    logs_dir, as child.evaluate opens it."""
+    logs_dir, as evaluator.evaluate opens it."""
     name = Path(job.get("logsPath") or "").name
     return logs_dir / (name if name not in ("", ".", "..") else f"job-{job_id}.log")
 

@@ -9,7 +9,7 @@ import types
 import pytest
 from conftest import wait_until
 
-import child
+import evaluator
 
 JOB = {"jobId": 5, "hfRepoId": "org/model", "hfRepoCommit": "abc", "randomSeed": 7,
        "logsPath": "../../escape/job-5.log"}
@@ -28,7 +28,7 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
     code = ("import json, sys; job = json.load(sys.stdin); "
             "print('working', file=sys.stderr); "
             "print(json.dumps({'score': 0.25, 'repo': job['hfRepoId']}))")
-    success, result = child.evaluate(config(python(code)), JOB, tmp_path)
+    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path)
     assert success is True
     assert json.loads(result) == {"score": 0.25, "repo": "org/model"}
     # stderr goes to the job's log file, kept inside logs_dir whatever logsPath says
@@ -44,22 +44,22 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
      "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"),
 ])
 def test_a_failing_evaluator_is_a_failed_job_with_the_reason(tmp_path, code, reason):
-    success, result = child.evaluate(config(python(code), timeout=0.5), JOB, tmp_path)
+    success, result = evaluator.evaluate(config(python(code), timeout=0.5), JOB, tmp_path)
     assert success is False
     assert json.loads(result) == {"error": reason}
 
 
 def test_an_evaluator_that_cannot_start_is_a_failed_job(tmp_path):
-    success, result = child.evaluate(config(["/nonexistent/evaluator"]), JOB, tmp_path)
+    success, result = evaluator.evaluate(config(["/nonexistent/evaluator"]), JOB, tmp_path)
     assert success is False
     assert json.loads(result)["error"].startswith("cannot start the evaluator")
 
 
 def test_the_demo_evaluator_scores_the_same_submission_the_same(tmp_path):
-    first = child.evaluate(config(), JOB, tmp_path)
-    assert first == child.evaluate(config(), dict(JOB), tmp_path)
+    first = evaluator.evaluate(config(), JOB, tmp_path)
+    assert first == evaluator.evaluate(config(), dict(JOB), tmp_path)
     assert json.loads(first[1])["evaluator"] == "demo"
-    other = child.evaluate(config(), dict(JOB, hfRepoCommit="def"), tmp_path)
+    other = evaluator.evaluate(config(), dict(JOB, hfRepoCommit="def"), tmp_path)
     assert other != first
 
 
@@ -67,7 +67,7 @@ def test_an_evaluator_that_prints_without_end_is_stopped_at_max_result_bytes(tmp
     """It would fill the child's memory if its output were read whole before the check."""
     code = "import sys\nwhile True: sys.stdout.write('x' * 65536)"
     cfg = config(python(code), timeout=60.0)
-    success, result = child.evaluate(cfg, JOB, tmp_path)
+    success, result = evaluator.evaluate(cfg, JOB, tmp_path)
     assert (success, json.loads(result)) == (False, {
         "error": "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"})
 
@@ -77,7 +77,7 @@ def test_what_an_evaluator_leaves_behind_does_not_hold_the_evaluation(tmp_path):
     so the evaluation ends when the evaluator does."""
     code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(120)']); print('{\"score\": 1}')")
-    success, result = child.evaluate(config(python(code), timeout=60.0), JOB, tmp_path)
+    success, result = evaluator.evaluate(config(python(code), timeout=60.0), JOB, tmp_path)
     assert (success, json.loads(result)) == (True, {"score": 1})
 
 
@@ -95,10 +95,10 @@ def test_the_evaluation_ends_when_the_evaluator_exits_not_at_a_later_look(tmp_pa
 
     monkeypatch.setattr(time, "sleep", counted_sleep)
     code = "import sys, time; sys.stdin.read(); time.sleep(0.3); print('{\"score\": 1}')"
-    success, result = child.evaluate(config(python(code)), JOB, tmp_path)
+    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path)
     assert (success, json.loads(result)) == (True, {"score": 1})
     assert naps == []
-    success, result = child.evaluate(config(python("import time; time.sleep(60)"),
+    success, result = evaluator.evaluate(config(python("import time; time.sleep(60)"),
                                             timeout=0.5), JOB, tmp_path)
     assert (success, json.loads(result)) == (False, {"error": "evaluator timed out after 0.5s"})
 
@@ -115,7 +115,7 @@ def test_the_evaluator_has_its_job_before_its_process_group_is_recorded(tmp_path
         wait_until(got_job.exists, 10, "the evaluator to read its job")
         recorded.append(job_id)
 
-    running = child.Evaluations(record)
-    success, result = child.evaluate(config(python(code)), JOB, tmp_path, running)
+    running = evaluator.Evaluations(record)
+    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path, running)
     assert (success, json.loads(result)) == (True, {"score": 1})
     assert recorded == [5]
