@@ -41,8 +41,10 @@ import contextlib
 import datetime
 import functools
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import capnp
 import prometheus_client
@@ -52,7 +54,8 @@ import auth
 import common
 import evaluator
 import pages
-from evaluator import Abandoned, Evaluations, Revoked, evaluate, failure
+from evaluator import (MB, Abandoned, Evaluations, GpuPool, LogsDirectory, Revoked, evaluate,
+                       failure)
 from common import Refused, log
 from rpc import REFUSALS, PeerUnavailable, RpcClient, RpcThread, ServiceBase, Unimplemented
 
@@ -92,7 +95,11 @@ alter table child_jobs add column if not exists evaluator jsonb;
 alter table child_jobs drop constraint if exists child_jobs_status_check;
 alter table child_jobs add constraint child_jobs_status_check
     check (status in ('queued', 'running', 'completed', 'failed', 'cancelled'));
-""", auth.NONCES_SCHEMA]
+""", auth.NONCES_SCHEMA, """
+-- A failure that is not the miner's (evaluator.Ended.retryable): reported so, and signed so;
+-- the parent gives the job out again.
+alter table child_jobs add column if not exists retryable boolean not null default false;
+"""]
 
 EVALUATE = "evaluate"  # the pgqueuer entrypoint
 UNSENT_TEXT = dict.fromkeys(("minerHotkey", "hfRepoId", "hfRepoCommit", "envProvider", "envName",
@@ -136,6 +143,8 @@ class ChildService(ServiceBase):
             raise Refused(refusal)
         if self.store.incoming.holds(job["jobId"]):
             return {"accepted": True, "message": "already have this job"}
+        if self.store.disk.low():
+            raise Refused(f"the disk is low: {self.store.disk.refusal()}")
         if self.store.incoming.free_slots() < 1:
             raise Refused("no free slot")
         accepted = self.store.add_jobs([job])
@@ -143,7 +152,9 @@ class ChildService(ServiceBase):
         return {"accepted": True, "message": "queued" if accepted else "already have this job"}
 
     def get_stats(self):
-        return {"json": json.dumps(self.store.counts())}
+        """The queue's counts, and what the disk guard says (DiskGuard)."""
+        return {"json": json.dumps({**self.store.counts(), "disk_low": self.store.disk.low(),
+                                    "disk_free_mb": self.store.disk.free_mb()})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,10 +433,11 @@ class ChildStore:
     sends, add_jobs commits its answer. What a child that died left behind is undone first
     (recover_at_start)."""
 
-    def __init__(self, dsn, capacity, max_result_bytes=common.MAX_RESULT_BYTES):
+    def __init__(self, dsn, capacity, max_result_bytes=common.MAX_RESULT_BYTES, disk=None):
         self.db = common.Database(dsn, SCHEMA)
         recover_at_start(self.db, max_result_bytes)
-        self.incoming = IncomingJobs(self.db, capacity)
+        self.disk = disk or DiskGuard(0)
+        self.incoming = IncomingJobs(self.db, capacity, self.disk)
         self.outgoing = OutgoingResults(self.db)
         self.runs = RunState(self.db)
 
@@ -501,9 +513,10 @@ class IncomingJobs:
     and running ones count against the capacity), the jobs stored and queued as they come, and
     those the parent takes back, cancelled."""
 
-    def __init__(self, db, capacity):
+    def __init__(self, db, capacity, disk):
         self.db = db
         self.capacity = capacity  # jobs held at most, running or queued
+        self.disk = disk  # while it is low, there is no room
 
     def holdings(self):
         """(room for jobs, ids of the jobs we hold and have not reported): what a poll tells
@@ -519,7 +532,8 @@ class IncomingJobs:
             "count(*) filter (where finished_at is not null) as finished, "
             "coalesce(array_agg(job_id) filter (where reported_at is null), '{}') as held "
             "from child_jobs where reported_at is null").fetchone()
-        return max(0, self.capacity - row["busy"]), row["held"], row["finished"]
+        room = 0 if self.disk.low() else max(0, self.capacity - row["busy"])
+        return room, row["held"], row["finished"]
 
     def holds(self, job_id):
         """True if we have the job and have not reported it: a copy of it needs no slot."""
@@ -572,8 +586,8 @@ class IncomingJobs:
             columns)}
         deliveries.update((row["job_id"], row["deliveries"]) for row in conn.execute(
             "update child_jobs c set job = s.job, status = 'queued', received_at = now(), "
-            "started_at = null, finished_at = null, result = null, reported_at = null, "
-            "attempts = 0, deliveries = deliveries + 1 "
+            "started_at = null, finished_at = null, result = null, retryable = false, "
+            "reported_at = null, attempts = 0, deliveries = deliveries + 1 "
             "from unnest(%b::bigint[], %b::jsonb[]) as s(job_id, job) "
             "where c.job_id = s.job_id and reported_at is not null "
             "and (coalesce((s.job->>'attempt')::bigint, 0) = 0 "
@@ -604,8 +618,8 @@ class OutgoingResults:
         common.RESULTS_BUDGET bytes, which is always one at least (a result is at most
         max_result_bytes, itself at most a half of the budget)."""
         return conn.execute(
-            "select job_id, status, result, attempt from (select job_id, status, result, "
-            "finished_at, coalesce((job->>'attempt')::bigint, 0) as attempt, "
+            "select job_id, status, result, attempt, retryable from (select job_id, status, "
+            "result, retryable, finished_at, coalesce((job->>'attempt')::bigint, 0) as attempt, "
             "sum(octet_length(result) + %s) over (order by finished_at, job_id) as size "
             "from child_jobs where finished_at is not null and reported_at is null "
             "order by finished_at, job_id limit %s) oldest where size <= %s "
@@ -667,20 +681,22 @@ class RunState:
                       "where job_id = %s and finished_at is null",
                       (job_id,))
 
-    def finish(self, job_id, success, result):
+    def finish(self, job_id, success, result, retryable=False):
+        """Record a job's end (an evaluator.Ended, unpacked)."""
         try:
-            self.finishes.call((job_id, "completed" if success else "failed", result))
+            self.finishes.call((job_id, "completed" if success else "failed", result,
+                                bool(retryable and not success)))
         except common.DatabaseUnavailable:
             self.lost_to_outage.add(job_id)
             raise
 
     @staticmethod
     def _finish_many(conn, finishes):
-        """finishes: [(job_id, status, result)]."""
+        """finishes: [(job_id, status, result, retryable)]."""
         conn.execute("update child_jobs c set status = s.status, result = s.result, "
-                     "finished_at = now(), evaluator = null "
-                     "from unnest(%b::bigint[], %b::text[], %b::text[]) "
-                     "as s(job_id, status, result) "
+                     "retryable = s.retryable, finished_at = now(), evaluator = null "
+                     "from unnest(%b::bigint[], %b::text[], %b::text[], %b::boolean[]) "
+                     "as s(job_id, status, result, retryable) "
                      "where c.job_id = s.job_id and finished_at is null",
                      [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)
@@ -719,20 +735,25 @@ def enqueue(conn, deliveries):
 def run(cfg, stop):
     check_limits(cfg)
     common.setup_logging(cfg)
-    child_id = cfg.validator_id
-    logs_dir = common.data_dir(cfg) / "logs"
-    logs_dir.mkdir(exist_ok=True)
+    child_id, data, slots = cfg.validator_id, common.data_dir(cfg), evaluation_slots(cfg)
+    logs = LogsDirectory(data / "logs", cfg.evaluator.max_logs_total_mb * evaluator.MB)
+    logs.path.mkdir(exist_ok=True)
+    evaluator.clear_scratch(data)  # no evaluation runs yet: what is there is left over
+    disk = DiskGuard(cfg.min_free_disk_mb, [data])
     dsn = common.database_dsn(cfg, stop)
-    store = ChildStore(dsn, cfg.max_concurrent_jobs + cfg.prefetch_jobs, cfg.max_result_bytes)
+    store = ChildStore(dsn, slots + cfg.prefetch_jobs, cfg.max_result_bytes, disk)
+    disk.guard_database(store.db)
     wake = threading.Event()
     # SIGTERM or SIGINT sets `stop`; this also ends the loop's wait for the next poll.
     threading.Thread(target=lambda: (stop.wait(), wake.set()), name="stop", daemon=True).start()
-    evaluations = Evaluations(store.runs.record_evaluator)
+    gpus = GpuPool(cfg.evaluator.gpus, cfg.evaluator.gpus_per_job) if cfg.evaluator.gpus \
+        else None
+    evaluations = Evaluations(store.runs.record_evaluator, gpus)
 
     common.serve_metrics(cfg)
-    pages.serve_child(cfg, dsn, store, logs_dir)  # with dashboard_port
-    worker = Worker(dsn, cfg.max_concurrent_jobs, cfg.worker_heartbeat_seconds,
-                    functools.partial(run_job, cfg, store, evaluations, logs_dir, wake))
+    pages.serve_child(cfg, dsn, store, logs.path)  # with dashboard_port
+    worker = Worker(dsn, slots, cfg.worker_heartbeat_seconds,
+                    functools.partial(run_job, cfg, store, evaluations, logs, wake))
     worker.start()
     rpc = RpcThread()
     seals = Seals(child_id, *auth.hotkey_auth(cfg, cfg.child_port, store.db),
@@ -748,7 +769,7 @@ def run(cfg, stop):
                                                              parent_endpoint=at))
                       for at in parent_endpoints(cfg)])
     try:
-        work(cfg, stop, wake, parent, store, seals, evaluations)
+        work(cfg, stop, wake, parent, store, seals, evaluations, logs)
     finally:
         log.info("Child validator %s stopping: no new jobs; running evaluations have up to %gs",
                  child_id, cfg.shutdown_grace_seconds)
@@ -766,6 +787,26 @@ def check_limits(cfg):
                        ("shutdown_grace_seconds", 0.0)):
         if getattr(cfg, key) < least:
             raise common.ConfigError(f"{cfg.config_path}: key '{key}' must be at least {least:g}")
+    gpus, per_job = cfg.evaluator.gpus, cfg.evaluator.gpus_per_job
+    twice = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
+    if twice:
+        raise common.ConfigError(f"{cfg.config_path}: key 'evaluator.gpus' lists GPU "
+                                 f"{twice[0]!r} twice: two evaluations would share it")
+    if gpus and len(gpus) < per_job:
+        raise common.ConfigError(f"{cfg.config_path}: key 'evaluator.gpus_per_job' is "
+                                 f"{per_job}, more than the {len(gpus)} GPUs of evaluator.gpus")
+
+
+def evaluation_slots(cfg):
+    """How many evaluations run at once: max_concurrent_jobs, and with [evaluator] gpus no
+    more than there are gpus_per_job devices for."""
+    gpus, per_job = cfg.evaluator.gpus, cfg.evaluator.gpus_per_job
+    if not gpus or len(gpus) // per_job >= cfg.max_concurrent_jobs:
+        return cfg.max_concurrent_jobs
+    log.info("Running at most %d evaluations at once, not max_concurrent_jobs (%d): %d GPUs, "
+             "%d per evaluation", len(gpus) // per_job, cfg.max_concurrent_jobs, len(gpus),
+             per_job)
+    return len(gpus) // per_job
 
 
 def parent_endpoints(cfg):
@@ -773,9 +814,10 @@ def parent_endpoints(cfg):
     return cfg.parent_hosts or [f"{cfg.parent_host}:{cfg.parent_port}"]
 
 
-def work(cfg, stop, wake, parent, store, seals, evaluations=None):
-    """Until `stop`: report results, ask for jobs, and every hour delete what is too old.
-    `seals`: what the child signs and checks (see poll)."""
+def work(cfg, stop, wake, parent, store, seals, evaluations=None, logs=None):
+    """Until `stop`: report results, ask for jobs, and every hour delete what is too old (in
+    the database, and in `logs`, the LogsDirectory). `seals`: what the child signs and
+    checks (see poll)."""
     parent_down = common.Outage("Parent unreachable", "Reconnected to the parent",
                                 cfg.max_backoff_seconds)
     database_down = common.Outage("Database unavailable", "Database available again",
@@ -790,6 +832,9 @@ def work(cfg, stop, wake, parent, store, seals, evaluations=None):
         try:
             if time.monotonic() >= next_prune:
                 store.prune(cfg.retention_days)
+                if logs and (deleted := logs.prune(cfg.retention_days)):
+                    log.info("Deleted %d evaluator logs older than %g days", deleted,
+                             cfg.retention_days)
                 next_prune = time.monotonic() + PRUNE_EVERY
             due = poll(parent, store, seals, cfg.poll_interval, evaluations)
         except PeerUnavailable as e:
@@ -817,11 +862,12 @@ def shut_down(cfg, worker, evaluations, report):
     deadline = time.monotonic() + cfg.shutdown_grace_seconds
     while not worker.wait(min(cfg.poll_interval, max(0.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
-            killed = evaluations.abandon()
-            log.warning("Shutdown grace of %gs expired: stopped the running evaluations "
-                        "(%d evaluator process groups killed); their jobs stay queued for the "
-                        "next start", cfg.shutdown_grace_seconds, killed)
-            if not worker.wait(5.0):
+            stopped = evaluations.abandon()
+            log.warning("Shutdown grace of %gs expired: stopping the running evaluations "
+                        "(%d evaluator process groups: SIGTERM, SIGKILL after %gs); their jobs "
+                        "stay queued for the next start", cfg.shutdown_grace_seconds, stopped,
+                        cfg.evaluator.stop_grace_seconds)
+            if not worker.wait(cfg.evaluator.stop_grace_seconds + 5.0):
                 log.error("The job worker did not stop; its jobs run again after a restart")
             break
         report(quiet=True)
@@ -848,19 +894,19 @@ def main(argv=None):
 # Running a job: what the Worker calls for each queue entry it hands out
 # ---------------------------------------------------------------------------------------------
 
-def run_job(cfg, store, evaluations, logs_dir, wake, key):
+def run_job(cfg, store, evaluations, logs, wake, key):
     """Run the job of a queue entry that pgqueuer handed out (on a worker thread) and store
     its result."""
     job_id, delivery = parse_queue_key(key)
     evaluations.begin(job_id)
     try:
-        evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery)
+        evaluate_job(cfg, store, evaluations, logs, wake, job_id, delivery)
     finally:
         if evaluations.end(job_id):
             wake.set()  # its slot is free: ask for another job now
 
 
-def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
+def evaluate_job(cfg, store, evaluations, logs, wake, job_id, delivery):
     started = store.runs.start(job_id, delivery)
     if started is None:
         return
@@ -872,22 +918,101 @@ def evaluate_job(cfg, store, evaluations, logs_dir, wake, job_id, delivery):
                     job_id, attempts - 1)
         wake.set()
         return
+    if store.disk.low():  # another child, or this one later, evaluates it
+        store.runs.finish(job_id, *failure(f"refused by the disk guard: "
+                                          f"{store.disk.refusal()}", retryable=True))
+        log.warning("Job %d refused by the disk guard: %s", job_id, store.disk.refusal())
+        wake.set()
+        return
     kind = "the DEMO evaluator" if not cfg.evaluator.command else "the evaluator"
     log.info("Evaluating job %d with %s (attempt %d)", job_id, kind, attempts)
     started_at = time.monotonic()
     try:
-        success, result = evaluate(cfg, job, logs_dir, evaluations)
+        ended = evaluate(cfg, job, logs, evaluations)
     except Abandoned:
         store.runs.put_back(job_id)
         log.warning("Job %d was stopped by the shutdown; it stays queued", job_id)
         raise
     except Revoked:
         return  # recorded cancelled and logged when the parent's answer came
-    store.runs.finish(job_id, success, result)
-    EVALUATIONS.labels("succeeded" if success else "failed").observe(
-        time.monotonic() - started_at)
-    log.info("Job %d %s: %s", job_id, "succeeded" if success else "failed", result[:200])
+    store.runs.finish(job_id, *ended)
+    outcome = "succeeded" if ended.success else "transient" if ended.retryable else "failed"
+    EVALUATIONS.labels(outcome).observe(time.monotonic() - started_at)
+    log.info("Job %d %s: %s", job_id, "failed transiently" if ended.retryable else outcome,
+             ended.result[:200])
     wake.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The disk guard: no new job while the disk under the child's data is nearly full
+# ---------------------------------------------------------------------------------------------
+
+DISK_FREE = prometheus_client.Gauge(
+    "validator_disk_free_bytes", "Free bytes on the fullest filesystem the disk guard watches")
+DISK_LOW = prometheus_client.Gauge(
+    "validator_disk_low", "1 while the disk guard keeps new jobs away (min_free_disk_mb)")
+
+
+class DiskGuard:
+    """Below min_free_disk_mb free on any filesystem it watches (data_dir's, which holds the
+    logs, the scratch directories and the embedded PostgreSQL; and the database's directory,
+    when the database is local and says where it is), the child asks for no job, refuses a
+    push, and refuses to start a queued job (a transient failure: the parent gives it to
+    another child). What the child writes itself is bounded (each log, all logs); this keeps
+    what others write, an evaluator's scratch among them, from filling the disk under its
+    database. It says so once with the figures, and once when there is room again. A
+    statvfs() a look: cheap enough for every poll."""
+
+    def __init__(self, min_free_mb, paths=()):
+        self.min_free = min_free_mb
+        self.paths = {Path(path).stat().st_dev: Path(path) for path in paths}
+        self.lock, self.was_low = threading.Lock(), False
+
+    def guard_database(self, db):
+        """Watch the database's filesystem too, if it is on this machine and another one."""
+        try:
+            directory = Path(db.query("select current_setting('data_directory') as d")[0]["d"])
+            device = directory.stat().st_dev
+        except (psycopg.Error, common.DatabaseUnavailable, OSError):
+            return  # not allowed to read it (not a superuser), or not on this machine
+        if device not in self.paths:
+            self.paths[device] = directory
+            log.info("The disk guard watches %s, the database's directory, too", directory)
+
+    def least_free(self):
+        """(free MB, path) of the fullest filesystem watched; (None, None) if none answers."""
+        figures = []
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                figures.append((shutil.disk_usage(path).free, path))
+        if not figures:
+            return None, None
+        free, path = min(figures)
+        DISK_FREE.set(free)
+        return free // MB, path
+
+    def free_mb(self):
+        return self.least_free()[0]
+
+    def low(self):
+        """True while the free space is under min_free_disk_mb (never with 0)."""
+        if not self.min_free:
+            return False
+        free, path = self.least_free()
+        low = free is not None and free < self.min_free
+        with self.lock:
+            changed, self.was_low = low != self.was_low, low
+        DISK_LOW.set(int(low))
+        if changed and low:
+            log.warning("Disk low: %s; taking no new jobs until there is room", self.refusal())
+        elif changed:
+            log.info("Disk has room again: %d MB free on %s (min_free_disk_mb is %d); taking "
+                     "jobs again", free, path, self.min_free)
+        return low
+
+    def refusal(self):
+        free, path = self.least_free()
+        return f"{free} MB free on {path}, under min_free_disk_mb ({self.min_free})"
 
 
 # ---------------------------------------------------------------------------------------------

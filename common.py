@@ -132,6 +132,7 @@ CONFIG_KEYS = {
     "worker_heartbeat_seconds": (float, 30.0),
     "retention_days": (float, 7.0),
     "shutdown_grace_seconds": (float, 60.0),
+    "min_free_disk_mb": (int, 1024, (lambda value: value >= 0, "must be 0 (no guard) or more")),
     "subtensor": {
         "network": (str, "local"),
         "address": (str, ""),
@@ -164,6 +165,11 @@ CONFIG_KEYS = {
         "command": (list, []),
         "timeout_seconds": (float, 3600.0),
         "demo_seconds": (float, 1.0),
+        "max_log_bytes": (int, 16 << 20, between(4096, 1 << 40)),
+        "max_logs_total_mb": (int, 2048, AT_LEAST_1),
+        "stop_grace_seconds": (float, 10.0, between(0, 3600)),
+        "gpus": (list, []),
+        "gpus_per_job": (int, 1, AT_LEAST_1),
     },
 }
 EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -269,7 +275,8 @@ def role_arguments(description):
 
 def bittensor_flags(group):
     """The flags Bittensor operators type for every validator, each onto the key it means."""
-    group.add_argument("--netuid", dest="subtensor.netuid", type=int, metavar="NETUID", help="[subtensor] netuid")
+    group.add_argument("--netuid", dest="subtensor.netuid", type=int, metavar="NETUID",
+                       help="[subtensor] netuid")
     group.add_argument("--subtensor.network", dest="subtensor.network", metavar="NETWORK",
                        help="[subtensor] network: finney, test, local")
     group.add_argument("--subtensor.chain_endpoint", dest="subtensor.address", metavar="URL",

@@ -51,6 +51,7 @@ import psycopg
 
 import chain as chains
 import common
+import evaluator
 from common import log
 
 MAX_CONNECTIONS = 16        # requests served at once; one more is answered 503 at once
@@ -1094,10 +1095,8 @@ def read_child(db, counts):
 
 
 def log_path(logs_dir, job_id, job):
-    """The log file of a job's evaluator: named by the parent (its last part only), inside
-    logs_dir, as evaluator.evaluate opens it."""
-    name = Path(job.get("logsPath") or "").name
-    return logs_dir / (name if name not in ("", ".", "..") else f"job-{job_id}.log")
+    """The log file of a job's evaluator, as evaluator.evaluate opens it."""
+    return evaluator.LogsDirectory(logs_dir).file_of(job_id, job)
 
 
 def log_tail(path, limit=LOG_TAIL_BYTES):

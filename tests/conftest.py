@@ -229,6 +229,26 @@ def processes():
         proc.kill()
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a directory on a tmpfs of that size (as root), unmounted after."""
+    mounted = []
+
+    def mount(size):
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs (the tests run as root in CI): {done.stderr}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", path], check=True)
+
+
 @pytest.fixture(scope="session")
 def rpc():
     """The test process's own RPC thread, for clients talking to validator processes."""
@@ -266,6 +286,8 @@ def child_config(tmp_path, make_dsn):
             "listen_host": "127.0.0.1", "child_host": "127.0.0.1", "child_port": free_port(),
             "parent_host": "127.0.0.1", "parent_port": parent_port, "poll_interval": 0.2,
             "log_level": "DEBUG", "evaluator": {"demo_seconds": 0.05},
+            # The disk guard stays on, but a test machine's disk may be small.
+            "min_free_disk_mb": 64,
         }
         for key, value in overrides.items():
             if isinstance(value, dict):

@@ -580,8 +580,8 @@ def test_after_the_grace_running_evaluations_are_killed_and_their_jobs_run_after
     c.child.proc.send_signal(signal.SIGTERM)
     assert c.child.proc.wait(30) == 0
     assert time.monotonic() - began < 1.0 + 10  # the grace, plus a few seconds at most
-    c.child.wait_for_log(r"Shutdown grace of 1s expired: stopped the running evaluations "
-                         r"\(1 evaluator process groups killed\)")
+    c.child.wait_for_log(r"Shutdown grace of 1s expired: stopping the running evaluations "
+                         r"\(1 evaluator process groups: SIGTERM, SIGKILL after 10s\)")
     for pid in map(int, pids):
         wait_until(lambda: not process_alive(pid), 10,
                    f"process {pid} of the evaluator's group gone")

@@ -84,7 +84,9 @@ def test_stop_and_restart_settings_fit_the_staged_shutdown(unit):
     assert value(parsed, "Service", "KillMode") == "mixed"
     grace = common.CONFIG_KEYS["shutdown_grace_seconds"][1]
     assert grace == 60.0
-    assert seconds(value(parsed, "Service", "TimeoutStopSec")) >= grace + 15
+    # The evaluators still running then are stopped gently: SIGTERM, SIGKILL after their grace.
+    stop_grace = common.CONFIG_KEYS["evaluator"]["stop_grace_seconds"][1]
+    assert seconds(value(parsed, "Service", "TimeoutStopSec")) >= grace + stop_grace + 15
     assert value(parsed, "Service", "Restart") == "on-failure"
     assert 1 <= seconds(value(parsed, "Service", "RestartSec")) <= 60
     assert value(parsed, "Service", "RestartPreventExitStatus") == "2"  # a config error

@@ -9,15 +9,20 @@ import types
 import pytest
 from conftest import wait_until
 
+import common
 import evaluator
 
 JOB = {"jobId": 5, "hfRepoId": "org/model", "hfRepoCommit": "abc", "randomSeed": 7,
        "logsPath": "../../escape/job-5.log"}
 
 
-def config(command=(), timeout=10.0):
-    return types.SimpleNamespace(max_result_bytes=1000, evaluator=types.SimpleNamespace(
-        command=list(command), timeout_seconds=timeout, demo_seconds=0.0))
+def config(command=(), timeout=10.0, **evaluator_keys):
+    """The evaluator's keys as load_config gives them: the defaults, and these."""
+    keys = {key: rule[1] for key, rule in common.CONFIG_KEYS["evaluator"].items()}
+    keys.update(command=list(command), timeout_seconds=timeout, demo_seconds=0.0,
+                **evaluator_keys)
+    return types.SimpleNamespace(max_result_bytes=1000,
+                                 evaluator=types.SimpleNamespace(**keys))
 
 
 def python(code):
@@ -28,7 +33,7 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
     code = ("import json, sys; job = json.load(sys.stdin); "
             "print('working', file=sys.stderr); "
             "print(json.dumps({'score': 0.25, 'repo': job['hfRepoId']}))")
-    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path)
+    success, result, retryable = evaluator.evaluate(config(python(code)), JOB, tmp_path)
     assert success is True
     assert json.loads(result) == {"score": 0.25, "repo": "org/model"}
     # stderr goes to the job's log file, kept inside logs_dir whatever logsPath says
@@ -44,14 +49,16 @@ def test_the_evaluator_gets_the_job_on_stdin_and_its_stdout_is_the_result(tmp_pa
      "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"),
 ])
 def test_a_failing_evaluator_is_a_failed_job_with_the_reason(tmp_path, code, reason):
-    success, result = evaluator.evaluate(config(python(code), timeout=0.5), JOB, tmp_path)
-    assert success is False
+    success, result, retryable = evaluator.evaluate(config(python(code), timeout=0.5), JOB,
+                                                    tmp_path)
+    assert (success, retryable) == (False, False)  # the miner's failure: final
     assert json.loads(result) == {"error": reason}
 
 
 def test_an_evaluator_that_cannot_start_is_a_failed_job(tmp_path):
-    success, result = evaluator.evaluate(config(["/nonexistent/evaluator"]), JOB, tmp_path)
-    assert success is False
+    success, result, retryable = evaluator.evaluate(config(["/nonexistent/evaluator"]), JOB,
+                                                    tmp_path)
+    assert (success, retryable) == (False, True)  # not the miner's failure
     assert json.loads(result)["error"].startswith("cannot start the evaluator")
 
 
@@ -67,7 +74,7 @@ def test_an_evaluator_that_prints_without_end_is_stopped_at_max_result_bytes(tmp
     """It would fill the child's memory if its output were read whole before the check."""
     code = "import sys\nwhile True: sys.stdout.write('x' * 65536)"
     cfg = config(python(code), timeout=60.0)
-    success, result = evaluator.evaluate(cfg, JOB, tmp_path)
+    success, result, retryable = evaluator.evaluate(cfg, JOB, tmp_path)
     assert (success, json.loads(result)) == (False, {
         "error": "evaluator printed more than max_result_bytes (1000 bytes) and was stopped"})
 
@@ -77,7 +84,8 @@ def test_what_an_evaluator_leaves_behind_does_not_hold_the_evaluation(tmp_path):
     so the evaluation ends when the evaluator does."""
     code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(120)']); print('{\"score\": 1}')")
-    success, result = evaluator.evaluate(config(python(code), timeout=60.0), JOB, tmp_path)
+    success, result, retryable = evaluator.evaluate(config(python(code), timeout=60.0), JOB,
+                                                    tmp_path)
     assert (success, json.loads(result)) == (True, {"score": 1})
 
 
@@ -95,10 +103,10 @@ def test_the_evaluation_ends_when_the_evaluator_exits_not_at_a_later_look(tmp_pa
 
     monkeypatch.setattr(time, "sleep", counted_sleep)
     code = "import sys, time; sys.stdin.read(); time.sleep(0.3); print('{\"score\": 1}')"
-    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path)
+    success, result, retryable = evaluator.evaluate(config(python(code)), JOB, tmp_path)
     assert (success, json.loads(result)) == (True, {"score": 1})
     assert naps == []
-    success, result = evaluator.evaluate(config(python("import time; time.sleep(60)"),
+    success, result, retryable = evaluator.evaluate(config(python("import time; time.sleep(60)"),
                                             timeout=0.5), JOB, tmp_path)
     assert (success, json.loads(result)) == (False, {"error": "evaluator timed out after 0.5s"})
 
@@ -116,6 +124,6 @@ def test_the_evaluator_has_its_job_before_its_process_group_is_recorded(tmp_path
         recorded.append(job_id)
 
     running = evaluator.Evaluations(record)
-    success, result = evaluator.evaluate(config(python(code)), JOB, tmp_path, running)
+    success, result, retryable = evaluator.evaluate(config(python(code)), JOB, tmp_path, running)
     assert (success, json.loads(result)) == (True, {"score": 1})
     assert recorded == [5]

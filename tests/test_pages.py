@@ -248,7 +248,8 @@ def test_every_page_in_a_browser_shows_what_getstats_and_the_databases_say(
                             f"child-{name}" if name != holder else "child"))
         counts = json.loads(RpcClient(rpc, "127.0.0.1", child_cfg.child_port)
                             .call("getStats")["json"])
-        assert {key: int(page.figure(key)) for key in counts} == counts
+        queue = {key: value for key, value in counts.items() if not key.startswith("disk_")}
+        assert {key: int(page.figure(key)) for key in queue} == queue
         with contextlib.closing(common.connect(child_cfg.pg_database)) as child_db:
             finished = child_db.execute(
                 "select job_id, status, reported_at is not null as acknowledged from child_jobs "
