@@ -21,6 +21,9 @@ parent (auth.job_fields, reply_fields, revocation_fields), results by the child.
   records its result; a repeated report is acknowledged again; one over max_result_bytes is
   recorded as a failure that says so. With auth on, only a result signed by the hotkey that
   registered the connection, over an attempt that child held, is recorded, with that proof.
+  A failure marked retryable (not the miner's) ends the attempt, not the job: it is handed out
+  again after a backoff, to another child first, within maxRetries; a child whose evaluations
+  keep failing that way rests (gets no new job) for a while.
 - receiveJob, which the parent calls on a child with push_jobs = true: a pending job sent straight
   to the child with the most free room; a refused one stays pending.
 - ping, and getStats: the statistics as JSON (the queue, the children, this parent's role).
@@ -41,6 +44,7 @@ The order of this file: the protocol first, then what a first reading can skip.
   sets weights when due, until stopped or until the leadership is lost.
 - PendingQueue and Arrivals: the pending jobs mirrored in memory, and the held polls they wake.
 - Leases: jobs come back from children that vanish or take too long.
+- Retries and Rests: transient failures, tried again later; children that keep failing rest.
 - ChainIntake: commitments become jobs, and the queue follows the chain.
 - Statistics and QueueMetrics: getStats and the Prometheus gauges.
 - Leadership: of the parents that share one database, one is active, fenced by an epoch.
@@ -470,7 +474,8 @@ class ParentState:
 
     def poll(self, child_id, max_jobs, held_ids=None, results=(), connection=None):
         """A child's poll: its results (Result, or (job_id, success, result)) recorded first
-        (see Reports), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
+        (see Reports), then up to max_jobs, within max_jobs_per_child (none while it rests:
+        Rests); 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
         (an answer lost when a connection or the parent died) are sent again first, and the
         jobs it holds that are no longer its own are revoked. All in one transaction.
@@ -494,10 +499,9 @@ class ParentState:
                  MAX_JOBS_PER_ANSWER)).fetchall()
             revoked[:] = [] if held_ids is None else not_its_own(
                 conn, child_id, held_ids, [r.job_id for r in results])
-            if rest[0] == "resting":  # it keeps its jobs, and gets those it lacks again
-                return 0
-            return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
-                       self.cfg.max_jobs_per_child - held)
+            # A resting child keeps its jobs, and gets those it lacks again, but no new one.
+            return 0 if rest[0] == "resting" else min(
+                min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost), self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
         answers = self.reports.answers(child_id, results, recorded[0], connection) \
