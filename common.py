@@ -120,6 +120,8 @@ CONFIG_KEYS = {
     "child_timeout_seconds": (float, 300.0),
     "job_timeout_seconds": (float, 7200.0),
     "max_jobs_per_child": (int, 16),
+    "unhealthy_after": (int, 5, AT_LEAST_1),
+    "rest_seconds": (float, 60.0, MORE_THAN_0),
     "push_jobs": (bool, False),
     "validator_id": (str, ""),
     "child_host": (str, "localhost"),
@@ -151,6 +153,7 @@ CONFIG_KEYS = {
         "env_provider": (str, "demo"),
         "env_name": (str, "demo-env"),
         "max_retries": (int, 3, between(0, 255)),
+        "retry_backoff_seconds": (float, 30.0, MORE_THAN_0),
     },
     "weights": {
         "enabled": (bool, False),

@@ -923,6 +923,7 @@ ASSIGNMENT_COLUMNS = [
     Column("assigned_at", "assigned", show=lambda row: ago(row["assigned_at"]), raw=True),
     Column("finished_at", "finished", show=lambda row: ago(row["finished_at"]), raw=True),
     Column("outcome", show=lambda row: status_text(row["outcome"] or "open")),
+    Column("reason", "why it ended", show=lambda row: excerpt(row.get("reason"))),
 ]
 
 

@@ -21,6 +21,9 @@ parent (auth.job_fields, reply_fields, revocation_fields), results by the child.
   records its result; a repeated report is acknowledged again; one over max_result_bytes is
   recorded as a failure that says so. With auth on, only a result signed by the hotkey that
   registered the connection, over an attempt that child held, is recorded, with that proof.
+  A failure marked retryable (not the miner's) ends the attempt, not the job: it is handed out
+  again after a backoff, to another child first, within maxRetries; a child whose evaluations
+  keep failing that way rests (gets no new job) for a while.
 - receiveJob, which the parent calls on a child with push_jobs = true: a pending job sent straight
   to the child with the most free room; a refused one stays pending.
 - ping, and getStats: the statistics as JSON (the queue, the children, this parent's role).
@@ -41,6 +44,7 @@ The order of this file: the protocol first, then what a first reading can skip.
   sets weights when due, until stopped or until the leadership is lost.
 - PendingQueue and Arrivals: the pending jobs mirrored in memory, and the held polls they wake.
 - Leases: jobs come back from children that vanish or take too long.
+- Retries and Rests: transient failures, tried again later; children that keep failing rest.
 - ChainIntake: commitments become jobs, and the queue follows the chain.
 - Statistics and QueueMetrics: getStats and the Prometheus gauges.
 - Leadership: of the parents that share one database, one is active, fenced by an epoch.
@@ -168,7 +172,20 @@ insert into leadership (epoch, endpoint) values (0, '') on conflict do nothing;
 alter table jobs add column if not exists result_signature bytea;
 alter table jobs add column if not exists result_hotkey text;
 alter table jobs add column if not exists result_attempt integer;
-""" + auth.NONCES_SCHEMA]
+""" + auth.NONCES_SCHEMA, """
+-- Transient failures (a failure that is not the miner's: Retries) and the rests of children
+-- whose evaluations keep failing that way (Rests): in the database, so that a restart or a
+-- takeover by another parent keeps the waits.
+alter table assignments drop constraint if exists assignments_outcome_check;
+alter table assignments add constraint assignments_outcome_check
+    check (outcome in ('completed', 'failed', 'expired', 'withdrawn', 'retryable'));
+alter table assignments add column if not exists reason text;  -- why the attempt ended
+alter table jobs add column if not exists retry_at timestamptz;  -- not handed out before
+alter table children add column if not exists transient_in_a_row integer not null default 0;
+alter table children add column if not exists rests_in_a_row integer not null default 0;
+alter table children add column if not exists resting_until double precision not null
+    default 0;  -- unix seconds
+"""]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
@@ -198,6 +215,8 @@ JOBS_FINISHED = prometheus_client.Counter(
 JOBS_RETURNED = prometheus_client.Counter(
     "validator_jobs_returned", "Jobs given back to the queue by an expired lease, by reason",
     ["reason"])
+JOBS_RETRIED = prometheus_client.Counter(
+    "validator_jobs_retried", "Jobs given back to the queue after a transient failure")
 REPORTS_IGNORED = prometheus_client.Counter(
     "validator_reports_ignored", "Late or foreign results, acknowledged but not recorded")
 CHAIN_READS = prometheus_client.Histogram("validator_chain_read_seconds", "Chain reads")
@@ -347,11 +366,11 @@ class ParentState:
         self.db, self.cfg = db, cfg
         self.identity, self.verifier = identity, verifier  # None, None: auth is off
         self.leadership = leadership
-        self.queue = PendingQueue(db)
+        self.queue = PendingQueue(db, lambda attempts: retry_backoff(cfg, attempts))
         self.leases = Leases(db, cfg, self.queue, self.fenced)
         self.intake = ChainIntake(cfg, self.queue, self.fenced)
         self.statistics = Statistics(db, cfg, verifier, leadership)
-        self.reports = Reports(cfg, verifier)
+        self.reports = Reports(cfg, verifier, self.queue)
         self.live = LiveChildren()
         if not leadership:  # else take_over() loads it: a standby holds no queue
             self.queue.reload()
@@ -369,7 +388,7 @@ class ParentState:
         the children child_timeout_seconds to come over before their jobs are taken back."""
         self.leases.started = time.time()
         self.queue.reload(anew=True)
-        log.info("Parent validator active: %d pending jobs", len(self.queue))
+        log.info("Parent validator active: %d pending jobs", self.queue.pending())
 
     def step_down(self):
         self.queue.clear()
@@ -413,14 +432,15 @@ class ParentState:
         return f"registered as {child_id}"
 
     def _seen(self, conn, child_id):
-        """Note that the child is alive; returns how many jobs it holds."""
+        """Note that the child is alive; returns how many jobs it holds, and until when it
+        rests (Rests)."""
         row = conn.execute(
-            """update children set last_seen = %s where child_id = %s returning
+            """update children set last_seen = %s where child_id = %s returning resting_until,
                (select count(*) from jobs where child_id = %s and status = 'assigned') as held""",
             (time.time(), child_id, child_id)).fetchone()
         if not row:
             raise Refused(f"unknown child {child_id!r}: call registerChild first")
-        return row["held"]
+        return row["held"], row["resting_until"]
 
     def assign(self, child_id, count):
         """Take up to `count` jobs off the queue and record them as the child's, before they
@@ -431,12 +451,12 @@ class ParentState:
             with self.fenced() as conn:
                 if callable(count):
                     count = count(conn)
-                taken = self.queue.pop(count)
+                taken = self.queue.pop(count, child_id)
                 if not taken:
                     return []
                 rows = conn.execute(
                     """update jobs set status = 'assigned', child_id = %s,
-                           attempts = attempts + 1, assigned_at = now()
+                           attempts = attempts + 1, assigned_at = now(), retry_at = null
                        where job_id = any(%b) and status = 'pending'
                        returning *""", (child_id, [job_id for *_, job_id in taken])).fetchall()
                 conn.execute("insert into assignments (job_id, attempt, child_id) "
@@ -454,20 +474,22 @@ class ParentState:
 
     def poll(self, child_id, max_jobs, held_ids=None, results=(), connection=None):
         """A child's poll: its results (Result, or (job_id, success, result)) recorded first
-        (see Reports), then up to max_jobs, within max_jobs_per_child; 0 is a heartbeat.
+        (see Reports), then up to max_jobs, within max_jobs_per_child (none while it rests:
+        Rests); 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
         (an answer lost when a connection or the parent died) are sent again first, and the
         jobs it holds that are no longer its own are revoked. All in one transaction.
         Returns (jobs, one (acknowledged, message) per result, revoked jobs as
         {"jobId", "attempt", "reason"}); jobs and revocations signed with auth on."""
-        lost, recorded, revoked = [], [], []
+        lost, recorded, revoked, rest = [], [], [], [None]
         results = [Result(*r) for r in results]
         unproven = self.reports.check(child_id, results, connection)
 
         def room(conn):
             recorded[:] = [self.reports.record(conn, child_id, results, unproven, connection)] \
                 if results else []
-            held = self._seen(conn, child_id)
+            held, resting_until = self._seen(conn, child_id)
+            rest[0] = self.reports.rests.gate(conn, child_id, resting_until)
             # A job assigned moments ago may be a push still on its way to the child.
             lost[:] = [] if held_ids is None else conn.execute(
                 """select * from jobs where child_id = %s and status = 'assigned'
@@ -477,12 +499,15 @@ class ParentState:
                  MAX_JOBS_PER_ANSWER)).fetchall()
             revoked[:] = [] if held_ids is None else not_its_own(
                 conn, child_id, held_ids, [r.job_id for r in results])
-            return min(min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost),
-                       self.cfg.max_jobs_per_child - held)
+            # A resting child keeps its jobs, and gets those it lacks again, but no new one.
+            return 0 if rest[0] == "resting" else min(
+                min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost), self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
         answers = self.reports.answers(child_id, results, recorded[0], connection) \
             if results else []
+        if rest[0] == "rested":
+            log.info("Child %s rested; it gets jobs again", child_id)
         if lost:
             log.warning("Child %s lacks %d of its jobs (%s): sending them again", child_id,
                         len(lost), ", ".join(str(row["job_id"]) for row in lost))
@@ -537,8 +562,9 @@ class Reports:
     connection is refused ("refused: ..."), counted, and recorded nowhere: results decide
     weights. A recorded result keeps its proof: the signature, the hotkey and the attempt."""
 
-    def __init__(self, cfg, verifier):
+    def __init__(self, cfg, verifier, queue):
         self.cfg, self.verifier = cfg, verifier
+        self.retries, self.rests = Retries(cfg, queue), Rests(cfg)
 
     def check(self, child_id, results, connection):
         """With auth on, {index: why not} of the results whose signature does not hold. CPU
@@ -553,21 +579,37 @@ class Reports:
 
     def record(self, conn, child_id, results, unproven, connection):
         """Write the results that may be, in the caller's transaction; returns what answers()
-        needs. A result over max_result_bytes is recorded as a failure that says so: refused,
-        the child would send it again at every poll (a child whose max_result_bytes is larger
-        than ours); its proof covers the text the child sent."""
+        needs (Recorded). A result over max_result_bytes is recorded as a failure that says so:
+        refused, the child would send it again at every poll (a child whose max_result_bytes is
+        larger than ours); its proof covers the text the child sent. A transient failure (see
+        Retries) ends its attempt, not the job; either kind counts towards the child's rests."""
         refused = self._foreign_attempts(conn, child_id, results, unproven)
         sizes = [len(r.result.encode()) for r in results]
         hotkey = getattr(connection, "hotkey", None)
         # A job id past bigint, the type of jobs.job_id, is of no job (an error in an array).
-        written = [self._row(r, size, hotkey) for i, (r, size) in enumerate(zip(results, sizes))
-                   if r.job_id < 2**63 and i not in refused]
-        columns = [list(column) for column in zip(*written)] or [[] for _ in range(6)]
-        recorded = {row["job_id"] for row in conn.execute(
+        kept = [i for i, r in enumerate(results) if r.job_id < 2**63 and i not in refused]
+        transient = {i for i in kept if results[i].retryable and not results[i].success
+                     and sizes[i] <= self.cfg.max_result_bytes}  # a flag on a success: ignored
+        recorded = self._finish(conn, child_id, [self._row(results[i], sizes[i], hotkey)
+                                                 for i in kept if i not in transient])
+        retried, resent = self.retries.record(conn, child_id,
+                                              [results[i] for i in sorted(transient)])
+        others = {row["job_id"]: row for row in conn.execute(
+            "select job_id, status, child_id from jobs where job_id = any(%b)",
+            ([results[i].job_id for i in kept],))}
+        rest = self.rests.record(conn, child_id, self._outcomes(
+            [results[i] for i in kept], recorded, retried))
+        return Recorded(sizes, recorded, others, refused, retried, resent, rest)
+
+    @staticmethod
+    def _finish(conn, child_id, written):
+        """Record the results that end their jobs; returns the ids of the jobs they ended."""
+        columns = [list(column) for column in zip(*written)] or [[] for _ in range(7)]
+        return {row["job_id"] for row in conn.execute(
             """with reported as (
                    select * from unnest(%b::bigint[], %b::boolean[], %b::text[], %b::bytea[],
-                                        %b::text[], %b::integer[])
-                       as r(job_id, success, result, signature, hotkey, attempt)),
+                                        %b::text[], %b::integer[], %b::text[])
+                       as r(job_id, success, result, signature, hotkey, attempt, reason)),
                finished as (
                    update jobs set status = case when reported.success then 'completed'
                                             else 'failed' end,
@@ -576,23 +618,34 @@ class Reports:
                        result_attempt = reported.attempt, finished_at = now()
                    from reported where jobs.job_id = reported.job_id
                        and jobs.status = 'assigned' and jobs.child_id = %s
-                   returning jobs.job_id, jobs.attempts, jobs.status),
+                   returning jobs.job_id, jobs.attempts, jobs.status, reported.reason),
                closed as (
-                   update assignments set finished_at = now(), outcome = finished.status
+                   update assignments set finished_at = now(), outcome = finished.status,
+                       reason = finished.reason
                    from finished where assignments.job_id = finished.job_id
                        and assignments.attempt = finished.attempts)
                select job_id from finished""", (*columns, child_id))}
-        others = {row["job_id"]: row for row in conn.execute(
-            "select job_id, status, child_id from jobs where job_id = any(%b)", (columns[0],))}
-        return sizes, recorded, others, refused
+
+    @staticmethod
+    def _outcomes(results, recorded, retried):
+        """[(transient, reason)] of the results recorded, in the order the child sent them."""
+        outcomes, seen = [], set()
+        for r in results:
+            if r.job_id in seen or (r.job_id not in recorded and r.job_id not in retried):
+                continue
+            seen.add(r.job_id)
+            transient = r.job_id in retried
+            outcomes.append((transient, retried[r.job_id].reason if transient else None))
+        return outcomes
 
     def _row(self, r, size, hotkey):
-        """A result as written: its proof with auth on (nothing vouches for it with auth off)."""
+        """A result as written: its proof with auth on (nothing vouches for it with auth off),
+        and for a failure, its reason."""
         limit = self.cfg.max_result_bytes
         success, text = (False, json.dumps({"error": too_big(r.job_id, size, limit)})) \
             if size > limit else (r.success, r.result)
         proof = (bytes(r.signature), hotkey, r.attempt) if self.verifier else (None, None, None)
-        return (r.job_id, success, text, *proof)
+        return (r.job_id, success, text, *proof, None if success else failure_reason(text))
 
     def _foreign_attempts(self, conn, child_id, results, unproven):
         """With auth on: the unproven results, and those naming an attempt at the job that
@@ -610,24 +663,34 @@ class Reports:
         return refused
 
     def answers(self, child_id, results, outcome, connection):
-        """One (acknowledged, message) per result; the refused ones are counted."""
-        sizes, recorded, others, refused = outcome
+        """Once committed: one (acknowledged, message) per result; the refused ones are
+        counted; the retried jobs join the queue's waiting ones, and a rest begun is logged."""
+        self.retries.committed(outcome.retried)
+        self.rests.committed(child_id, outcome.rest)
+        recorded, retried = set(outcome.recorded), dict(outcome.retried)
         answers = []
-        for i, (r, size) in enumerate(zip(results, sizes)):
-            if i in refused:
+        for i, (r, size) in enumerate(zip(results, outcome.sizes)):
+            if i in outcome.refused:
                 self.verifier.count(f"the result of job {r.job_id} from child {child_id!r}",
-                                    refused[i], getattr(connection, "peer", "an unknown address"))
-                answers.append((False, f"refused: {refused[i]}"))
+                                    outcome.refused[i],
+                                    getattr(connection, "peer", "an unknown address"))
+                answers.append((False, f"refused: {outcome.refused[i]}"))
+                continue
+            if r.job_id in retried:
+                answers.append(retried.pop(r.job_id).answer())  # twice in one call: once
+                continue
+            if r.job_id in outcome.resent:
+                answers.append((True, "already recorded"))  # its answer was lost
                 continue
             if r.job_id in recorded:
                 recorded.discard(r.job_id)  # the same result twice in one call: once recorded
                 if size > self.cfg.max_result_bytes:
-                    outcome = "too big", size
+                    found = "too big", size
                 else:
-                    outcome = "recorded", None
+                    found = "recorded", None
             else:
-                outcome = "not held", others.get(r.job_id)
-            answers.append(self._answer(child_id, r.job_id, r.success, r.result, *outcome))
+                found = "not held", outcome.others.get(r.job_id)
+            answers.append(self._answer(child_id, r.job_id, r.success, r.result, *found))
         return answers
 
     def _answer(self, child_id, job_id, success, result, outcome, detail):
@@ -651,6 +714,20 @@ class Reports:
                     job_id, child_id, detail["status"], detail["child_id"])
         return True, (f"not recorded: job {job_id} is {detail['status']} "
                       f"and not held by {child_id}")
+
+
+class Recorded(NamedTuple):
+    """What Reports.record wrote, for its answers: the results' sizes; the ids of the jobs
+    they ended; {job id: row} of the jobs named; {index: why} of the refused results;
+    {job id: Retry} of the transient failures recorded; the ids of the jobs whose transient
+    failure this child had reported before; and the rest it began (Rest, or None)."""
+    sizes: list
+    recorded: set
+    others: dict
+    refused: dict
+    retried: dict
+    resent: set
+    rest: object
 
 
 class LiveChildren:
@@ -894,13 +971,21 @@ class PendingQueue:
     """The pending jobs in serving order: highest priority first, then jobs given back, then by
     job id. It mirrors the jobs table; a stale entry (a job cancelled meanwhile) is harmless,
     because a job is handed out only if the database still says it is pending. Once loaded
-    from the database, each push that adds jobs wakes the held polls (arrivals)."""
+    from the database, each push that adds jobs wakes the held polls (arrivals).
 
-    def __init__(self, db):
+    A job that failed transiently (Retries) waits apart, in `waiting` by the time it is due
+    (jobs.retry_at), until release_due() moves it into the queue; then for one more backoff
+    (`avoid`) a child that failed it passes it over. So no poll looks at a job it cannot take
+    beyond MAX_PASSED_OVER of them, and none scans the waiting ones."""
+
+    def __init__(self, db, backoff):
         self.db = db
+        self.backoff = backoff  # attempts -> the wait after a transient failure (retry_backoff)
         # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
         self.lock = threading.Lock()
         self.heap = []  # (-priority, position, job_id), as queue_entry() makes
+        self.waiting = []  # (due, entry): not to be handed out before due (unix time)
+        self.avoid = {}  # job id -> (child ids that failed it transiently, until unix time)
         self.version = None  # chain_state's queue_version when last loaded
         self.arrivals = Arrivals()
         self.on_push = None  # arrivals.notify once loaded: a standby's queue wakes no poll
@@ -917,19 +1002,42 @@ class PendingQueue:
         with self.db.transaction() as conn, self.lock:
             # Plain tuples, not dict rows: a million pending jobs must stay cheap to hold.
             cursor = conn.cursor(row_factory=tuple_row)
-            self.heap = list(cursor.execute(
-                "select -priority, position, job_id from jobs where status = 'pending'"))
+            self.heap = list(cursor.execute("select -priority, position, job_id from jobs "
+                                            "where status = 'pending' and retry_at is null"))
+            self._load_retries(cursor)
             heapq.heapify(self.heap)
             self.on_push = self.arrivals.notify
         if self.heap:
             self.arrivals.notify()
-        if self.heap or self.version is not None:
-            log.info("Loaded %d pending jobs from the database", len(self.heap))
+        if self.heap or self.waiting or self.version is not None:
+            log.info("Loaded %d pending jobs from the database%s", self.pending(),
+                     f" ({len(self.waiting)} of them wait to be tried again)"
+                     if self.waiting else "")
         self.version = version
+
+    def _load_retries(self, cursor):
+        """The pending jobs that failed transiently: due, or still waiting; and the children
+        they avoid meanwhile (every child whose attempt at them failed transiently)."""
+        now, self.waiting, self.avoid = time.time(), [], {}
+        for priority, position, job_id, due, attempts, children in cursor.execute(
+                """select -priority, position, job_id, extract(epoch from retry_at)::float8,
+                          attempts, array(select distinct a.child_id from assignments a
+                                          where a.job_id = jobs.job_id
+                                            and a.outcome = 'retryable')
+                   from jobs where status = 'pending' and retry_at is not null"""):
+            entry = (priority, position, job_id)
+            if due > now:
+                self.waiting.append((due, entry))
+            else:
+                self.heap.append(entry)
+            until = due + self.backoff(max(attempts, 1))
+            if children and until > now:
+                self.avoid[job_id] = (frozenset(children), until)
+        heapq.heapify(self.waiting)
 
     def clear(self):
         with self.lock:
-            self.heap, self.on_push = [], None
+            self.heap, self.waiting, self.avoid, self.on_push = [], [], {}, None
 
     def push(self, entries):
         with self.lock:
@@ -939,15 +1047,53 @@ class PendingQueue:
             if len(self.heap) > size and self.on_push:
                 self.on_push()
 
-    def pop(self, count):
+    def wait(self, retries):
+        """Jobs that failed transiently, [(due, entry, child ids to avoid, until)]: each joins
+        the queue when due, and until `until` is no job for those children."""
         with self.lock:
-            return [heapq.heappop(self.heap) for _ in range(min(count, len(self.heap)))]
+            for due, entry, children, until in retries:
+                heapq.heappush(self.waiting, (due, entry))
+                self.avoid[entry[2]] = (children, until)
+
+    def release_due(self):
+        """Move the waiting jobs that are due into the queue (the upkeep, every second)."""
+        now = time.time()
+        with self.lock:
+            size = len(self.heap)
+            while self.waiting and self.waiting[0][0] <= now:
+                heapq.heappush(self.heap, heapq.heappop(self.waiting)[1])
+            if len(self.heap) > size and self.on_push:
+                self.on_push()
+
+    def pop(self, count, child_id=None):
+        """Up to `count` entries for child_id, in serving order: a job that child failed
+        transiently lately is passed over and stays (at most MAX_PASSED_OVER of them: then
+        the child gets fewer this time)."""
+        now, taken, passed = time.time(), [], []
+        with self.lock:
+            while self.heap and len(taken) < count:
+                entry = heapq.heappop(self.heap)
+                children, until = self.avoid.get(entry[2], ((), 0))
+                if until > now and child_id in children:
+                    passed.append(entry)
+                    if len(passed) >= MAX_PASSED_OVER:
+                        break
+                    continue
+                self.avoid.pop(entry[2], None)
+                taken.append(entry)
+            for entry in passed:  # back, waking nobody: they were there already
+                heapq.heappush(self.heap, entry)
+        return taken
 
     def __len__(self):
         return len(self.heap)
 
+    def pending(self):
+        """The pending jobs: in the queue, and waiting to be tried again."""
+        return len(self.heap) + len(self.waiting)
+
     def ids(self):
-        """The job ids in serving order."""
+        """The job ids in serving order (of those not waiting)."""
         return [job_id for *_, job_id in sorted(self.heap)]
 
 
@@ -1021,14 +1167,16 @@ class Leases:
         self.started = time.time()  # when this parent became active
 
     def upkeep(self):
-        """The active parent's check every second: give back the expired leases and take an
-        operator's changes to the queue. Mostly neither is due, and one plain statement says
-        so: an idle parent costs the database one query a second for this, not two
-        transactions of which one takes a row lock."""
+        """The active parent's check every second: give back the expired leases, take an
+        operator's changes to the queue, and queue the retried jobs that are due (they wait
+        in memory: no statement). Mostly neither of the first two is due, and one plain
+        statement says so: an idle parent costs the database one query a second for this,
+        not two transactions of which one takes a row lock."""
         row = self.db.query(
             f"""select (select value from chain_state where key = 'queue_version') as version,
                        exists (select 1 {EXPIRED_LEASES}) as expired""",
             self._limits())[0]
+        self.queue.release_due()
         if row["expired"]:
             self.expire()
         if (row["version"] or 0) != self.queue.version:
@@ -1062,8 +1210,9 @@ class Leases:
         self.queue.push(returned)
 
     def _give_back(self, conn, row, reason):
-        conn.execute("update assignments set finished_at = now(), outcome = 'expired' "
-                     "where job_id = %s and attempt = %s", (row["job_id"], row["attempts"]))
+        conn.execute("update assignments set finished_at = now(), outcome = 'expired', "
+                     "reason = %s where job_id = %s and attempt = %s",
+                     (reason, row["job_id"], row["attempts"]))
         if row["attempts"] > row["max_retries"]:
             error = f"gave up after {row['attempts']} attempts; the last: {reason}"
             conn.execute("update jobs set status = 'failed', success = false, result = %s, "
@@ -1078,6 +1227,242 @@ class Leases:
         log.warning("Job %d returned to the queue: %s (attempt %d of %d)", row["job_id"], reason,
                     row["attempts"], row["max_retries"] + 1)
         return (-row["priority"], position, row["job_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient failures: the job is tried again later, and a child that keeps failing rests
+# ---------------------------------------------------------------------------------------------
+
+MAX_REASON_CHARS = 500  # why an attempt ended (assignments.reason), at most
+MAX_RETRY_BACKOFF_SECONDS = 3600.0  # the longest wait before a retry, unless the base is longer
+MAX_REST_SECONDS = 86400.0  # the longest rest, unless rest_seconds is longer
+MAX_PASSED_OVER = 100  # jobs a poll passes over because its child failed them (PendingQueue.pop)
+REASON_PARSED_BYTES = 64 << 10  # a longer failure's reason is the start of its text
+
+
+def retry_backoff(cfg, attempts):
+    """The wait before a job whose attempt `attempts` failed transiently is handed out again:
+    retry_backoff_seconds, doubled at each attempt after the first, capped."""
+    base = cfg.jobs.retry_backoff_seconds
+    return min(base * 2.0 ** min(attempts - 1, 64), max(base, MAX_RETRY_BACKOFF_SECONDS))
+
+
+def failure_reason(text):
+    """Why a failed attempt ended, from its result text: its "error", else the text itself; at
+    most MAX_REASON_CHARS, and storable (no NUL, no lone surrogate from a JSON escape)."""
+    doc = None
+    if len(text) <= REASON_PARSED_BYTES:
+        with contextlib.suppress(ValueError, RecursionError):  # not JSON, or nested too deep
+            doc = json.loads(text)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    reason = (error if isinstance(error, str) else text)[:MAX_REASON_CHARS]
+    return reason.replace("\x00", "").encode("utf-8", "replace").decode()
+
+
+class Retry(NamedTuple):
+    """A transient failure recorded: the job goes back to the queue at `due` (unix time), for
+    one more `delay` not to the children in `avoid`; or, `delay` None, it failed for good."""
+    job_id: int
+    child_id: str
+    attempt: int
+    of: int  # the attempts a job may have: maxRetries + 1
+    reason: str
+    delay: float | None
+    due: float | None
+    entry: tuple  # its queue_entry()
+    avoid: frozenset  # the children whose attempts at it failed transiently
+    every_one_transient: bool
+
+    def answer(self):
+        if self.delay is None:
+            return True, (f"recorded as a transient failure; the job failed after "
+                          f"{self.attempt} attempts")
+        return True, f"recorded as a transient failure: the job will be retried in {self.delay:g}s"
+
+
+class Retries:
+    """Transient failures. A child says a failure is not the miner's (`retryable`: its
+    evaluator could not start or exited 75, it was killed by a signal the child did not send,
+    the disk guard refused it). Only the job's holder records one, once: its attempt ends
+    'retryable' with the reason, and the job goes back to the queue, not to be handed out
+    before retry_backoff_seconds (doubled at each attempt), and for one more such wait not to
+    a child that failed it transiently (PendingQueue: `waiting`, `avoid`). It has the budget of
+    expired leases, maxRetries + 1 attempts; then it fails with every attempt's reason."""
+
+    def __init__(self, cfg, queue):
+        self.cfg, self.queue = cfg, queue
+
+    def record(self, conn, child_id, results):
+        """In the caller's transaction, the child's transient failures: returns ({job id:
+        Retry} of those recorded, the ids of those it had reported before)."""
+        if not results:
+            return {}, set()
+        reasons = [failure_reason(r.result) for r in results]
+        # A failure of an attempt that ended 'retryable' already is that report sent again.
+        jobs = {}
+        for row in conn.execute(
+                """select j.job_id, j.attempts, j.max_retries, j.priority, r.reason
+                   from unnest(%b::bigint[], %b::bigint[], %b::text[]) with ordinality
+                        as r(job_id, attempt, reason, n)
+                   join jobs j on j.job_id = r.job_id
+                   where j.status = 'assigned' and j.child_id = %s and not exists (
+                       select 1 from assignments a where a.job_id = r.job_id
+                           and a.attempt = r.attempt and a.outcome = 'retryable')
+                   order by r.n for update of j""",
+                ([r.job_id for r in results], [r.attempt for r in results], reasons,
+                 child_id)):
+            jobs.setdefault(row["job_id"], row)  # the same job twice in one call: the first
+        retried = self._end_attempts(conn, child_id, list(jobs.values()))
+        return retried, self._resent(conn, child_id, [r for r in results if r.job_id not in jobs])
+
+    def _end_attempts(self, conn, child_id, rows):
+        """End the attempts of the jobs `rows`, and each job's turn: back to the queue after
+        its backoff, or failed when its attempts are used up."""
+        ids = [row["job_id"] for row in rows]
+        conn.execute(
+            """update assignments a set finished_at = now(), outcome = 'retryable',
+                   reason = r.reason
+               from unnest(%b::bigint[], %b::integer[], %b::text[]) as r(job_id, attempt, reason)
+               where a.job_id = r.job_id and a.attempt = r.attempt""",
+            (ids, [row["attempts"] for row in rows], [row["reason"] for row in rows]))
+        history = {}
+        for a in conn.execute("select job_id, attempt, child_id, outcome, reason from assignments "
+                              "where job_id = any(%b) order by job_id, attempt", (ids,)):
+            history.setdefault(a["job_id"], []).append(a)
+        now, position, retried = time.time(), returned_position(), {}
+        for row in rows:
+            attempts = history[row["job_id"]]
+            delay = retry_backoff(self.cfg, row["attempts"]) \
+                if row["attempts"] <= row["max_retries"] else None
+            retried[row["job_id"]] = Retry(
+                row["job_id"], child_id, row["attempts"], row["max_retries"] + 1, row["reason"],
+                delay, None if delay is None else now + delay,
+                (-row["priority"], position, row["job_id"]),
+                frozenset(a["child_id"] for a in attempts if a["outcome"] == "retryable"),
+                all(a["outcome"] == "retryable" for a in attempts))
+        back = [r for r in retried.values() if r.delay is not None]
+        conn.execute(
+            """update jobs set status = 'pending', child_id = null, position = %s,
+                   retry_at = to_timestamp(r.due)
+               from unnest(%b::bigint[], %b::float8[]) as r(job_id, due)
+               where jobs.job_id = r.job_id""",
+            (position, [r.job_id for r in back], [r.due for r in back]))
+        given_up = [r for r in retried.values() if r.delay is None]
+        conn.execute(
+            """update jobs set status = 'failed', success = false, result = r.result,
+                   result_signature = null, result_hotkey = null, result_attempt = null,
+                   finished_at = now()
+               from unnest(%b::bigint[], %b::text[]) as r(job_id, result)
+               where jobs.job_id = r.job_id""",
+            ([r.job_id for r in given_up],
+             [gave_up_result(history[r.job_id], r.reason) for r in given_up]))
+        return retried
+
+    @staticmethod
+    def _resent(conn, child_id, results):
+        """The job ids of `results` (transient failures not recorded now) that this child had
+        reported before, its answer lost: the attempt each names (or, naming none, the child's
+        latest at the job) ended 'retryable'."""
+        if not results:
+            return set()
+        ended = {}
+        for a in conn.execute("select job_id, attempt, outcome from assignments "
+                              "where child_id = %s and job_id = any(%b) order by attempt",
+                              (child_id, [r.job_id for r in results])):
+            ended[a["job_id"], a["attempt"]] = ended[a["job_id"], 0] = a["outcome"]
+        return {r.job_id for r in results if ended.get((r.job_id, r.attempt)) == "retryable"}
+
+    def committed(self, retried):
+        """Once the transaction committed: the retried jobs wait in the queue, and the log."""
+        for r in retried.values():
+            if r.delay is None:
+                JOBS_FINISHED.labels("failed").inc()
+                log.warning("Job %d failed after %d attempts, %s: %s", r.job_id, r.attempt,
+                            "every one transient" if r.every_one_transient
+                            else "the last one transient", r.reason)
+                continue
+            JOBS_RETRIED.inc()
+            log.warning("Job %d failed transiently on child %s (attempt %d of %d): %s; tried "
+                        "again in %gs, by another child when one is free", r.job_id,
+                        r.child_id, r.attempt, r.of, r.reason, r.delay)
+        self.queue.wait([(r.due, r.entry, r.avoid, r.due + r.delay)
+                         for r in retried.values() if r.delay is not None])
+
+
+def gave_up_result(attempts, reason):
+    """The result of a job whose last attempt failed transiently with none left."""
+    return json.dumps({
+        "error": f"gave up after {len(attempts)} attempts: {reason}",
+        "attempts": [{"attempt": a["attempt"], "child": a["child_id"], "outcome": a["outcome"],
+                      "reason": a["reason"]} for a in attempts]})
+
+
+class Rest(NamedTuple):
+    """A rest begun: how long, after how many transient failures in a row, the last one's
+    reason."""
+    seconds: float
+    failures: int
+    reason: str
+
+
+class Rests:
+    """A child whose last unhealthy_after evaluations all failed transiently rests: it gets no
+    new job (from a poll or a push) for rest_seconds, doubled for each rest in a row, capped.
+    Meanwhile its results and heartbeats count and it keeps the jobs it holds. A result that is
+    not a transient failure ends the run; a transient failure after a rest (while its failures
+    in a row are still unhealthy_after or more) rests it again. The counts are the children
+    table's: they survive a restart and a takeover."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def record(self, conn, child_id, outcomes):
+        """In the caller's transaction: count the child's results recorded now, [(transient,
+        reason)] in order; returns the Rest begun, or None."""
+        if not any(transient for transient, _ in outcomes):
+            if outcomes:  # the common case: one statement, which mostly changes nothing
+                conn.execute("update children set transient_in_a_row = 0, rests_in_a_row = 0 "
+                             "where child_id = %s and (transient_in_a_row > 0 "
+                             "or rests_in_a_row > 0)", (child_id,))
+            return None
+        row = conn.execute("select transient_in_a_row, rests_in_a_row, resting_until "
+                           "from children where child_id = %s for update", (child_id,)).fetchone()
+        if row is None:
+            return None
+        in_a_row, rests, until = row["transient_in_a_row"], row["rests_in_a_row"], \
+            row["resting_until"]
+        now, rest = time.time(), None
+        for transient, reason in outcomes:
+            if not transient:
+                in_a_row = rests = 0
+                continue
+            in_a_row += 1
+            # Jobs handed out before a rest that fail during it do not lengthen it.
+            if in_a_row >= self.cfg.unhealthy_after and until <= now:
+                rests += 1
+                seconds = min(self.cfg.rest_seconds * 2.0 ** min(rests - 1, 64),
+                              max(self.cfg.rest_seconds, MAX_REST_SECONDS))
+                until, rest = now + seconds, Rest(seconds, in_a_row, reason)
+        conn.execute("update children set transient_in_a_row = %s, rests_in_a_row = %s, "
+                     "resting_until = %s where child_id = %s", (in_a_row, rests, until, child_id))
+        return rest
+
+    @staticmethod
+    def gate(conn, child_id, resting_until):
+        """At a poll, with the child's resting_until: "resting" while it rests (no new job);
+        "rested" at its first poll after a rest, which ends it; else None."""
+        if not resting_until:
+            return None
+        if resting_until > time.time():
+            return "resting"
+        conn.execute("update children set resting_until = 0 where child_id = %s", (child_id,))
+        return "rested"
+
+    @staticmethod
+    def committed(child_id, rest):
+        if rest:
+            log.warning("Child %s rests for %gs: its last %d evaluations failed transiently "
+                        "(the last: %s)", child_id, rest.seconds, rest.failures, rest.reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1222,13 +1607,15 @@ class Statistics:
         now = time.time()
         rows = self.db.query(
             """select c.child_id, c.endpoint, c.last_seen,
+                 greatest(c.resting_until - %s, 0)::float8 as resting_seconds,
+                 c.transient_in_a_row,
                  (select count(*) from jobs j
                    where j.child_id = c.child_id and j.status = 'assigned') as active_jobs,
                  (select count(*) from assignments a where a.child_id = c.child_id)
                    as total_jobs_sent,
                  (select count(*) from assignments a where a.child_id = c.child_id
                    and a.outcome in ('completed', 'failed')) as total_jobs_completed
-               from children c order by c.child_id""")
+               from children c order by c.child_id""", (now,))
         return [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
                 for row in rows]
 
@@ -1252,7 +1639,8 @@ class Statistics:
             "pending_jobs": sum(row["n"] for row in queue),
             "children": [{key: c[key] for key in (
                 "child_id", "endpoint", "active", "last_seen", "active_jobs",
-                "total_jobs_sent", "total_jobs_completed")} for c in children],
+                "total_jobs_sent", "total_jobs_completed", "resting_seconds",
+                "transient_in_a_row")} for c in children],
             "pending_by_priority": {str(row["priority"]): row["n"] for row in
                                     sorted(queue, key=lambda r: -r["priority"])},
             "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
@@ -1283,14 +1671,19 @@ class QueueMetrics:
             pending.add_metric([priority], count)
         assigned = GaugeMetricFamily("validator_jobs_assigned", "Jobs each child holds",
                                      labels=["child"])
+        resting = GaugeMetricFamily("validator_child_resting",
+                                    "1 while a child rests after transient failures in a row",
+                                    labels=["child"])
         for child in stats["children"]:
             assigned.add_metric([child["child_id"]], child["active_jobs"])
+            resting.add_metric([child["child_id"]], 1 if child["resting_seconds"] else 0)
         cancelled = GaugeMetricFamily("validator_jobs_cancelled", "Cancelled jobs, by reason",
                                       labels=["reason"])
         for reason, count in stats["cancelled_jobs"].items():
             cancelled.add_metric([reason], count)
         yield pending
         yield assigned
+        yield resting
         yield cancelled
         yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
                                 "Age of the oldest pending job",
@@ -1437,14 +1830,18 @@ class Pusher:
     def push(self):
         cap = self.state.cfg.max_jobs_per_child
         free = {c["child_id"]: [cap - c["active_jobs"], c["endpoint"]]
-                for c in self.state.statistics.children() if c["active"]}
+                for c in self.state.statistics.children()
+                if c["active"] and not c["resting_seconds"]}
         while free and len(self.state.queue):
             child_id = max(free, key=lambda k: free[k][0])
             room, endpoint = free[child_id]
             if room <= 0:
                 return
+            queued = len(self.state.queue)
             rows = self.state.assign(child_id, 1)
             if not rows:
+                if len(self.state.queue) >= queued:  # only jobs this child failed lately
+                    del free[child_id]
                 continue
             job = rows[0]
             signed = {}
@@ -1474,13 +1871,20 @@ class Pusher:
 # ---------------------------------------------------------------------------------------------
 
 def list_jobs(db, status=None):
-    """The jobs, with the proof of each result recorded with auth on: the child's signature
-    (hex) over auth.result_fields, its hotkey and the attempt, for anyone to check."""
+    """The jobs, each with its attempts ({attempt, child_id, outcome, reason}: at most
+    maxRetries + 1, so at most 256 a job), and the proof of each result recorded with auth on:
+    the child's signature (hex) over auth.result_fields, its hotkey and the attempt, for anyone
+    to check."""
     return db.query(
         """select job_id, miner_hotkey, hf_repo_id, hf_repo_commit, status, priority, child_id,
-                  attempts, extract(epoch from now() - created_at) as age, result,
+                  (select coalesce(json_agg(json_build_object(
+                              'attempt', a.attempt, 'child_id', a.child_id,
+                              'outcome', a.outcome, 'reason', a.reason) order by a.attempt),
+                          '[]')
+                   from assignments a where a.job_id = jobs.job_id) as attempts,
+                  extract(epoch from now() - created_at) as age, result,
                   encode(result_signature, 'hex') as result_signature, result_hotkey,
-                  result_attempt
+                  result_attempt, extract(epoch from retry_at - now()) as retry_in
            from jobs where %(status)s::text is null or status = %(status)s
            order by job_id""", {"status": status})
 
@@ -1492,7 +1896,7 @@ def requeue_job(db, job_id, priority=None):
         row = conn.execute(
             """update jobs set status = 'pending', child_id = null, position = %s,
                    priority = coalesce(%s, priority), success = null, result = null,
-                   finished_at = null
+                   finished_at = null, retry_at = null
                where job_id = %s returning priority""",
             (returned_position(), priority, job_id)).fetchone()
         if not row:

@@ -93,6 +93,14 @@ def config_endpoints(cfg):
     return parents, f"{cfg.child_host}:{cfg.child_port}"
 
 
+def resting(child):
+    """A child's rest after transient failures in a row: how long it has left, or "-"; with
+    its transient failures in a row, if any (an older parent tells neither)."""
+    seconds, in_a_row = child.get("resting_seconds") or 0, child.get("transient_in_a_row") or 0
+    text = f"{seconds:.0f}s left" if seconds else "-"
+    return text + (f" ({in_a_row} transient failures in a row)" if in_a_row else "")
+
+
 def format_stats(stats):
     by_priority = ", ".join(f"{n} at priority {p}" for p, n in stats["pending_by_priority"].items())
     oldest = stats["oldest_pending_age"]
@@ -101,11 +109,11 @@ def format_stats(stats):
              + (f", oldest {oldest:.0f}s" if oldest is not None else "")
              + f"    failed jobs: {stats['failed_jobs']}"]
     header = ("child_id", "endpoint", "active", "last_seen", "active_jobs",
-              "total_jobs_sent", "total_jobs_completed")
+              "total_jobs_sent", "total_jobs_completed", "resting")
     rows = [header] + [
         (c["child_id"], c["endpoint"], "yes" if c["active"] else "no",
          time.strftime("%H:%M:%S", time.localtime(c["last_seen"])), str(c["active_jobs"]),
-         str(c["total_jobs_sent"]), str(c["total_jobs_completed"]))
+         str(c["total_jobs_sent"]), str(c["total_jobs_completed"]), resting(c))
         for c in stats["children"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -177,12 +185,27 @@ def parent_database(cfg):
     return common.Database(common.database_dsn(cfg, threading.Event()), parent.SCHEMA)
 
 
+def last_attempt(row):
+    """The end of a job's last attempt, in short: its outcome and reason, and when a job that
+    failed transiently is tried again."""
+    if not row["attempts"]:
+        return "-"
+    last = row["attempts"][-1]
+    text = last["outcome"] or "running"
+    if last["reason"]:
+        text += f": {last['reason']}"
+    if row["status"] == "pending" and row["retry_in"] is not None and row["retry_in"] > 0:
+        text = f"(again in {float(row['retry_in']):.0f}s) {text}"
+    return text[:50]
+
+
 def format_jobs(rows):
-    header = ("job", "miner", "repository", "status", "pri", "child", "tries", "age", "result")
+    header = ("job", "miner", "repository", "status", "pri", "child", "tries", "age", "result",
+              "last attempt")
     table = [header] + [
         (str(r["job_id"]), r["miner_hotkey"][:16], f"{r['hf_repo_id']}@{r['hf_repo_commit'][:8]}",
-         r["status"], str(r["priority"]), r["child_id"] or "-", str(r["attempts"]),
-         f"{float(r['age']):.0f}s", (r["result"] or "")[:40]) for r in rows]
+         r["status"], str(r["priority"]), r["child_id"] or "-", str(len(r["attempts"])),
+         f"{float(r['age']):.0f}s", (r["result"] or "")[:40], last_attempt(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 

@@ -299,7 +299,8 @@ def test_get_stats_uses_the_seed_format(parent):
                      "leadership_epoch": 1}
     assert child.pop("last_seen") > 0
     assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
-                     "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2}
+                     "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2,
+                     "resting_seconds": 0.0, "transient_in_a_row": 0}
 
 
 def test_the_status_command_prints_the_parents_statistics(parent):
