@@ -785,6 +785,10 @@ CHILD_COLUMNS = [
         href("/jobs", child=row["child_id"], status="failed"), row["failed_jobs"]),
         raw=True, number=True),
     Column("expired_jobs", "expired", raw=True, number=True),
+    Column("retryable_jobs", "transient", raw=True, number=True),
+    Column("transient_in_a_row", "in a row", raw=True, number=True),
+    Column("resting_seconds", "resting", show=lambda row: f"{row['resting_seconds']:.0f} s more"
+           if row.get("resting_seconds") else "no", raw=True),
     Column("registered_at", "registered", show=lambda row: ago(row.get("registered_at")),
            raw=True),
 ]
@@ -801,7 +805,9 @@ def read_children(db, statistics, offset):
                  (select count(*) from assignments a where a.child_id = c.child_id
                    and a.outcome = 'failed') as failed_jobs,
                  (select count(*) from assignments a where a.child_id = c.child_id
-                   and a.outcome = 'expired') as expired_jobs
+                   and a.outcome = 'expired') as expired_jobs,
+                 (select count(*) from assignments a where a.child_id = c.child_id
+                   and a.outcome = 'retryable') as retryable_jobs
                from children c where c.child_id = any(%s)""",
             ([row["child_id"] for row in rows],))
     by_id = {row["child_id"]: row for row in more}
@@ -814,7 +820,10 @@ def render_children(rows, offset):
     return (table("children", columns, rows, lambda row: row["child_id"]) + pages
             + '<p class="note">held: the jobs the child holds now; sent: every hand-over; '
               "finished: hand-overs that ended with a result, completed or failed (getStats' "
-              "total_jobs_completed); expired: hand-overs whose lease ran out.</p>")
+              "total_jobs_completed); expired: hand-overs whose lease ran out; transient: "
+              "hand-overs that ended in a failure not the miner's (retried), in a row: such "
+              "failures since the child's last other result; resting: how long the child gets "
+              "no new job (unhealthy_after, rest_seconds).</p>")
 
 
 def offset_links(path, offset, more):

@@ -16,7 +16,9 @@ The run, top to bottom:
 3. The evaluator (EVALUATOR below, written to the work directory). What it does depends only on
    the submission: most jobs take 10-50 ms and print {"score": ...}; about 5% print a result
    just under max_result_bytes (1 MiB) instead; about 5% hang past the child's evaluator
-   timeout and about 5% crash (exit code 1). So the run knows every job's right result.
+   timeout, about 5% crash (exit code 1), and about 5% are flaky: they exit 75 (a transient
+   failure) at their first attempt and succeed at the next. So the run knows every job's
+   right result.
 4. The validators. A parent (parent.py) and --children children (child.py) as real processes,
    with short polls and leases (PARENT_CONFIG, CHILD_CONFIG), and hotkey signatures on
    (auth = "on"): a hotkey each, made with the bittensor SDK in the work directory; the parent
@@ -89,7 +91,10 @@ PARENT_CONFIG = {
     "child_timeout_seconds": 4.0,   # a stopped child's jobs come back within seconds
     "job_timeout_seconds": 20.0,    # above the evaluator's timeout
     "neuron": {"sync_frequency": 0.2},
-    "jobs": {"max_retries": 5},     # every lease that expires uses one attempt
+    # Every lease that expires, and every transient failure ("flaky"), uses one attempt; a
+    # transient failure waits a backoff, a child failing transiently again and again rests.
+    "jobs": {"max_retries": 5, "retry_backoff_seconds": 0.5},
+    "rest_seconds": 2.0,
 }
 CHILD_CONFIG = {
     "listen_host": "127.0.0.1", "child_host": "127.0.0.1", "parent_host": "127.0.0.1",
@@ -105,17 +110,18 @@ PROXIED = "child_1"  # the child whose traffic goes through the recording proxy
 EVALUATOR = '''\
 """The chaos run's evaluator: a job (JSON) on stdin, {"score": ...} on stdout. What it does
 depends only on the submission, so the run knows what each job's result must be."""
-import hashlib, json, sys, time
+import hashlib, json, os, sys, time
 
 def verdict(repo_id, revision):
-    """("ok", score), ("big", score), ("hang", None) or ("crash", None), from a hash of the
-    submission."""
+    """("ok", score), ("big", score), ("flaky", score), ("hang", None) or ("crash", None),
+    from a hash of the submission."""
     digest = int(hashlib.sha256(f"{repo_id}@{revision}".encode()).hexdigest(), 16)
     if digest % 100 < 5:
         return "hang", None
     if digest % 100 < 10:
         return "crash", None
-    return "big" if digest % 100 < 15 else "ok", (digest >> 16) % 10**6 / 10**6
+    kind = "big" if digest % 100 < 15 else "flaky" if digest % 100 < 20 else "ok"
+    return kind, (digest >> 16) % 10**6 / 10**6
 
 def result(kind, score):
     """What the evaluator prints for an "ok" or a "big" submission: a big one pads its score
@@ -131,6 +137,8 @@ if __name__ == "__main__":
         time.sleep(float(sys.argv[1]))  # past the child's timeout: the child kills us
     if kind == "crash":
         sys.exit("crashing on purpose")  # exit code 1
+    if kind == "flaky" and os.environ.get("VALIDATOR_ATTEMPT") == "1":
+        sys.exit(75)  # EX_TEMPFAIL: not the miner's fault; the parent hands it out again
     time.sleep(0.01 + score * 0.04)     # 10-50 ms of work
     print(json.dumps(result(kind, score)))
 '''
@@ -140,7 +148,7 @@ verdict, expected_result = _evaluator["verdict"], _evaluator["result"]
 # What a failed job's {"error": ...} may say, by the submission's verdict; any job may also
 # fail for the faults: its leases expired too often (GAVE_UP), or it was running each time its
 # child was killed (KILLED_WORKER: that child must have been killed at least that often).
-EXPECTED_ERRORS = {"ok": (), "big": (), "crash": ("evaluator exited with code 1",),
+EXPECTED_ERRORS = {"ok": (), "big": (), "flaky": (), "crash": ("evaluator exited with code 1",),
                    "hang": (f"evaluator timed out after {EVALUATOR_TIMEOUT:g}s",)}
 GAVE_UP = re.compile(r"gave up after \d+ attempts")
 KILLED_WORKER = re.compile(r"evaluation killed its worker (\d+) times")
@@ -1083,10 +1091,12 @@ def check_all(cluster, chain, stats):
         kind, score = verdict(job["hf_repo_id"], job["hf_repo_commit"])
         error = error_of(job["result"])
         if job["status"] == "completed":
-            if not job["success"] or kind not in ("ok", "big") or \
+            if not job["success"] or kind not in ("ok", "big", "flaky") or \
                     json.loads(job["result"]) != expected_result(kind, score):
                 problems.append(f"job {job['job_id']} ({kind}) completed with "
                                 f"{job['result'][:200]}")
+            elif kind == "flaky" and job["attempts"] < 2:
+                problems.append(f"job {job['job_id']} (flaky) completed at its first attempt")
         elif job["status"] == "failed":
             killed = KILLED_WORKER.fullmatch(error or "")
             if error is None or not (error in EXPECTED_ERRORS[kind] or GAVE_UP.match(error) or (
@@ -1282,7 +1292,8 @@ def print_counts(cluster, chain, jobs, stats):
           f"{status['pending']} pending, {status['assigned']} assigned); "
           f"{len(chain.committed) - len(jobs)} commitments replaced before the parent read them")
     kinds = collections.Counter(verdict(j["hf_repo_id"], j["hf_repo_commit"])[0] for j in jobs)
-    print(f"submissions: {kinds['ok']} ok, {kinds['hang']} hang, {kinds['crash']} crash")
+    print(f"submissions: {kinds['ok']} ok, {kinds['hang']} hang, {kinds['crash']} crash, "
+          f"{kinds['flaky']} flaky (exit 75 at their first attempt)")
     reasons = collections.Counter(re.sub(r"\d+", "N", (error_of(j["result"]) or "?").split(";")[0])
                                   for j in jobs if j["status"] == "failed")
     for reason, n in reasons.most_common():

@@ -200,7 +200,7 @@ def test_every_page_in_a_browser_shows_what_getstats_and_the_databases_say(
     for child in stats["children"]:
         row = shown[child["child_id"]]
         for key in ("endpoint", "active", "active_jobs", "total_jobs_sent",
-                    "total_jobs_completed"):
+                    "total_jobs_completed", "transient_in_a_row", "resting_seconds"):
             assert row[key] == str(child[key]), key
         assert float(row["last_seen"]) == pytest.approx(child["last_seen"], abs=5)
     assert shown[holder]["active_jobs"] == "1"
