@@ -76,9 +76,11 @@ AT_LEAST_1 = (lambda value: value >= 1, "must be at least 1")
 MORE_THAN_0 = (lambda value: value > 0, "must be more than 0")
 
 # key -> (type, default) or (type, default, (test, what the value must be)). A nested dict is a
-# [table] of the TOML file. Every key is documented, with its default, in docs/configuration.md
-# (tests/test_docs.py checks both); a key not listed here is refused so that a typo never
-# passes silently. The checks of more than one key, or of a child's only, are in load_config.
+# [table] of the TOML file; a list holding one dict is an array of tables ([[table.key]]), each
+# entry checked against that dict, at most ARRAY_LIMITS[key] entries. Every key is documented,
+# with its default, in docs/configuration.md (tests/test_docs.py checks both); a key not listed
+# here is refused so that a typo never passes silently. The checks of more than one key, or of
+# a child's only, are in load_config.
 CONFIG_KEYS = {
     "version": (str, "0.0.1"),
     "log_level": (str, "INFO", (lambda value: value.upper() in LOG_LEVELS,
@@ -154,6 +156,14 @@ CONFIG_KEYS = {
         "env_name": (str, "demo-env"),
         "max_retries": (int, 3, between(0, 255)),
         "retry_backoff_seconds": (float, 30.0, MORE_THAN_0),
+        # What a submission is evaluated on (parent.suite_of): one job per entry and repeat.
+        "suite": [{
+            "env_provider": (str, REQUIRED),
+            "env_name": (str, REQUIRED),
+            "repeats": (int, 1, between(1, 1000)),
+            "weight": (float, 1.0, (lambda value: 0 < value <= 1e6,
+                                    "must be above 0 and at most 1000000")),
+        }],
     },
     "weights": {
         "enabled": (bool, False),
@@ -175,6 +185,9 @@ CONFIG_KEYS = {
         "gpus_per_job": (int, 1, AT_LEAST_1),
     },
 }
+MAX_SUITE_ENTRIES = 64
+MAX_JOBS_PER_SUBMISSION = 10_000  # the sum of the suite's repeats: bounds what one sync makes
+ARRAY_LIMITS = {"jobs.suite": MAX_SUITE_ENTRIES}
 EXPECTED = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list of strings"}
 
@@ -207,17 +220,33 @@ def _read_table(source, spec, table, prefix=""):
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
     result = types.SimpleNamespace()
     for key, rule in spec.items():
-        value = table.get(key, {} if isinstance(rule, dict) else rule[1])
+        value = table.get(key, {} if isinstance(rule, dict) else [] if isinstance(rule, list)
+                          else rule[1])
         if isinstance(rule, dict) and not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{prefix}{key}' must be a table [{prefix}{key}]")
         if isinstance(rule, dict):
             value = _read_table(source, rule, value, f"{prefix}{key}.")
+        elif isinstance(rule, list):
+            value = _read_array(source, rule[0], value, prefix + key)
         elif value is REQUIRED:
             raise ConfigError(f"{source}: missing required key '{prefix}{key}'")
         elif key in table:
             value = _check_value(source, prefix + key, rule, value)
         setattr(result, key, list(value) if isinstance(value, list) else value)
     return result
+
+
+def _read_array(source, spec, entries, name):
+    """The entries of an array of tables ([[name]]), each checked as a table; an entry's key is
+    named with its place, counted from 1: jobs.suite[2].repeats."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: key '{name}' must be an array of tables [[{name}]]")
+    limit = ARRAY_LIMITS.get(name)
+    if limit is not None and len(entries) > limit:
+        raise ConfigError(f"{source}: key '{name}' has {len(entries)} entries, more than "
+                          f"{limit}")
+    return [_read_table(source, spec, entry, f"{name}[{n}].")
+            for n, entry in enumerate(entries, 1)]
 
 
 def load_config(path, overrides=None):
@@ -245,6 +274,10 @@ def load_config(path, overrides=None):
             split_endpoint(endpoint)
         except ValueError as e:
             raise ConfigError(f"{path}: key 'parent_hosts': {e}") from None
+    per_submission = sum(entry.repeats for entry in cfg.jobs.suite)
+    if per_submission > MAX_JOBS_PER_SUBMISSION:
+        raise ConfigError(f"{path}: key 'jobs.suite' makes {per_submission} jobs per submission "
+                          f"(the sum of its repeats), more than {MAX_JOBS_PER_SUBMISSION}")
     if not cfg.is_parent_validator:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.validator_id):
             raise ConfigError(f"{path}: key 'validator_id' is required for a child validator "

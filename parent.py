@@ -59,11 +59,13 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import itertools
 import json
 import re
 import secrets
 import threading
 import time
+import types
 from typing import NamedTuple
 
 import prometheus_client
@@ -185,6 +187,15 @@ alter table children add column if not exists transient_in_a_row integer not nul
 alter table children add column if not exists rests_in_a_row integer not null default 0;
 alter table children add column if not exists resting_until double precision not null
     default 0;  -- unix seconds
+""", """
+-- Suites ([[jobs.suite]]): a submission makes one job per entry and repeat, and they share the
+-- submission's fingerprint. The fingerprint is no longer unique; (fingerprint, entry, repeat)
+-- is. Jobs made before suites are entry 0, repeat 0.
+alter table jobs add column if not exists suite_entry integer not null default 0;
+alter table jobs add column if not exists suite_repeat integer not null default 0;
+alter table jobs drop constraint if exists jobs_fingerprint_key;
+create unique index if not exists jobs_submission_job
+    on jobs (fingerprint, suite_entry, suite_repeat);
 """]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
@@ -197,6 +208,7 @@ MAX_JOBS_PER_ANSWER = 1000
 MAX_HOTKEY_CHARS = 64  # an ss58 address has 47-48
 MAX_WAIT_SECONDS = 5.0  # a requestJobs call is held at most this long (its waitMs)
 MAX_CHILDREN = 10_000  # child ids the parent knows at most; a new one past it is refused
+JOBS_PER_STATEMENT = 10_000  # a sync inserts its new jobs in statements of this many rows at most
 
 
 class Result(NamedTuple):
@@ -1030,8 +1042,9 @@ class PendingQueue:
                 self.waiting.append((due, entry))
             else:
                 self.heap.append(entry)
-            until = due + self.backoff(max(attempts, 1))
-            if children and until > now:
+            # The window other children get starts when the job joins the queue: now, if due.
+            until = max(due, now) + self.backoff(max(attempts, 1))
+            if children:
                 self.avoid[job_id] = (frozenset(children), until)
         heapq.heapify(self.waiting)
 
@@ -1056,12 +1069,19 @@ class PendingQueue:
                 self.avoid[entry[2]] = (children, until)
 
     def release_due(self):
-        """Move the waiting jobs that are due into the queue (the upkeep, every second)."""
+        """Move the waiting jobs that are due into the queue (the upkeep, every second). The
+        window in which a job goes to other children than those it avoids starts now: the
+        upkeep's second may have eaten a short one, and the child that failed it, holding a
+        poll like the others, would take it as often as not."""
         now = time.time()
         with self.lock:
             size = len(self.heap)
             while self.waiting and self.waiting[0][0] <= now:
-                heapq.heappush(self.heap, heapq.heappop(self.waiting)[1])
+                due, entry = heapq.heappop(self.waiting)
+                heapq.heappush(self.heap, entry)
+                if entry[2] in self.avoid:
+                    children, until = self.avoid[entry[2]]
+                    self.avoid[entry[2]] = (children, now + (until - due))
             if len(self.heap) > size and self.on_push:
                 self.on_push()
 
@@ -1483,9 +1503,10 @@ class ChainIntake:
         self.last_sync = None  # (unix time, ChainSnapshot) of the last sync: the dashboard's
 
     def add_commitments(self, snapshot):
-        """Create a job for every new, eligible commitment in the snapshot. Each job and its
-        fingerprint are written in one transaction, with the block reached, so a crash never
-        loses a commitment nor makes it twice. Returns the new job ids."""
+        """Create the jobs of every new, eligible commitment in the snapshot: one per entry and
+        repeat of the suite (suite_of). A submission's jobs, its fingerprint and the block
+        reached are written in one transaction, so a crash never loses a commitment nor makes
+        any of its jobs twice. Returns the new job ids."""
         with self.fenced() as conn:
             eligible = self._eligible(conn, snapshot)
             new = self._insert_jobs(conn, eligible) if eligible else []
@@ -1495,13 +1516,23 @@ class ChainIntake:
                          (snapshot.block,))
         self.last_sync = (time.time(), snapshot)
         self.queue.push(queue_entry(job) for job in new)
-        for job in new:
-            log.info("New job %d for miner %s: %s@%s (block %d)", job["job_id"],
-                     job["miner_hotkey"], job["hf_repo_id"], job["hf_repo_commit"] or "default",
-                     job["commit_block"])
+        self._log_new(eligible, new)
         for job_id, reason in cancelled:
             log.info("Job %d cancelled: %s", job_id, reason)
         return [job["job_id"] for job in new]
+
+    @staticmethod
+    def _log_new(eligible, new):
+        """One line per new submission: its job, or the range of its jobs (consecutive ids)."""
+        ids = {}
+        for job in new:
+            ids.setdefault(job["fingerprint"], []).append(job["job_id"])
+        for digest, job_ids in ids.items():
+            c, repo_id, revision = eligible[digest]
+            what = f"job {job_ids[0]}" if len(job_ids) == 1 else \
+                f"jobs {job_ids[0]}-{job_ids[-1]} ({len(job_ids)})"
+            log.info("New %s for miner %s: %s@%s (block %d)", what, c.hotkey, repo_id,
+                     revision or "default", c.block)
 
     def _eligible(self, conn, snapshot):
         """{fingerprint: (commitment, repo id, revision)} of the snapshot's commitments that may
@@ -1534,7 +1565,13 @@ class ChainIntake:
                 continue
             digest = fingerprint(c.hotkey, repo_id, revision)
             eligible.setdefault(digest, (c, repo_id, revision))
-        return eligible
+        # A submission made once is never made again, whatever the suite is now.
+        known = conn.execute("select distinct fingerprint from jobs where fingerprint = any(%s)",
+                             (list(eligible),)).fetchall()
+        for row in known:
+            del eligible[row["fingerprint"]]
+        # The oldest submission first: its jobs get the lowest ids, and the queue serves by id.
+        return dict(sorted(eligible.items(), key=lambda item: item[1][0].block))
 
     def _cancel_left_behind(self, conn, snapshot, new):
         """The queue follows the chain: cancel the pending and assigned jobs that no longer
@@ -1545,10 +1582,14 @@ class ChainIntake:
         ended is never touched. Returns [(job id, reason)]."""
         cancelled = []
         if new and self.cfg.neuron.evaluate_latest_only:
-            newest = {}  # hotkey -> its newest job
-            for job in new:
-                hotkey = job["miner_hotkey"]
-                newest[hotkey] = max(job["job_id"], newest.get(hotkey, 0))
+            # A submission's jobs have consecutive ids: the jobs of a hotkey below the first
+            # job of its newest submission are those of its older submissions.
+            latest = {}  # hotkey -> (fingerprint, first job id) of its newest submission
+            for job in new:  # by job id
+                hotkey, digest = job["miner_hotkey"], job["fingerprint"]
+                if latest.get(hotkey, ("",))[0] != digest:
+                    latest[hotkey] = (digest, job["job_id"])
+            newest = {hotkey: first for hotkey, (_, first) in latest.items()}
             cancelled += cancel_jobs(conn, "superseded", """
                 select j.job_id, 'superseded by job ' || n.job_id
                 from jobs j join unnest(%b::text[], %b::bigint[]) as n(hotkey, job_id)
@@ -1566,30 +1607,46 @@ class ChainIntake:
         return cancelled
 
     def _insert_jobs(self, conn, eligible):
-        """Insert a job for each {fingerprint: (commitment, repo id, revision)} not known yet,
-        in the snapshot's order, in one statement; returns the new jobs' rows."""
-        jobs = self.cfg.jobs
+        """Insert the jobs of each {fingerprint: (commitment, repo id, revision)}, one per entry
+        and repeat of the suite, in the given order, in statements of JOBS_PER_STATEMENT rows
+        at most; returns the new jobs (job_id, priority, position, miner_hotkey, fingerprint)."""
+        suite = suite_of(self.cfg)
         # The seed comes from this parent's randomness, drawn once and kept with the job: no
         # miner can know it before its evaluation (it was once derived from the commitment).
         # 32 bits: the wire's randomSeed is a UInt32.
-        columns = list(zip(*((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision,
-                              c.block, secrets.randbits(32))
-                             for digest, (c, repo_id, revision) in eligible.items())))
-        return conn.execute(
-            # A known fingerprint inserts nothing and takes no job id.
-            """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid, hf_repo_id,
-                   hf_repo_commit, commit_block, env_provider, env_name, random_seed, max_retries)
-               select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id, s.revision,
-                      s.block, %s, %s, s.seed, %s
-               from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
-                           %b::text[], %b::bigint[], %b::bigint[]) with ordinality
-                    as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block, seed,
-                         n)
-               where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint)
-               order by s.n
-               returning *""",
-            (jobs.env_provider, jobs.env_name, jobs.max_retries,
-             *[list(column) for column in columns])).fetchall()
+        rows = ((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision, c.block,
+                 secrets.randbits(32), n, entry.env_provider, entry.env_name, repeat)
+                for digest, (c, repo_id, revision) in eligible.items()
+                for n, entry in enumerate(suite) for repeat in range(entry.repeats))
+        new = []
+        while chunk := list(itertools.islice(rows, JOBS_PER_STATEMENT)):
+            new += conn.execute(
+                # A job made already inserts nothing and takes no job id.
+                """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid,
+                       hf_repo_id, hf_repo_commit, commit_block, random_seed, suite_entry,
+                       env_provider, env_name, suite_repeat, max_retries)
+                   select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id,
+                          s.revision, s.block, s.seed, s.entry, s.provider, s.env, s.repeat, %s
+                   from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
+                               %b::text[], %b::bigint[], %b::bigint[], %b::integer[],
+                               %b::text[], %b::text[], %b::integer[]) with ordinality
+                        as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block,
+                             seed, entry, provider, env, repeat, n)
+                   where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint
+                                     and j.suite_entry = s.entry and j.suite_repeat = s.repeat)
+                   order by s.n
+                   returning job_id, priority, position, miner_hotkey, fingerprint""",
+                (self.cfg.jobs.max_retries, *[list(column) for column in zip(*chunk)])
+            ).fetchall()
+        return new
+
+
+def suite_of(cfg):
+    """The suite a new submission is evaluated on: [[jobs.suite]], or without it one entry
+    of [jobs] env_provider and env_name, one repeat, weight 1."""
+    jobs = cfg.jobs
+    return jobs.suite or [types.SimpleNamespace(env_provider=jobs.env_provider,
+                                                env_name=jobs.env_name, repeats=1, weight=1.0)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1621,14 +1678,19 @@ class Statistics:
 
     def stats(self):
         """The seed design's statistics, plus the queue by priority, its oldest job's age, the
-        number of failed jobs and of cancelled ones by reason, and this parent's role: "active"
-        or "standby" (which reads the same database), with the active parent's host:port."""
+        number of failed jobs and of cancelled ones by reason, the submissions with an open job,
+        and this parent's role: "active" or "standby" (which reads the same database), with
+        the active parent's host:port."""
         children = self.children()
         leader = self.db.query("select epoch, endpoint from leadership")[0]
         queue = self.db.query(
             """select priority, count(*) as n, extract(epoch from now() - min(created_at))
                  as oldest from jobs where status = 'pending' group by priority""")
         failed = self.db.query("select count(*) as n from jobs where status = 'failed'")[0]["n"]
+        # A submission is open while any of its jobs (one per entry and repeat) is.
+        submissions = self.db.query(
+            "select count(distinct fingerprint) as n from jobs "
+            "where status in ('pending', 'assigned')")[0]["n"]
         # Before reasons were recorded only an operator could cancel a job.
         cancelled = self.db.query(
             "select coalesce(cancel_reason, 'operator') as reason, count(*) as n from jobs "
@@ -1645,6 +1707,7 @@ class Statistics:
                                     sorted(queue, key=lambda r: -r["priority"])},
             "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
             "failed_jobs": failed,
+            "open_submissions": submissions,
             "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
             "auth_failures": self.verifier.failures if self.verifier else 0,
             "role": "active" if not self.leadership or self.leadership.active() else "standby",

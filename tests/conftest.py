@@ -121,7 +121,14 @@ def write_toml(path, table):
     lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for name, sub in table.items():
         if isinstance(sub, dict):
-            lines += [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in sub.items()]
+            arrays = {k: v for k, v in sub.items() if isinstance(v, list) and v
+                      and all(isinstance(e, dict) for e in v)}  # [[name.key]] entries
+            lines += [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in sub.items()
+                                      if k not in arrays]
+            for key, entries in arrays.items():
+                for entry in entries:
+                    lines += [f"[[{name}.{key}]]"] + [f"{k} = {toml_value(v)}"
+                                                      for k, v in entry.items()]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
 

@@ -12,7 +12,8 @@ import common
 
 DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 KEY_ROW = re.compile(r"^\| `(\w+)` \| ([^|]*) \|")
-TABLE_HEADING = re.compile(r"^## `\[(\w+)\]`")
+# `## [jobs]` or, for an array of tables, `## [[jobs.suite]]`, whose keys are jobs.suite[].x
+TABLE_HEADING = re.compile(r"^## `\[(\[?)([\w.]+)\]?\]`")
 
 
 def code_keys(spec=common.CONFIG_KEYS, prefix=""):
@@ -21,6 +22,9 @@ def code_keys(spec=common.CONFIG_KEYS, prefix=""):
     for key, rule in spec.items():
         if isinstance(rule, dict):
             keys.update(code_keys(rule, f"{prefix}{key}."))
+        elif isinstance(rule, list):  # an array of tables: the array, and each entry's keys
+            keys[prefix + key] = []
+            keys.update(code_keys(rule[0], f"{prefix}{key}[]."))
         else:
             keys[prefix + key] = rule[1]
     return keys
@@ -33,7 +37,7 @@ def documented_keys(text):
     for line in text.splitlines():
         if line.startswith("## "):
             heading = TABLE_HEADING.match(line)
-            table = heading[1] + "." if heading else ""
+            table = heading[2] + ("[]." if heading[1] else ".") if heading else ""
         elif row := KEY_ROW.match(line):
             key = table + row[1]
             assert key not in keys, f"docs/configuration.md documents key '{key}' twice"
@@ -69,8 +73,10 @@ def test_the_configuration_doc_gives_each_keys_default_as_the_code_has_it():
 
 
 def test_the_key_table_parser_sees_a_missing_key():
-    text = "## Top\n| `a` | `1` | x |\n## `[evaluator]`\n| `command` | `[]` | y |\n"
-    assert documented_keys(text) == {"a": "`1`", "evaluator.command": "`[]`"}
+    text = "## Top\n| `a` | `1` | x |\n## `[evaluator]`\n| `command` | `[]` | y |\n" \
+        "## `[[jobs.suite]]`\n| `repeats` | `1` | z |\n"
+    assert documented_keys(text) == {"a": "`1`", "evaluator.command": "`[]`",
+                                     "jobs.suite[].repeats": "`1`"}
 
 
 def links(text):

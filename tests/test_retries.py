@@ -5,6 +5,7 @@ that way rests. All of it in the database: a new ParentState keeps it."""
 
 import json
 import logging
+import time
 
 import prometheus_client
 from conftest import free_port, wait_until
@@ -285,3 +286,15 @@ def test_with_auth_on_the_flag_is_covered_by_the_childs_signature(parent, wallet
     stats = json.loads(client.call("getStats")["json"])
     assert (stats["pending_jobs"], stats["children"][0]["active_jobs"]) == (3, 0)
     assert stats["children"][0]["transient_in_a_row"] == 1
+
+
+def test_the_window_for_other_children_starts_when_the_job_joins_the_queue():
+    """The upkeep moves due jobs into the queue once a second: a window shorter than that,
+    counted from the due time, was over before the job could be taken, and the child that
+    failed it, holding a poll like the others, took it again as often as not."""
+    queue = parents.PendingQueue(None, lambda attempts: 0.3)
+    now = time.time()
+    queue.wait([(now - 5.0, (0, 0, 7), frozenset({"c1"}), now - 4.7)])  # due 5 s ago
+    queue.release_due()
+    assert queue.pop(1, "c1") == []  # passed over: c2 may take it
+    assert queue.pop(1, "c2") == [(0, 0, 7)]

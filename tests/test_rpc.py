@@ -296,7 +296,7 @@ def test_get_stats_uses_the_seed_format(parent):
                      "pending_by_priority": {"0": 1}, "failed_jobs": 1, "cancelled_jobs": {},
                      "auth_failures": 0,
                      "role": "active", "active_parent": f"localhost:{parent.port}",
-                     "leadership_epoch": 1}
+                     "leadership_epoch": 1, "open_submissions": 1}
     assert child.pop("last_seen") > 0
     assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
                      "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2,
