@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import math
 import re
 import threading
 import time
@@ -22,6 +21,7 @@ import prometheus_client
 
 import auth
 import common
+import scores
 from common import log
 
 
@@ -308,58 +308,11 @@ class WeightRow:
     weight: float  # the score over the sum of the scores
 
 
-def job_score(result, key):
-    """(score, None) from a completed job's result, a JSON object; else (None, why not)."""
-    try:
-        doc = json.loads(result or "")
-    except ValueError:
-        return None, "the result is not JSON"
-    value = doc.get(key) if isinstance(doc, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, f"the result has no number {key!r}"
-    if not math.isfinite(value) or value < 0:
-        return None, f"its {key!r} is {value!r}, not a finite number >= 0"
-    return float(value), None
-
-
 def weight_table(db, settings, neurons, skipped):
-    """[WeightRow] by uid for the registered neurons with a score ([weights] aggregation of
-    their completed jobs). A score counts only for the hotkey that earned it and only from a
-    commitment made since the hotkey took its uid: a uid that changed hands, or a hotkey that
-    registered again, starts afresh. A job without a valid score is logged once (its id is
-    added to `skipped`) and contributes nothing."""
-    by_hotkey = {n.hotkey: n for n in neurons}
-    order = "commit_block, job_id" if settings.aggregation == "latest" else "finished_at, job_id"
-    scores = {}
-    with db.transaction() as conn:
-        # A server-side cursor: the results (each up to max_result_bytes) stream through
-        # in batches instead of all being held at once.
-        rows = conn.cursor(name="weight_table")
-        rows.execute("select job_id, miner_hotkey, commit_block, result from jobs "
-                     "where status = 'completed' and miner_hotkey = any(%s) order by " + order,
-                     (list(by_hotkey),))
-        for row in rows:
-            hotkey = row["miner_hotkey"]
-            if row["commit_block"] >= by_hotkey[hotkey].registered_at:
-                _aggregate(scores, settings, row, skipped)
-    total = sum(scores.values())
-    return [WeightRow(n.uid, n.hotkey, scores[n.hotkey], scores[n.hotkey] / total if total else 0.0)
-            for n in sorted(neurons, key=lambda n: n.uid) if n.hotkey in scores]
-
-
-def _aggregate(scores, settings, job, skipped):
-    """Add a completed job's score to scores[hotkey]."""
-    hotkey = job["miner_hotkey"]
-    score, why_not = job_score(job["result"], settings.score_key)
-    if score is None:
-        if job["job_id"] not in skipped:
-            skipped.add(job["job_id"])
-            log.warning("Job %d of %s contributes no score: %s", job["job_id"], hotkey, why_not)
-    elif settings.aggregation == "latest":  # the most recent submission's score
-        scores[hotkey] = score
-    else:  # a moving average in completion order, from 0 (as the subnet template does)
-        scores[hotkey] = (settings.ema_alpha * score
-                          + (1 - settings.ema_alpha) * scores.get(hotkey, 0.0))
+    """[WeightRow] by uid for the registered neurons with a score: their submissions' scores,
+    aggregated (scores.py says how). A job without a valid score is logged once (its id is
+    added to `skipped`)."""
+    return scores.weight_table(db, settings, neurons, skipped, WeightRow)
 
 
 def record_attempt(db, block, weights, commit_reveal):

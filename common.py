@@ -169,6 +169,7 @@ CONFIG_KEYS = {
         "enabled": (bool, False),
         "score_key": (str, "score"),
         "aggregation": (str, "latest", one_of("latest", "ema")),
+        "failed_scores": (str, "zero", one_of("zero", "skip")),
         "ema_alpha": (float, 0.1, (lambda value: 0 < value <= 1,
                                    "must be above 0 and at most 1")),
         "every_blocks": (int, 0, (lambda value: value >= 0,

@@ -196,6 +196,10 @@ alter table jobs add column if not exists suite_repeat integer not null default 
 alter table jobs drop constraint if exists jobs_fingerprint_key;
 create unique index if not exists jobs_submission_job
     on jobs (fingerprint, suite_entry, suite_repeat);
+""", """
+-- The weight of the job's suite entry when its submission was made: a change of the suite
+-- does not change how a submission made before it is scored (scores.py).
+alter table jobs add column if not exists suite_weight double precision not null default 1;
 """]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
@@ -1615,7 +1619,8 @@ class ChainIntake:
         # miner can know it before its evaluation (it was once derived from the commitment).
         # 32 bits: the wire's randomSeed is a UInt32.
         rows = ((digest, int(digest[:15], 16), c.hotkey, c.uid, repo_id, revision, c.block,
-                 secrets.randbits(32), n, entry.env_provider, entry.env_name, repeat)
+                 secrets.randbits(32), n, entry.env_provider, entry.env_name, repeat,
+                 entry.weight)
                 for digest, (c, repo_id, revision) in eligible.items()
                 for n, entry in enumerate(suite) for repeat in range(entry.repeats))
         new = []
@@ -1624,14 +1629,16 @@ class ChainIntake:
                 # A job made already inserts nothing and takes no job id.
                 """insert into jobs (fingerprint, submission_id, miner_hotkey, miner_uid,
                        hf_repo_id, hf_repo_commit, commit_block, random_seed, suite_entry,
-                       env_provider, env_name, suite_repeat, max_retries)
+                       env_provider, env_name, suite_repeat, suite_weight, max_retries)
                    select s.fingerprint, s.submission_id, s.hotkey, s.uid, s.repo_id,
-                          s.revision, s.block, s.seed, s.entry, s.provider, s.env, s.repeat, %s
+                          s.revision, s.block, s.seed, s.entry, s.provider, s.env, s.repeat,
+                          s.weight, %s
                    from unnest(%b::text[], %b::bigint[], %b::text[], %b::integer[], %b::text[],
                                %b::text[], %b::bigint[], %b::bigint[], %b::integer[],
-                               %b::text[], %b::text[], %b::integer[]) with ordinality
+                               %b::text[], %b::text[], %b::integer[], %b::float8[])
+                        with ordinality
                         as s(fingerprint, submission_id, hotkey, uid, repo_id, revision, block,
-                             seed, entry, provider, env, repeat, n)
+                             seed, entry, provider, env, repeat, weight, n)
                    where not exists (select 1 from jobs j where j.fingerprint = s.fingerprint
                                      and j.suite_entry = s.entry and j.suite_repeat = s.repeat)
                    order by s.n

@@ -282,6 +282,27 @@ def weights(argv):
     return 0
 
 
+def scores_command(argv):
+    import scores
+    p = argparse.ArgumentParser(prog="validator.py scores", description=(
+        "Print each miner's score, as the parent computes it from its database: its latest "
+        "submission, each suite entry's mean score, standard error and count, the "
+        "submission's score, the miner's score ([weights] aggregation) and the weight it "
+        "gets among these miners."))
+    p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        cfg = parent_config(args.config)
+        with contextlib.closing(parent_database(cfg)) as db:
+            doc = scores.report(db, cfg.weights)
+    except (common.ConfigError, common.DatabaseUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=1) if args.json else scores.format_report(doc))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # demo: the whole system on this machine, with an embedded PostgreSQL and a simulated chain
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +353,23 @@ def demo_hotkeys(wallets, names):
     return hotkeys
 
 
+# Each submission is evaluated on two environments, twice each (seeds of their own); push
+# counts twice as much as reach in the submission's score.
+DEMO_SUITE = """
+[[jobs.suite]]
+env_provider = "demo"
+env_name = "reach"
+repeats = 2
+weight = 1.0
+
+[[jobs.suite]]
+env_provider = "demo"
+env_name = "push"
+repeats = 2
+weight = 2.0
+"""
+
+
 def demo_configs(workdir, dsns, chain_path, children, eval_seconds):
     parent_port = free_port()
     wallets = workdir / "wallets"
@@ -349,7 +387,7 @@ network = "file"
 commitments_file = "{chain_path}"
 [neuron]
 sync_frequency = 0.5
-""")
+{DEMO_SUITE}""")
     for k in range(1, children + 1):
         (workdir / f"child_{k}.toml").write_text(f"""
 {identity.format(wallets, f"child_{k}")}
@@ -395,6 +433,9 @@ def demo(argv):
             print("\nAll jobs completed. Parent statistics:\n", flush=True)
             print(format_stats(fetch_stats("127.0.0.1", parent_port)))
             print_jobs(dsns["parent"])
+            print("\nEach miner's submission, scored per suite entry (validator.py scores):\n",
+                  flush=True)
+            scores_command(["--config", str(workdir / "parent.toml")])
             print("\nThe weights the parent would set from these scores (validator.py weights):\n",
                   flush=True)
             weights(["--config", str(workdir / "parent.toml")])
@@ -420,8 +461,10 @@ def wait_for_jobs(chain, parent_dsn, processes, args):
                 return False
             if conn.execute("select to_regclass('jobs') as t").fetchone()["t"] is None:
                 continue
-            done = conn.execute("select count(*) as n from jobs "
-                                "where status = 'completed'").fetchone()["n"]
+            # Done once every miner's submission has all of its jobs (its suite) completed.
+            done = conn.execute("select count(*) as n from (select fingerprint from jobs "
+                                "group by fingerprint having bool_and(status = 'completed')) "
+                                "s").fetchone()["n"]
             if done >= args.miners:
                 return True
     print(f"demo: not every job completed within {args.timeout:g}s", file=sys.stderr)
@@ -430,12 +473,12 @@ def wait_for_jobs(chain, parent_dsn, processes, args):
 
 def print_jobs(parent_dsn):
     with common.connect(parent_dsn) as conn:
-        rows = conn.execute("select job_id, miner_hotkey, hf_repo_id, child_id, result "
-                            "from jobs order by job_id").fetchall()
-    print(f"\n{'job':>4}  {'miner':<14} {'repository':<20} {'child':<18} result")
+        rows = conn.execute("select job_id, miner_hotkey, hf_repo_id, env_name, child_id, "
+                            "result from jobs order by job_id").fetchall()
+    print(f"\n{'job':>4}  {'miner':<14} {'repository':<20} {'env':<6} {'child':<18} result")
     for r in rows:
         print(f"{r['job_id']:>4}  {r['miner_hotkey']:<14} {r['hf_repo_id']:<20} "
-              f"{r['child_id']:<18} {r['result']}")
+              f"{r['env_name']:<6} {r['child_id']:<18} {r['result']}")
 
 
 def bench(argv):
@@ -452,6 +495,7 @@ COMMANDS = {
     "jobs": (operator_command, "the parent's jobs, from its database [--status S] [--json]"),
     "requeue": (operator_command, "put a job back at the front of the queue"),
     "cancel": (operator_command, "cancel a pending or assigned job"),
+    "scores": (scores_command, "each miner's submission scores, per suite entry [--json]"),
     "weights": (weights, "the weights the parent would set now, and its last attempts"),
     "bench": (bench, "the figures of docs/benchmark.md"),
 }

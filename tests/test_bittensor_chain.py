@@ -331,9 +331,10 @@ def test_new_revisions_become_jobs_and_recommitted_or_ineligible_ones_do_not(
 
     rows = state.db.query("select job_id, miner_hotkey, miner_uid, hf_repo_id, hf_repo_commit, "
                           "commit_block from jobs order by job_id")
+    # The oldest submission first: its jobs get the lowest ids, and the queue serves by id.
     assert [tuple(row.values())[1:] for row in rows] == [
-        (m1, 1, "org/one", "1" * 40, 99),
         (m4, 4, "org/four", "4" * 40, 98),
+        (m1, 1, "org/one", "1" * 40, 99),
         (m4, 4, "org/four", "5" * 40, 109),
     ]
     assert first == [row["job_id"] for row in rows[:2]] and second == [rows[2]["job_id"]]

@@ -69,10 +69,11 @@ def test_the_parent_process_follows_finneys_subnet_through_the_sdks_transport(
     proc = processes(["parent.py", "--config", config], tmp_path / "parent.log")
 
     wait_until(lambda: len(jobs(dsn)) == 2, what="the first sync's jobs")
+    # The oldest submission first (uid 10's, a block earlier): the lower job id.
     assert jobs(dsn) == [
+        (hot[10], 10, "org/ten", "a" * 40, RECORDED_BLOCK - 1, "pending", None),
         (hot[3], 3, "a-research-org/a-rather-long-model-name-for-this-subnet-v2",
-         "0123456789abcdef0123456789abcdef01234567", RECORDED_BLOCK, "pending", None),
-        (hot[10], 10, "org/ten", "a" * 40, RECORDED_BLOCK - 1, "pending", None)]
+         "0123456789abcdef0123456789abcdef01234567", RECORDED_BLOCK, "pending", None)]
 
     # Two blocks on: uid 3 commits a new revision, uid 10 goes to a new hotkey, and the
     # chain reveals uid 13's timelocked commitment.
@@ -85,9 +86,9 @@ def test_the_parent_process_follows_finneys_subnet_through_the_sdks_transport(
     wait_until(lambda: len(jobs(dsn)) == 4 and jobs(dsn)[1][5] == "cancelled",
                what="the second sync's jobs")
     assert jobs(dsn) == [
+        (hot[10], 10, "org/ten", "a" * 40, RECORDED_BLOCK - 1, "cancelled", cancelled[1]),
         (hot[3], 3, "a-research-org/a-rather-long-model-name-for-this-subnet-v2",
          "0123456789abcdef0123456789abcdef01234567", RECORDED_BLOCK, "cancelled", cancelled[0]),
-        (hot[10], 10, "org/ten", "a" * 40, RECORDED_BLOCK - 1, "cancelled", cancelled[1]),
         (hot[3], 3, "org/three", "b" * 40, head, "pending", None),
         (hot[13], 13, "org/thirteen", "c" * 40, head, "pending", None)]
     assert "Chain sync failed" not in proc.log()

@@ -111,7 +111,14 @@ def test_the_demo_completes_every_job():
                           "--eval-seconds", "0.2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "All jobs completed" in run.stdout
-    assert run.stdout.count("demo-org/model-0") == 4
+    # Each miner's submission on the demo's suite: two entries of two repeats each.
+    jobs, scored = run.stdout.split("(validator.py scores):")
+    assert len(re.findall(r"^ +\d+  5DemoMiner0\d ", jobs, re.M)) == 4 * 4
+    scored = scored.split("(validator.py weights):")[0]
+    assert len(re.findall(r"^    demo/reach  weight 1  [\d.]+ ± [\d.]+  \(2 scores\)$",
+                          scored, re.M)) == 4
+    assert len(re.findall(r"^    demo/push  weight 2  [\d.]+ ± [\d.]+  \(2 scores\)$",
+                          scored, re.M)) == 4
     # It ends with the weights table: each miner's uid, score and normalized weight.
     table = run.stdout.split("validator.py weights):")[1]
     rows = re.findall(r"^(\d+)\s+5DemoMiner0\d\s+([\d.]+)\s+([\d.]+)\s+-$", table, re.M)

@@ -300,6 +300,9 @@ def test_latest_and_ema_against_hand_computed_scores(weights_db, caplog):
     neurons = [chains.Neuron(7, m, 0)]
     skipped = set()
 
+    # Each job here is a submission of its own (a suite of one entry, one repeat). With
+    # failed_scores = "skip" a submission without a valid score counts nothing.
+    cfg.weights.failed_scores = "skip"
     [latest] = chains.weight_table(db, cfg.weights, neurons, skipped)
     cfg.weights.aggregation, cfg.weights.ema_alpha = "ema", 0.5
     [ema] = chains.weight_table(db, cfg.weights, neurons, skipped)
@@ -307,6 +310,13 @@ def test_latest_and_ema_against_hand_computed_scores(weights_db, caplog):
     assert (latest.uid, latest.score, latest.weight) == (7, 1.0, 1.0)  # block 903's
     # 0.5*1.0 = 0.5; 0.5*0.0 + 0.5*0.5 = 0.25; 0.5*0.5 + 0.5*0.25 = 0.375
     assert ema.score == pytest.approx(0.375)
+    # With "zero" (the default), the four without a valid score count 0: the latest is block
+    # 907's 0, and the moving average goes on from 0.375 through four halvings.
+    cfg.weights.failed_scores = "zero"
+    [ema_zero] = chains.weight_table(db, cfg.weights, neurons, skipped)
+    cfg.weights.aggregation = "latest"
+    [latest_zero] = chains.weight_table(db, cfg.weights, neurons, skipped)
+    assert (latest_zero.score, ema_zero.score) == (0.0, pytest.approx(0.375 / 16))
     bad = [r.getMessage() for r in caplog.records if "contributes no score" in r.getMessage()]
     assert len(bad) == 3  # each bad job once, though read twice
     assert any("not JSON" in line for line in bad) and any("-1.0" in line for line in bad)
