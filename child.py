@@ -41,10 +41,8 @@ import contextlib
 import datetime
 import functools
 import json
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import capnp
 import prometheus_client
@@ -54,7 +52,7 @@ import auth
 import common
 import evaluator
 import pages
-from evaluator import (MB, Abandoned, Evaluations, GpuPool, LogsDirectory, Revoked, evaluate,
+from evaluator import (Abandoned, Evaluations, GpuPool, LogsDirectory, Revoked, evaluate,
                        failure)
 from common import Refused, log
 from rpc import REFUSALS, PeerUnavailable, RpcClient, RpcThread, ServiceBase, Unimplemented
@@ -320,15 +318,19 @@ def report_results(parent, store, seals):
 def acknowledged(rows, replies, seals):
     """The ids of the results the parent acknowledged, by an answer that is its own (Seals);
     the others are logged, and kept to be reported again."""
-    done = []
+    done, not_taken = [], []
     for row, answer in zip(rows, replies):
         if not seals.reply_holds(row, answer):
             continue  # logged there
         if answer["acknowledged"]:
             done.append(row["job_id"])
         else:
-            log.warning("Parent did not take the result of job %d: %s",
-                        row["job_id"], answer.get("message", ""))
+            not_taken.append((row["job_id"], answer.get("message", "")))
+    if not_taken:  # one line a call: a parent that takes none would fill the log otherwise
+        log.warning("Parent did not take the result of job %s: %s",
+                    ", ".join(str(job_id) for job_id, _ in not_taken[:10])
+                    + (f" and {len(not_taken) - 10} more" if len(not_taken) > 10 else ""),
+                    not_taken[0][1])
     return done
 
 
@@ -436,7 +438,7 @@ class ChildStore:
     def __init__(self, dsn, capacity, max_result_bytes=common.MAX_RESULT_BYTES, disk=None):
         self.db = common.Database(dsn, SCHEMA)
         recover_at_start(self.db, max_result_bytes)
-        self.disk = disk or DiskGuard(0)
+        self.disk = disk or common.DiskGuard(0)
         self.incoming = IncomingJobs(self.db, capacity, self.disk)
         self.outgoing = OutgoingResults(self.db)
         self.runs = RunState(self.db)
@@ -736,10 +738,10 @@ def run(cfg, stop):
     check_limits(cfg)
     common.setup_logging(cfg)
     child_id, data, slots = cfg.validator_id, common.data_dir(cfg), evaluation_slots(cfg)
-    logs = LogsDirectory(data / "logs", cfg.evaluator.max_logs_total_mb * evaluator.MB)
+    logs = LogsDirectory(data / "logs", cfg.evaluator.max_logs_total_mb * common.MB)
     logs.path.mkdir(exist_ok=True)
     evaluator.clear_scratch(data)  # no evaluation runs yet: what is there is left over
-    disk = DiskGuard(cfg.min_free_disk_mb, [data])
+    disk = common.DiskGuard(cfg.min_free_disk_mb, [data])
     dsn = common.database_dsn(cfg, stop)
     store = ChildStore(dsn, slots + cfg.prefetch_jobs, cfg.max_result_bytes, disk)
     disk.guard_database(store.db)
@@ -941,78 +943,6 @@ def evaluate_job(cfg, store, evaluations, logs, wake, job_id, delivery):
     log.info("Job %d %s: %s", job_id, "failed transiently" if ended.retryable else outcome,
              ended.result[:200])
     wake.set()
-
-
-# ---------------------------------------------------------------------------------------------
-# The disk guard: no new job while the disk under the child's data is nearly full
-# ---------------------------------------------------------------------------------------------
-
-DISK_FREE = prometheus_client.Gauge(
-    "validator_disk_free_bytes", "Free bytes on the fullest filesystem the disk guard watches")
-DISK_LOW = prometheus_client.Gauge(
-    "validator_disk_low", "1 while the disk guard keeps new jobs away (min_free_disk_mb)")
-
-
-class DiskGuard:
-    """Below min_free_disk_mb free on any filesystem it watches (data_dir's, which holds the
-    logs, the scratch directories and the embedded PostgreSQL; and the database's directory,
-    when the database is local and says where it is), the child asks for no job, refuses a
-    push, and refuses to start a queued job (a transient failure: the parent gives it to
-    another child). What the child writes itself is bounded (each log, all logs); this keeps
-    what others write, an evaluator's scratch among them, from filling the disk under its
-    database. It says so once with the figures, and once when there is room again. A
-    statvfs() a look: cheap enough for every poll."""
-
-    def __init__(self, min_free_mb, paths=()):
-        self.min_free = min_free_mb
-        self.paths = {Path(path).stat().st_dev: Path(path) for path in paths}
-        self.lock, self.was_low = threading.Lock(), False
-
-    def guard_database(self, db):
-        """Watch the database's filesystem too, if it is on this machine and another one."""
-        try:
-            directory = Path(db.query("select current_setting('data_directory') as d")[0]["d"])
-            device = directory.stat().st_dev
-        except (psycopg.Error, common.DatabaseUnavailable, OSError):
-            return  # not allowed to read it (not a superuser), or not on this machine
-        if device not in self.paths:
-            self.paths[device] = directory
-            log.info("The disk guard watches %s, the database's directory, too", directory)
-
-    def least_free(self):
-        """(free MB, path) of the fullest filesystem watched; (None, None) if none answers."""
-        figures = []
-        for path in self.paths.values():
-            with contextlib.suppress(OSError):
-                figures.append((shutil.disk_usage(path).free, path))
-        if not figures:
-            return None, None
-        free, path = min(figures)
-        DISK_FREE.set(free)
-        return free // MB, path
-
-    def free_mb(self):
-        return self.least_free()[0]
-
-    def low(self):
-        """True while the free space is under min_free_disk_mb (never with 0)."""
-        if not self.min_free:
-            return False
-        free, path = self.least_free()
-        low = free is not None and free < self.min_free
-        with self.lock:
-            changed, self.was_low = low != self.was_low, low
-        DISK_LOW.set(int(low))
-        if changed and low:
-            log.warning("Disk low: %s; taking no new jobs until there is room", self.refusal())
-        elif changed:
-            log.info("Disk has room again: %d MB free on %s (min_free_disk_mb is %d); taking "
-                     "jobs again", free, path, self.min_free)
-        return low
-
-    def refusal(self):
-        free, path = self.least_free()
-        return f"{free} MB free on {path}, under min_free_disk_mb ({self.min_free})"
 
 
 # ---------------------------------------------------------------------------------------------

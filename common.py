@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
+MB = 1 << 20  # the megabyte of the *_mb keys
 # The largest message Cap'n Proto takes (its readers' default limit, which senders check too).
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -559,6 +561,79 @@ class Outage:
         if self.failures:
             log.info("%s after %d failed attempts", self.back, self.failures)
         self.failures = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The disk guard: what a validator stops doing while the disk under its data is nearly full
+# ---------------------------------------------------------------------------------------------
+
+DISK_FREE = prometheus_client.Gauge(
+    "validator_disk_free_bytes", "Free bytes on the fullest filesystem the disk guard watches")
+DISK_LOW = prometheus_client.Gauge(
+    "validator_disk_low", "1 while the disk guard keeps new jobs away (min_free_disk_mb)")
+
+
+class DiskGuard:
+    """low() is true below min_free_disk_mb free on any filesystem it watches (data_dir's,
+    which holds the embedded PostgreSQL and a child's logs and scratch directories; and the
+    database's directory, when the database is local and says where it is). Meanwhile a child
+    asks for no job, refuses pushes and refuses to start a queued job (a transient failure:
+    the parent gives it to another child); a parent records no result (the children keep
+    them) and makes no job. It says so once with the figures, and once when there is room
+    again. A statvfs() a look: cheap enough for every poll."""
+
+    def __init__(self, min_free_mb, paths=(), stops="taking no new jobs",
+                 resumes="taking jobs"):
+        self.min_free, self.stops, self.resumes = min_free_mb, stops, resumes
+        self.paths = {Path(path).stat().st_dev: Path(path) for path in paths
+                      if Path(path).exists()}
+        self.lock, self.was_low = threading.Lock(), False
+
+    def guard_database(self, db):
+        """Watch the database's filesystem too, if it is on this machine and another one."""
+        try:
+            directory = Path(db.query("select current_setting('data_directory') as d")[0]["d"])
+            device = directory.stat().st_dev
+        except (psycopg.Error, DatabaseUnavailable, OSError):
+            return  # not allowed to read it (not a superuser), or not on this machine
+        if device not in self.paths:
+            self.paths[device] = directory
+            log.info("The disk guard watches %s, the database's directory, too", directory)
+
+    def least_free(self):
+        """(free MB, path) of the fullest filesystem watched; (None, None) if none answers."""
+        figures = []
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                figures.append((shutil.disk_usage(path).free, path))
+        if not figures:
+            return None, None
+        free, path = min(figures)
+        DISK_FREE.set(free)
+        return free // MB, path
+
+    def free_mb(self):
+        return self.least_free()[0]
+
+    def low(self):
+        """True while the free space is under min_free_disk_mb (never with 0)."""
+        if not self.min_free:
+            return False
+        free, path = self.least_free()
+        low = free is not None and free < self.min_free
+        with self.lock:
+            changed, self.was_low = low != self.was_low, low
+        DISK_LOW.set(int(low))
+        if changed and low:
+            log.warning("Disk low: %s; %s until there is room", self.refusal(), self.stops)
+        elif changed:
+            log.info("Disk has room again: %d MB free on %s (min_free_disk_mb is %d); %s again",
+                     free, path, self.min_free, self.resumes)
+        return low
+
+    def refusal(self):
+        free, path = self.least_free()
+        return f"{free} MB free on {path}, under min_free_disk_mb ({self.min_free})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from common import log
 # The evaluator: one process per job, the job as JSON on stdin, one JSON object on stdout
 # ---------------------------------------------------------------------------------------------
 
-MB = 1 << 20  # the megabyte of the *_mb keys
+MB = common.MB
 EX_TEMPFAIL = 75  # sysexits.h: "try again later", an evaluator's way to say it is not the miner
 
 

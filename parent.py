@@ -388,6 +388,8 @@ class ParentState:
         self.statistics = Statistics(db, cfg, verifier, leadership)
         self.reports = Reports(cfg, verifier, self.queue)
         self.live = LiveChildren()
+        # While it says the disk is low no result is recorded (the children keep them).
+        self.disk = common.DiskGuard(0)
         if not leadership:  # else take_over() loads it: a standby holds no queue
             self.queue.reload()
 
@@ -500,10 +502,11 @@ class ParentState:
         lost, recorded, revoked, rest = [], [], [], [None]
         results = [Result(*r) for r in results]
         unproven = self.reports.check(child_id, results, connection)
+        held_back = bool(results) and self.disk.low()
 
         def room(conn):
             recorded[:] = [self.reports.record(conn, child_id, results, unproven, connection)] \
-                if results else []
+                if results and not held_back else []
             held, resting_until = self._seen(conn, child_id)
             rest[0] = self.reports.rests.gate(conn, child_id, resting_until)
             # A job assigned moments ago may be a push still on its way to the child.
@@ -520,8 +523,8 @@ class ParentState:
                 min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost), self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
-        answers = self.reports.answers(child_id, results, recorded[0], connection) \
-            if results else []
+        answers = self.held_back(results) if held_back else \
+            self.reports.answers(child_id, results, recorded[0], connection) if results else []
         if rest[0] == "rested":
             log.info("Child %s rested; it gets jobs again", child_id)
         if lost:
@@ -560,11 +563,21 @@ class ParentState:
         per result. See Reports."""
         results = [Result(*r) for r in results]
         unproven = self.reports.check(child_id, results, connection)
+        held_back = self.disk.low()
         with self.fenced() as conn:
             self._seen(conn, child_id)
+            if held_back:
+                return self.held_back(results)
             outcome = self.reports.record(conn, child_id, results, unproven, connection)
         # Logged only once committed: the log never shows a result the database lacks.
         return self.reports.answers(child_id, results, outcome, connection)
+
+
+    def held_back(self, results):
+        """The answers to results not recorded while the disk is low: the child keeps them
+        and sends them again at its next polls (its outbox is its database)."""
+        return [(False, f"not recorded: the parent's disk is low ({self.disk.refusal()}); "
+                        "kept by the child until there is room")] * len(results)
 
 
 class Reports:
@@ -855,6 +868,10 @@ def run(cfg, stop):
     leadership = Leadership(dsn, f"{cfg.parent_host}:{cfg.parent_port}",
                             cfg.leader_timeout_seconds)
     state = ParentState(db, cfg, identity, verifier, leadership)
+    state.disk = common.DiskGuard(cfg.min_free_disk_mb, [common.data_dir(cfg)],
+                                  stops="recording no result and making no job",
+                                  resumes="recording results and making jobs")
+    state.disk.guard_database(db)
     if cfg.metrics_port:
         prometheus_client.REGISTRY.register(QueueMetrics(state.statistics))
         common.serve_metrics(cfg)
@@ -945,7 +962,7 @@ def lead(cfg, stop, state, chain, pusher, weights):
                 continue
             except common.DatabaseUnavailable as e:
                 next_upkeep = time.monotonic() + upkeep.failed(e)
-        if time.monotonic() >= next_sync:
+        if time.monotonic() >= next_sync and not state.disk.low():
             try:
                 if state.intake.add_commitments(read_chain(chain)) and pusher:
                     pusher.push()

@@ -112,7 +112,7 @@ def test_a_queued_job_the_disk_guard_refuses_is_a_transient_failure_signed_as_su
     """Refused at its start (the disk went low after it was queued): failed, retryable, and
     the child's signature covers the flag, so nobody can turn it into the miner's failure."""
     cfg = common.load_config(child_config("c1", 8001, min_free_disk_mb=1 << 40))
-    disk = child.DiskGuard(cfg.min_free_disk_mb, [tmp_path])
+    disk = common.DiskGuard(cfg.min_free_disk_mb, [tmp_path])
     store = child.ChildStore(cfg.pg_database, 2, disk=disk)
     store.add_jobs([{"jobId": 7, "hfRepoId": "org/model", "hfRepoCommit": "abc",
                      "attempt": 1}])
