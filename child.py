@@ -703,10 +703,11 @@ class RunState:
                      [list(column) for column in zip(*finishes)])
         return [None] * len(finishes)
 
-    def record_evaluator(self, job_id, group):
+    def record_evaluator(self, job_id, group, gpus=None):
+        """Its process group (what a restart kills), and the GPUs it holds (the dashboard)."""
         self.db.query("update child_jobs set evaluator = %s where job_id = %s",
                       (psycopg.types.json.Jsonb(dict(evaluator.process_identity(group) or {},
-                                                     group=group)), job_id))
+                                                     group=group, gpus=gpus)), job_id))
 
 
 def queue_key(job_id, delivery):

@@ -82,6 +82,7 @@ def evaluate(cfg, job, logs, running=None):
             env = evaluator_environment(cfg, job, scratch, gpus, time.time() + timeout)
             process = running.popen(job_id, cfg.evaluator.command, env,
                                     cfg.evaluator.stop_grace_seconds)
+            process.gpus = gpus
         except OSError as e:
             return failure(f"cannot start the evaluator: {e.strerror or e}"
                            f"{f' ({e.filename})' if e.filename else ''}", retryable=True)
@@ -233,7 +234,7 @@ class Evaluations:
         its job: the evaluator need not wait for this transaction to start working."""
         if self.record:
             try:
-                self.record(job_id, process.proc.pid)
+                self.record(job_id, process.proc.pid, process.gpus)
             except common.DatabaseUnavailable:  # the evaluator still dies with the child
                 log.warning("Job %d: the evaluator's process group %d is not recorded: the "
                             "database is unavailable", job_id, process.proc.pid)
@@ -352,6 +353,7 @@ class Process:
 
     def __init__(self, proc, grace):
         self.proc, self.grace = proc, grace
+        self.gpus = None  # the devices it holds (Evaluations.devices), for the record
         self.lock = threading.Lock()
         self.why = None  # why it is being stopped: "timeout", "output", "revoked", "abandoned"
         self.wake_read, self.wake_write = os.pipe()

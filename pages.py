@@ -1076,13 +1076,14 @@ class ChildPages(Pages):
         self.name = f"child {cfg.validator_id}"
         # getStats' own counts (child.ChildStore.counts), on the pages' connection.
         self.counts = lambda: type(store).counts(types.SimpleNamespace(db=db))
+        self.disk = store.disk
 
     def queue(self):
         data = read_child(self.db, self.counts)
         for row in data["running"]:
             row["log"] = log_tail(log_path(self.logs_dir, row["job_id"], row["job"]))
         return (f"Child {self.cfg.validator_id}",
-                render_child(data, self.cfg.max_concurrent_jobs), True)
+                render_child(data, evaluation_slots(self.cfg), self.disk.low()), True)
 
     routes = [(r"/", queue, {})]
 
@@ -1092,7 +1093,7 @@ def read_child(db, counts):
         return {
             "counts": counts(),
             "running": db.query(
-                f"""select job_id, job, attempts, started_at,
+                f"""select job_id, job, attempts, started_at, evaluator->'gpus' as gpus,
                            extract(epoch from now() - started_at) as elapsed
                     from child_jobs where status = 'running'
                     order by started_at limit {MAX_RUNNING}"""),
@@ -1135,10 +1136,18 @@ RESULT_COLUMNS = [
 ]
 
 
-def render_child(data, slots):
+def evaluation_slots(cfg):
+    """As child.evaluation_slots: max_concurrent_jobs, and no more than the GPUs allow."""
+    gpus, per_job = cfg.evaluator.gpus, cfg.evaluator.gpus_per_job
+    return min(cfg.max_concurrent_jobs, len(gpus) // per_job) if gpus else cfg.max_concurrent_jobs
+
+
+def render_child(data, slots, disk_low=False):
     counts = data["counts"]
     parts = [figures([figure(key, key, esc(value), value) for key, value in counts.items()]
-                     + [figure("slots", "evaluation slots", esc(slots))])]
+                     + [figure("slots", "evaluation slots", esc(slots)),
+                        figure("disk_low", "disk", "low: no new job (min_free_disk_mb)"
+                               if disk_low else "room", int(disk_low))])]
     parts.append(f"<h2>Running evaluations ({len(data['running'])})</h2>")
     for row in data["running"]:
         job = row["job"]
@@ -1150,7 +1159,8 @@ def render_child(data, slots):
                               f"{esc(job.get('hfRepoCommit') or 'default')}"),
                        figure("miner", "miner", esc(job.get("minerHotkey"))),
                        figure("elapsed", "running for", duration(row["elapsed"]), row["elapsed"]),
-                       figure("attempts", "starts", esc(row["attempts"]))])
+                       figure("attempts", "starts", esc(row["attempts"])),
+                       figure("gpus", "GPUs", esc(",".join(row["gpus"] or []) or "–"))])
             + (f'<pre data-k="log">{esc(row["log"])}</pre>' if row["log"]
                else '<p class="note" data-k="log">no log: the evaluator wrote nothing to '
                     "stderr (the DEMO evaluator writes none)</p>")

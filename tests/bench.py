@@ -54,6 +54,10 @@ The figures, one function each below:
    (the baseline), on two fleets up side by side, their rounds interleaved: jobs/s and the
    CPU per job of the parent, the children and PostgreSQL, for each. Figures 1-8 run with
    auth off.
+11. suites()    the first sync of a full subnet (256 miners) on a 9 x 50 suite: 115,200 jobs
+   in the sync's one transaction, in statements of 10,000 rows: seconds and jobs/s, against
+   the same sync with one job a submission (the baseline, jobs/s); and the database's growth
+   per 1,000 jobs, made and then completed with a small result.
 10. dashboard()  a parent (with one simulated child) whose database holds `pages_jobs` finished
    jobs: the ms of a load of each dashboard page (urllib, one at a time), next to a getStats
    call (the baseline); and the protocol's ping latency (p50, p99) while `pages_browsers`
@@ -83,6 +87,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -110,6 +115,7 @@ FULL = dict(
     idle_footprint_seconds=60.0, idle_settle_seconds=5.0,  # figure 8: the window; before it
     auth_batch=1000, auth_repeats=7,  # figure 9: no-op jobs per round, rounds of each mode
     pages_jobs=10_000, pages_loads=50, pages_browsers=4, pages_seconds=10.0,  # figure 10
+    suite_miners=256, suite_entries=9, suite_repeats=50,  # figure 11: 115,200 jobs
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
@@ -123,6 +129,7 @@ QUICK = dict(
     idle_footprint_seconds=3.0, idle_settle_seconds=1.0,
     auth_batch=40, auth_repeats=2,
     pages_jobs=10_000, pages_loads=5, pages_browsers=4, pages_seconds=2.0,
+    suite_miners=16, suite_entries=3, suite_repeats=5,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
@@ -1689,10 +1696,71 @@ def measure_dashboard(run):
 
 # The sections in the order they run; `--only` picks some. The idle footprint goes first, while
 # the server holds few databases (autovacuum visits each one in turn).
+def suites(pg, workdir, size):
+    """A first sync of `suite_miners` miners on a suite of `suite_entries` x `suite_repeats`
+    (ChainIntake.add_commitments, one transaction), against the same sync with a suite of one
+    job a submission (the baseline): seconds and jobs/s; and the database's growth per 1,000
+    jobs, once made (pending) and once completed with a result of a few numbers."""
+    import chain as chains
+    import parent as parent_module
+    miners = [commitment(i) for i in range(1, size["suite_miners"] + 1)]
+    figures = {}
+    for name, entries, repeats in (("one", 1, 1),
+                                   ("suite", size["suite_entries"], size["suite_repeats"])):
+        dsn = pg.database(f"suites_{name}")
+        suite = [{"env_provider": "bench", "env_name": f"env-{n}", "repeats": repeats,
+                  "weight": 1.0} for n in range(entries)]
+        config = write_toml(workdir / f"suites-{name}.toml", {
+            "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+            "subtensor": {"network": "file", "commitments_file": "unused.json"},
+            "jobs": {"suite": suite}})
+        state = parent_module.ParentState(common.Database(dsn, parent_module.SCHEMA),
+                                          common.load_config(config))
+        size_of = lambda: state.db.query(  # noqa: E731
+            "select pg_database_size(current_database()) as b")[0]["b"]
+        before = size_of()
+        started = time.perf_counter()
+        made = state.intake.add_commitments(chains.ChainSnapshot(
+            100, [chains.Commitment(**c) for c in miners]))
+        seconds = time.perf_counter() - started
+        state.db.query("checkpoint")
+        pending_growth = (size_of() - before) / len(made) * 1000
+        state.db.query("""update jobs set status = 'completed', success = true,
+                              finished_at = now(), result = json_build_object(
+                                  'score', random(), 'episodes', 50, 'success_rate',
+                                  random())::text""")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the rows' old versions go
+            conn.execute("vacuum full jobs")
+        completed_growth = (size_of() - before) / len(made) * 1000
+        state.db.close()
+        figures[name] = dict(jobs=len(made), seconds=seconds, pending_kb=pending_growth / 1024,
+                             completed_kb=completed_growth / 1024)
+        progress(f"  {name}: {len(made)} jobs in {seconds:.2f} s ({len(made) / seconds:,.0f} "
+                 f"jobs/s); the database grew {pending_growth / 1024:.0f} kB per 1,000 jobs "
+                 f"made, {completed_growth / 1024:.0f} kB completed")
+    return figures
+
+
+def measure_suites(run):
+    size = run.size
+    progress(f"11. suites: the first sync of {size['suite_miners']} miners on a "
+             f"{size['suite_entries']} x {size['suite_repeats']} suite")
+    figures = suites(run.pg, run.workdir, size)
+    one, suite = figures["one"], figures["suite"]
+    run.figures.update(
+        suite_jobs=suite["jobs"], suite_sync_s=suite["seconds"],
+        suite_jobs_per_s=suite["jobs"] / suite["seconds"],
+        suite_one_job_jobs_per_s=one["jobs"] / one["seconds"],
+        suite_jobs_per_s_ratio=(suite["jobs"] / suite["seconds"]) / (one["jobs"] / one["seconds"]),
+        suite_db_kb_per_1000_pending=suite["pending_kb"],
+        suite_db_kb_per_1000_completed=suite["completed_kb"])
+
+
 SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
             "throughput": measure_throughput, "auth": measure_auth, "scale": measure_scale,
             "pending": measure_pending, "utilization": measure_utilization,
-            "recovery": measure_recovery, "dashboard": measure_dashboard}
+            "recovery": measure_recovery, "dashboard": measure_dashboard,
+            "suites": measure_suites}
 
 
 def run_sections(size, workdir, only=None):
@@ -1816,6 +1884,13 @@ TABLE = [
      "pages_ping_p50_ratio", ""),
     ("10. ping p99, B browsers loading", "pages_ping_p99_ms", "ms", "pages_ping_idle_p99_ms",
      "pages_ping_p99_ratio", ""),
+    # Figure 11: a suite's first sync; the baseline is one job a submission.
+    ("11. first sync, SJ suite jobs", "suite_sync_s", "s", "", "", ""),
+    ("11. ...jobs made per second", "suite_jobs_per_s", "jobs/s", "suite_one_job_jobs_per_s",
+     "suite_jobs_per_s_ratio", ""),
+    ("11. database growth per 1,000 jobs made", "suite_db_kb_per_1000_pending", "kB", "", "",
+     ""),
+    ("11. ...per 1,000 jobs completed", "suite_db_kb_per_1000_completed", "kB", "", "", ""),
 ]
 SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),
@@ -1825,6 +1900,7 @@ SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("child killed", "child killed, child_timeout_seconds {recovery_child_timeout_s:g}"),
     ("seconds T", "seconds {recovery_standby_leader_timeout_s:g}"),
     ("P jobs", "{pages_jobs:,} jobs"), ("B browsers", "{pages_browsers} browsers"),
+    ("SJ suite", "{suite_jobs:,} suite"),
 ]
 
 

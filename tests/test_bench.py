@@ -75,6 +75,9 @@ FIGURES = [
     "pages_job_ms", "pages_miners_ms", "pages_ping_idle_p50_ms", "pages_ping_p50_ms",
     "pages_ping_p50_ratio", "pages_ping_idle_p99_ms", "pages_ping_p99_ms",
     "pages_ping_p99_ratio",
+    # 11. suites: the first sync of a suite, and the database's growth per 1,000 jobs
+    "suite_jobs", "suite_sync_s", "suite_jobs_per_s", "suite_one_job_jobs_per_s",
+    "suite_jobs_per_s_ratio", "suite_db_kb_per_1000_pending", "suite_db_kb_per_1000_completed",
 ]
 # The figures that have a target, and their targets, as the issues set them.
 TARGETS = {"end_to_end_2_children_jobs_per_s": "ratio >= 0.5",

@@ -119,7 +119,7 @@ def test_the_evaluator_has_its_job_before_its_process_group_is_recorded(tmp_path
             "print('{\"score\": 1}')")
     recorded = []
 
-    def record(job_id, group):
+    def record(job_id, group, gpus=None):
         wait_until(got_job.exists, 10, "the evaluator to read its job")
         recorded.append(job_id)
 
