@@ -137,6 +137,8 @@ CONFIG_KEYS = {
     "max_attempts": (int, 3),
     "worker_heartbeat_seconds": (float, 30.0),
     "retention_days": (float, 7.0),
+    "result_retention_days": (float, 90.0, (lambda value: value >= 0,
+                                            "must be 0 (keep every result whole) or more")),
     "shutdown_grace_seconds": (float, 60.0),
     "min_free_disk_mb": (int, 1024, (lambda value: value >= 0, "must be 0 (no guard) or more")),
     "subtensor": {

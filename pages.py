@@ -914,7 +914,8 @@ def read_job(db, job_id):
                        max_retries, status, priority, child_id, attempts, created_at,
                        assigned_at, finished_at, success, cancel_reason,
                        left(result, {RESULT_SHOWN}) as result, length(result) as result_chars,
-                       result_signature, result_hotkey, result_attempt
+                       result_signature, result_hotkey, result_attempt, result_sha256,
+                       result_score, result_pruned_at
                 from jobs where job_id = %s""", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}")
@@ -964,6 +965,13 @@ def render_job(data, config_path):
 
 
 def render_result(job):
+    if job.get("result_pruned_at"):
+        return (f"<h2>Result</h2><p>{'succeeded' if job['success'] else 'failed'}, "
+                f"{ago(job['finished_at'])}, reported by {esc(job['child_id'])}; its text was "
+                f"deleted {ago(job['result_pruned_at'])} (result_retention_days): it scored "
+                f'<span data-k="result_score">{esc(job["result_score"])}</span>, and the '
+                f'SHA-256 of its text was <code data-k="result_sha256">'
+                f'{esc(job["result_sha256"])}</code></p>')
     if job["result"] is None:
         return '<h2>Result</h2><p class="note" data-k="result">none yet</p>'
     cut = job["result_chars"] > RESULT_SHOWN
@@ -974,19 +982,24 @@ def render_result(job):
             f'<pre data-k="result">{esc(job["result"])}</pre>' + note)
 
 
-def proof_command(job_id, config_path):
+def proof_command(job_id, config_path, pruned=False):
     """The shell command that checks a recorded result's signature from the parent's database:
-    run in the validator's directory, it prints True if the proof holds."""
+    run in the validator's directory, it prints True if the proof holds. The signature covers
+    the text's SHA-256 (auth.result_fields): once the text is pruned, the digest kept does."""
+    fields = ('["result", j["child_id"], j["job_id"], j["result_attempt"], j["success"], '
+              'j["result_sha256"]]') if pruned else (
+        'auth.result_fields(j["child_id"], j["job_id"], j["result_attempt"], j["success"], '
+        'j["result"])')
     program = (f"import auth, validator as v; j = v.parent_database(v.parent_config("
                f"{json.dumps(str(config_path))})).query(\"select * from jobs where job_id = "
                f"{int(job_id)}\")[0]; print(auth.Verifier.holds(j[\"result_hotkey\"], "
-               "auth.result_fields(j[\"child_id\"], j[\"job_id\"], j[\"result_attempt\"], "
-               "j[\"success\"], j[\"result\"]), j[\"result_signature\"]))")
+               f"{fields}, j[\"result_signature\"]))")
     return "python -c " + shlex.quote(program)
 
 
 def render_proof(job, config_path):
-    if job["result"] is None:
+    pruned = bool(job.get("result_pruned_at"))
+    if job["result"] is None and not pruned:
         return ""
     if job["result_signature"] is None:
         return ('<h2>Proof</h2><p class="note" data-k="proof">none: recorded with auth off, so '
@@ -995,9 +1008,14 @@ def render_proof(job, config_path):
         figure("result_hotkey", "signed by", f"<code>{esc(job['result_hotkey'])}</code>"),
         figure("result_attempt", "for attempt", esc(job["result_attempt"]))])
         + f'<p>Signature (sr25519, over auth.result_fields): <code data-k="result_signature">'
-          f'{bytes(job["result_signature"]).hex()}</code></p><p>To check it (in the validator\'s '
-          f"directory; prints True if it holds):</p>"
-          f'<pre data-k="proof_command">{esc(proof_command(job["job_id"], config_path))}</pre>')
+          f'{bytes(job["result_signature"]).hex()}</code></p>'
+        + ('<p class="note" data-k="proof_pruned">The signature covers the text\'s SHA-256, '
+           "kept above: it still proves which child vouched for a result of that digest. The "
+           "score kept was read from the text before it was deleted; a copy of the text with "
+           "that digest shows it.</p>" if pruned else "")
+        + "<p>To check it (in the validator's directory; prints True if it holds):</p>"
+          f'<pre data-k="proof_command">'
+          f'{esc(proof_command(job["job_id"], config_path, pruned))}</pre>')
 
 
 # -- the miners -------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ import chain as chains
 import auth
 import common
 import pages
+import scores
 from common import Refused, log
 from rpc import PeerUnavailable, RpcClient, RpcThread, ServiceBase
 
@@ -200,6 +201,14 @@ create unique index if not exists jobs_submission_job
 -- The weight of the job's suite entry when its submission was made: a change of the suite
 -- does not change how a submission made before it is scored (scores.py).
 alter table jobs add column if not exists suite_weight double precision not null default 1;
+""", """
+-- A result's text is kept result_retention_days (Retention); then what it scored under
+-- score_key, and the SHA-256 of the text its proof covers, stay in its place.
+alter table jobs add column if not exists result_sha256 text;
+alter table jobs add column if not exists result_score double precision;
+alter table jobs add column if not exists result_pruned_at timestamptz;
+create index if not exists jobs_results_kept on jobs (finished_at)
+    where result is not null and status in ('completed', 'failed');
 """]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
@@ -373,7 +382,8 @@ class ParentState:
     """The one state behind every RPC connection and the main loop. PostgreSQL is the truth;
     this side of it is the protocol (each call runs on a worker thread of the RPC loop). Its
     parts: `queue`, the pending jobs mirrored in memory (PendingQueue); `leases` (Leases);
-    `intake`, the chain's commitments made jobs (ChainIntake); `statistics` (Statistics).
+    `intake`, the chain's commitments made jobs (ChainIntake); `statistics` (Statistics);
+    `retention`, results' texts kept for a while (Retention); `disk`, the DiskGuard.
 
     `leadership`: the parent's Leadership, whose epoch every transaction that hands out,
     records or gives back a job checks; None for a ParentState alone on its database (tests)."""
@@ -388,6 +398,7 @@ class ParentState:
         self.statistics = Statistics(db, cfg, verifier, leadership)
         self.reports = Reports(cfg, verifier, self.queue)
         self.live = LiveChildren()
+        self.retention = Retention(db, cfg, self.fenced)
         # While it says the disk is low no result is recorded (the children keep them).
         self.disk = common.DiskGuard(0)
         if not leadership:  # else take_over() loads it: a standby holds no queue
@@ -953,6 +964,7 @@ def lead(cfg, stop, state, chain, pusher, weights):
             # the chain's pace.
             try:
                 state.leases.upkeep()
+                state.retention.maybe_prune()  # hourly
                 if pusher:
                     pusher.push()
                 upkeep.succeeded()
@@ -1676,6 +1688,55 @@ def suite_of(cfg):
 # ---------------------------------------------------------------------------------------------
 # Statistics: getStats, the children's counters, and the queue's gauges for Prometheus
 # ---------------------------------------------------------------------------------------------
+
+class Retention:
+    """A finished job's result text is kept `result_retention_days`; then it is replaced by
+    what scores.py needs (its score under score_key, None if it had none) and the SHA-256 of
+    the text, beside its proof (signature, hotkey, attempt). Pruned in statements of BATCH
+    jobs, each its own transaction, oldest first. docs/security.md says what a proof proves
+    once its text is gone."""
+
+    BATCH = 1000
+    EVERY = 3600.0  # seconds between prunes
+
+    def __init__(self, db, cfg, fenced):
+        self.db, self.cfg, self.fenced = db, cfg, fenced
+        self.next = time.monotonic()
+
+    def maybe_prune(self):
+        if self.cfg.result_retention_days and time.monotonic() >= self.next:
+            self.next = time.monotonic() + self.EVERY
+            pruned = self.prune()
+            if pruned:
+                log.info("Kept the score and digest of %d results finished over %g days ago; "
+                         "their text is deleted (result_retention_days)", pruned,
+                         self.cfg.result_retention_days)
+
+    def prune(self):
+        """Prune every result past its retention; returns how many."""
+        total = 0
+        while True:
+            with self.fenced() as conn:
+                rows = conn.execute(
+                    """select job_id, result from jobs where result is not null
+                           and status in ('completed', 'failed')
+                           and finished_at < now() - make_interval(secs => %s)
+                       order by finished_at limit %s for update skip locked""",
+                    (self.cfg.result_retention_days * 86400, self.BATCH)).fetchall()
+                if not rows:
+                    return total
+                digests = [hashlib.sha256(row["result"].encode()).hexdigest() for row in rows]
+                kept = [scores.job_score(row["result"], self.cfg.weights.score_key)[0]
+                        for row in rows]
+                conn.execute(
+                    """update jobs set result = null, result_pruned_at = now(),
+                           result_sha256 = p.digest, result_score = p.score
+                       from unnest(%b::bigint[], %b::text[], %b::float8[]) as p(job_id, digest,
+                                                                              score)
+                       where jobs.job_id = p.job_id""",
+                    ([row["job_id"] for row in rows], digests, kept))
+            total += len(rows)
+
 
 class Statistics:
     """getStats' statistics, and the children's counters that the pusher sizes its pushes by:

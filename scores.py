@@ -124,7 +124,8 @@ def submission_scores(db, settings, hotkeys=None, skipped=None):
         rows.execute(
             """select job_id, fingerprint, miner_hotkey, hf_repo_id, hf_repo_commit,
                       commit_block, suite_entry, suite_weight, env_provider, env_name, status,
-                      result, extract(epoch from finished_at)::float8 as finished_at
+                      result, result_score, result_pruned_at is not null as pruned,
+                      extract(epoch from finished_at)::float8 as finished_at
                from jobs where %(all)s or miner_hotkey = any(%(hotkeys)s)
                order by commit_block, fingerprint, job_id""",
             {"all": hotkeys is None, "hotkeys": list(hotkeys or ())})
@@ -151,8 +152,12 @@ def _add_job(submission, job, settings, skipped):
         submission.cancelled += 1
         return
     submission.finished_at = max(submission.finished_at, job["finished_at"] or 0.0)
-    score, why_not = job_score(job["result"], settings.score_key) if status == "completed" \
-        else (None, None)
+    if status != "completed":
+        score, why_not = None, None
+    elif job["pruned"]:  # its text is gone (result_retention_days); its score was kept
+        score, why_not = job["result_score"], None
+    else:
+        score, why_not = job_score(job["result"], settings.score_key)
     if score is not None:
         entry.scores.append(score)
         return
