@@ -656,7 +656,11 @@ class ParentPages(Pages):
             self.miners_cache = (time.monotonic(), key, rows)
         source, everyone = rows
         shown = everyone[offset:offset + ROWS_PER_PAGE]
-        latest = read_latest_jobs(self.db, [neuron.hotkey for neuron, _ in shown])
+        hotkeys = [neuron.hotkey for neuron, _ in shown]
+        latest = read_latest_jobs(self.db, hotkeys)
+        for hotkey, submission in latest_submissions(self.db, self.cfg.weights,
+                                                     hotkeys).items():
+            latest[hotkey]["entries"] = submission
         return source, shown, latest, offset, len(everyone)
 
     routes = [
@@ -1044,6 +1048,25 @@ def read_latest_jobs(db, hotkeys):
     return {row["miner_hotkey"]: row for row in rows}
 
 
+def latest_submissions(db, settings, hotkeys):
+    """{hotkey: its latest submission (scores.Submission)} for the hotkeys of one page."""
+    import scores
+    latest = {}
+    for submission in scores.submission_scores(db, settings, hotkeys).values():
+        latest[submission.hotkey] = submission  # in commit order: the last one stays
+    return latest
+
+
+def entries_text(submission):
+    """Each suite entry of a submission: its mean ± standard error (count)."""
+    if submission is None:
+        return "–"
+    return "; ".join(
+        f"{e.env} {e.mean:.3f} ± {e.stderr:.3f} ({e.count})" if e.scores else
+        f"{e.env} – ({e.open} not finished)" for e in sorted(submission.entries.values(),
+                                                              key=lambda e: e.entry))
+
+
 def render_miners(source, shown, latest, offset, total, settings):
     rows = []
     for neuron, score in shown:
@@ -1051,6 +1074,7 @@ def render_miners(source, shown, latest, offset, total, settings):
         rows.append({"uid": neuron.uid, "hotkey": neuron.hotkey, "job_id": job.get("job_id"),
                      "submission": job and f"{job['hf_repo_id']}@{job['hf_repo_commit'][:12]}",
                      "commit_block": job.get("commit_block"), "status": job.get("status"),
+                     "entries": entries_text(job.get("entries")),
                      "score": score and score.score, "weight": score and score.weight})
     columns = [
         Column("uid", number=True),
@@ -1060,14 +1084,16 @@ def render_miners(source, shown, latest, offset, total, settings):
         Column("submission", show=lambda row: esc(row["submission"] or "–")),
         Column("commit_block", "committed at", number=True),
         Column("status", show=lambda row: status_text(row["status"]) if row["status"] else "–"),
+        Column("entries", "per suite entry: mean ± error (scores)"),
         Column("score", show=lambda row: "–" if row["score"] is None else f"{row['score']:.6g}",
                raw=True, number=True),
         Column("weight", show=lambda row: "–" if row["weight"] is None
                else f"{row['weight']:.4f}", raw=True, number=True),
     ]
-    how = (f"each miner's {esc(settings.aggregation)} <code>{esc(settings.score_key)}</code> "
-           "over its completed jobs" + (f" (EMA alpha {settings.ema_alpha:g})"
-                                        if settings.aggregation == "ema" else ""))
+    how = (f"each miner's {esc(settings.aggregation)} submission score (of "
+           f"<code>{esc(settings.score_key)}</code>: per suite entry the mean of its jobs, "
+           "weighted over entries, once every job is final)" + (
+               f" (EMA alpha {settings.ema_alpha:g})" if settings.aggregation == "ema" else ""))
     return (f'<p data-k="source">{total} miners: {esc(source)}.</p>'
             + table("miners", columns, rows, lambda row: row["uid"])
             + offset_links("/miners", offset, offset + ROWS_PER_PAGE < total)

@@ -239,6 +239,8 @@ def test_every_page_in_a_browser_shows_what_getstats_and_the_databases_say(
             assert float(row["score"]) == pytest.approx(expected[uid]["score"])
             assert float(row["weight"]) == pytest.approx(expected[uid]["weight"])
             assert row["hotkey"] == expected[uid]["hotkey"]
+            # One suite entry (the default), its one job's score: no spread.
+            assert row["entries"] == f"demo/demo-env {float(row['score']):.3f} ± 0.000 (1)"
         else:  # job 7 runs still: no score yet
             assert (uid, row["score"], row["status"]) == ("7", "–", "assigned")
     assert miners["6"]["hotkey"] == HOSTILE
