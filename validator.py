@@ -262,14 +262,18 @@ def format_weights(report):
     return "\n".join(lines)
 
 
-def weights(argv):
-    import chain as chains
-    p = argparse.ArgumentParser(prog="validator.py weights", description=(
-        "Print the weights the parent would set now ([weights] in its config) and its last "
-        "attempts to set them."))
+def report_arguments(name, description, argv):
+    """--config and --json, the arguments of a command that prints a report of the parent's."""
+    p = argparse.ArgumentParser(prog=f"validator.py {name}", description=description)
     p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
     p.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def weights(argv):
+    import chain as chains
+    args = report_arguments("weights", "Print the weights the parent would set now ([weights] "
+                            "in its config) and its last attempts to set them.", argv)
     try:
         cfg = parent_config(args.config)
         with contextlib.closing(parent_database(cfg)) as db, \
@@ -284,14 +288,11 @@ def weights(argv):
 
 def scores_command(argv):
     import scores
-    p = argparse.ArgumentParser(prog="validator.py scores", description=(
+    args = report_arguments("scores", (
         "Print each miner's score, as the parent computes it from its database: its latest "
         "submission, each suite entry's mean score, standard error and count, the "
         "submission's score, the miner's score ([weights] aggregation) and the weight it "
-        "gets among these miners."))
-    p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
+        "gets among these miners."), argv)
     try:
         cfg = parent_config(args.config)
         with contextlib.closing(parent_database(cfg)) as db:
