@@ -160,6 +160,12 @@ CONFIG_KEYS = {
         "env_name": (str, "demo-env"),
         "max_retries": (int, 3, between(0, 255)),
         "retry_backoff_seconds": (float, 30.0, MORE_THAN_0),
+        # Cross-checks (crosschecks.py): the share of completed jobs evaluated again elsewhere.
+        "cross_check": (float, 0.05, between(0, 1)),
+        "cross_check_tolerance": (float, 0.1, (lambda value: value >= 0, "must be 0 or more")),
+        "cross_check_window": (int, 20, between(1, 1000)),
+        "cross_check_max_disagreement": (float, 0.25, between(0, 1)),
+        "cross_check_floor": (float, 0.01, between(0, 1)),
         # What a submission is evaluated on (parent.suite_of): one job per entry and repeat.
         "suite": [{
             "env_provider": (str, REQUIRED),

@@ -793,6 +793,11 @@ CHILD_COLUMNS = [
     Column("transient_in_a_row", "in a row", raw=True, number=True),
     Column("resting_seconds", "resting", show=lambda row: f"{row['resting_seconds']:.0f} s more"
            if row.get("resting_seconds") else "no", raw=True),
+    Column("cross_checks", "checked", raw=True, number=True),
+    Column("cross_check_agreements", "agreed", raw=True, number=True),
+    Column("cross_check_disagreements", "disagreed", raw=True, number=True),
+    Column("quarantined", show=lambda row: f"yes: {esc(row.get('quarantine_reason') or '')}"
+           if row.get("quarantined") else "no", raw=True),
     Column("registered_at", "registered", show=lambda row: ago(row.get("registered_at")),
            raw=True),
 ]
@@ -819,7 +824,8 @@ def read_children(db, statistics, offset):
 
 
 def render_children(rows, offset):
-    columns = CHILD_COLUMNS + extra_columns(rows, {c.key for c in CHILD_COLUMNS})
+    columns = CHILD_COLUMNS + extra_columns(rows, {c.key for c in CHILD_COLUMNS}
+                                            | {"quarantine_reason"})
     pages = offset_links("/children", offset, len(rows) == ROWS_PER_PAGE)
     return (table("children", columns, rows, lambda row: row["child_id"]) + pages
             + '<p class="note">held: the jobs the child holds now; sent: every hand-over; '
@@ -827,7 +833,9 @@ def render_children(rows, offset):
               "total_jobs_completed); expired: hand-overs whose lease ran out; transient: "
               "hand-overs that ended in a failure not the miner's (retried), in a row: such "
               "failures since the child's last other result; resting: how long the child gets "
-              "no new job (unhealthy_after, rest_seconds).</p>")
+              "no new job (unhealthy_after, rest_seconds); checked, agreed, disagreed: its "
+              "settled cross-checks (a job evaluated again by another child), and quarantined: "
+              "whether too many disagreed, until <code>validator.py release</code>.</p>")
 
 
 def offset_links(path, offset, more):
@@ -919,15 +927,21 @@ def read_job(db, job_id):
                        assigned_at, finished_at, success, cancel_reason,
                        left(result, {RESULT_SHOWN}) as result, length(result) as result_chars,
                        result_signature, result_hotkey, result_attempt, result_sha256,
-                       result_score, result_pruned_at
+                       result_score, result_pruned_at, check_group, check_round
                 from jobs where job_id = %s""", (job_id,))
         if not rows:
             raise NotFound(f"no job {job_id}")
+        # Its cross-check (crosschecks.py): the jobs of its check, a handful at most.
+        check = db.query(
+            """select j.job_id, j.check_round, j.child_id, j.status, x.outcome
+               from jobs j join cross_checks x on x.check_group = j.check_group
+               where j.check_group = %s order by j.check_round, j.job_id limit 10""",
+            (rows[0]["check_group"],)) if rows[0]["check_group"] is not None else []
         assignments = db.query(
             f"""select * from (select * from assignments where job_id = %s
                                order by attempt desc limit {MAX_ASSIGNMENTS}) a
                 order by attempt""", (job_id,))
-    return {"job": rows[0], "assignments": assignments}
+    return {"job": rows[0], "assignments": assignments, "check": check}
 
 
 ASSIGNMENT_COLUMNS = [
@@ -965,7 +979,24 @@ def render_job(data, config_path):
                f"{esc(job['random_seed'])}, max retries {esc(job['max_retries'])}).</p>")
     return (made + journey + "<h2>Hand-overs</h2>"
             + table("assignments", columns, assignments, lambda row: row["attempt"])
-            + render_result(job) + render_proof(job, config_path))
+            + render_check(data.get("check")) + render_result(job)
+            + render_proof(job, config_path))
+
+
+CHECK_ROUNDS = {0: "the job checked", 1: "its twin", 2: "the third child's"}
+
+
+def render_check(check):
+    """The job's cross-check, if it has one: its jobs, their children, and the outcome."""
+    if not check:
+        return ""
+    outcome = check[0]["outcome"] or "open (not every job of it is final)"
+    jobs = ", ".join(link(f"/jobs/{row['job_id']}", f"job {row['job_id']}")
+                     + f" ({CHECK_ROUNDS.get(row['check_round'], row['check_round'])}, "
+                     f"{esc(row['child_id'] or 'no child yet')}, {esc(row['status'])})"
+                     for row in check)
+    return (f'<h2>Cross-check</h2><p>Evaluated on more than one child: {jobs}. '
+            f'Outcome: <span data-k="check_outcome">{esc(outcome)}</span>.</p>')
 
 
 def render_result(job):

@@ -70,12 +70,13 @@ from typing import NamedTuple
 
 import prometheus_client
 import psycopg
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from psycopg.rows import tuple_row
 
 import chain as chains
 import auth
 import common
+import crosschecks
 import pages
 import scores
 from common import Refused, log
@@ -209,7 +210,7 @@ alter table jobs add column if not exists result_score double precision;
 alter table jobs add column if not exists result_pruned_at timestamptz;
 create index if not exists jobs_results_kept on jobs (finished_at)
     where result is not null and status in ('completed', 'failed');
-"""]
+""", crosschecks.SCHEMA]
 
 # What one call, one answer or one peer may cost the parent at most, and its wait for a push.
 REDELIVERY_GRACE_SECONDS = 10.0  # longer than a push (receiveJob) may take
@@ -383,7 +384,8 @@ class ParentState:
     this side of it is the protocol (each call runs on a worker thread of the RPC loop). Its
     parts: `queue`, the pending jobs mirrored in memory (PendingQueue); `leases` (Leases);
     `intake`, the chain's commitments made jobs (ChainIntake); `statistics` (Statistics);
-    `retention`, results' texts kept for a while (Retention); `disk`, the DiskGuard.
+    `retention`, results' texts kept for a while (Retention); `checks`, the cross-checks
+    (crosschecks.CrossChecks); `disk`, the DiskGuard.
 
     `leadership`: the parent's Leadership, whose epoch every transaction that hands out,
     records or gives back a job checks; None for a ParentState alone on its database (tests)."""
@@ -396,7 +398,8 @@ class ParentState:
         self.leases = Leases(db, cfg, self.queue, self.fenced)
         self.intake = ChainIntake(cfg, self.queue, self.fenced)
         self.statistics = Statistics(db, cfg, verifier, leadership)
-        self.reports = Reports(cfg, verifier, self.queue)
+        self.checks = crosschecks.CrossChecks(cfg, self.queue, self.fenced, returned_position)
+        self.reports = Reports(cfg, verifier, self.queue, self.checks)
         self.live = LiveChildren()
         self.retention = Retention(db, cfg, self.fenced)
         # While it says the disk is low no result is recorded (the children keep them).
@@ -417,6 +420,7 @@ class ParentState:
         the children child_timeout_seconds to come over before their jobs are taken back."""
         self.leases.started = time.time()
         self.queue.reload(anew=True)
+        self.checks.due, self.checks.fractions = True, {}
         log.info("Parent validator active: %d pending jobs", self.queue.pending())
 
     def step_down(self):
@@ -461,15 +465,16 @@ class ParentState:
         return f"registered as {child_id}"
 
     def _seen(self, conn, child_id):
-        """Note that the child is alive; returns how many jobs it holds, and until when it
-        rests (Rests)."""
+        """Note that the child is alive; returns how many jobs it holds, until when it rests
+        (Rests), and whether it is quarantined (crosschecks.py)."""
         row = conn.execute(
             """update children set last_seen = %s where child_id = %s returning resting_until,
+               quarantined_at is not null as quarantined,
                (select count(*) from jobs where child_id = %s and status = 'assigned') as held""",
             (time.time(), child_id, child_id)).fetchone()
         if not row:
             raise Refused(f"unknown child {child_id!r}: call registerChild first")
-        return row["held"], row["resting_until"]
+        return row["held"], row["resting_until"], row["quarantined"]
 
     def assign(self, child_id, count):
         """Take up to `count` jobs off the queue and record them as the child's, before they
@@ -504,7 +509,7 @@ class ParentState:
     def poll(self, child_id, max_jobs, held_ids=None, results=(), connection=None):
         """A child's poll: its results (Result, or (job_id, success, result)) recorded first
         (see Reports), then up to max_jobs, within max_jobs_per_child (none while it rests:
-        Rests); 0 is a heartbeat.
+        Rests, nor while it is quarantined: crosschecks.py); 0 is a heartbeat.
         If the child says which jobs it holds (held_ids), jobs assigned to it that it lacks
         (an answer lost when a connection or the parent died) are sent again first, and the
         jobs it holds that are no longer its own are revoked. All in one transaction.
@@ -518,7 +523,7 @@ class ParentState:
         def room(conn):
             recorded[:] = [self.reports.record(conn, child_id, results, unproven, connection)] \
                 if results and not held_back else []
-            held, resting_until = self._seen(conn, child_id)
+            held, resting_until, quarantined = self._seen(conn, child_id)
             rest[0] = self.reports.rests.gate(conn, child_id, resting_until)
             # A job assigned moments ago may be a push still on its way to the child.
             lost[:] = [] if held_ids is None else conn.execute(
@@ -529,8 +534,9 @@ class ParentState:
                  MAX_JOBS_PER_ANSWER)).fetchall()
             revoked[:] = [] if held_ids is None else not_its_own(
                 conn, child_id, held_ids, [r.job_id for r in results])
-            # A resting child keeps its jobs, and gets those it lacks again, but no new one.
-            return 0 if rest[0] == "resting" else min(
+            # A resting child keeps its jobs, and gets those it lacks again, but no new one; a
+            # quarantined one holds none (crosschecks.py) and gets none.
+            return 0 if rest[0] == "resting" or quarantined else min(
                 min(max_jobs, MAX_JOBS_PER_ANSWER) - len(lost), self.cfg.max_jobs_per_child - held)
 
         rows = self.assign(child_id, room)
@@ -602,8 +608,8 @@ class Reports:
     connection is refused ("refused: ..."), counted, and recorded nowhere: results decide
     weights. A recorded result keeps its proof: the signature, the hotkey and the attempt."""
 
-    def __init__(self, cfg, verifier, queue):
-        self.cfg, self.verifier = cfg, verifier
+    def __init__(self, cfg, verifier, queue, checks):
+        self.cfg, self.verifier, self.checks = cfg, verifier, checks
         self.retries, self.rests = Retries(cfg, queue), Rests(cfg)
 
     def check(self, child_id, results, connection):
@@ -622,7 +628,8 @@ class Reports:
         needs (Recorded). A result over max_result_bytes is recorded as a failure that says so:
         refused, the child would send it again at every poll (a child whose max_result_bytes is
         larger than ours); its proof covers the text the child sent. A transient failure (see
-        Retries) ends its attempt, not the job; either kind counts towards the child's rests."""
+        Retries) ends its attempt, not the job; either kind counts towards the child's rests. A
+        job it completes may be drawn for a cross-check (crosschecks.py)."""
         refused = self._foreign_attempts(conn, child_id, results, unproven)
         sizes = [len(r.result.encode()) for r in results]
         hotkey = getattr(connection, "hotkey", None)
@@ -630,8 +637,14 @@ class Reports:
         kept = [i for i, r in enumerate(results) if r.job_id < 2**63 and i not in refused]
         transient = {i for i in kept if results[i].retryable and not results[i].success
                      and sizes[i] <= self.cfg.max_result_bytes}  # a flag on a success: ignored
-        recorded = self._finish(conn, child_id, [self._row(results[i], sizes[i], hotkey)
+        finished = self._finish(conn, child_id, [self._row(results[i], sizes[i], hotkey)
                                                  for i in kept if i not in transient])
+        recorded = set(finished)
+        if any(group is not None for _, group in finished.values()):
+            self.checks.due = True  # a check's job ended: it may settle
+        twins = self.checks.drawn(conn, child_id, [
+            job_id for job_id, (status, group) in finished.items()
+            if status == "completed" and group is None])
         retried, resent = self.retries.record(conn, child_id,
                                               [results[i] for i in sorted(transient)])
         others = {row["job_id"]: row for row in conn.execute(
@@ -639,13 +652,14 @@ class Reports:
             ([results[i].job_id for i in kept],))}
         rest = self.rests.record(conn, child_id, self._outcomes(
             [results[i] for i in kept], recorded, retried))
-        return Recorded(sizes, recorded, others, refused, retried, resent, rest)
+        return Recorded(sizes, recorded, others, refused, retried, resent, rest, twins)
 
     @staticmethod
     def _finish(conn, child_id, written):
-        """Record the results that end their jobs; returns the ids of the jobs they ended."""
+        """Record the results that end their jobs; returns {job id: (status, check_group)} of
+        the jobs they ended."""
         columns = [list(column) for column in zip(*written)] or [[] for _ in range(7)]
-        return {row["job_id"] for row in conn.execute(
+        return {row["job_id"]: (row["status"], row["check_group"]) for row in conn.execute(
             """with reported as (
                    select * from unnest(%b::bigint[], %b::boolean[], %b::text[], %b::bytea[],
                                         %b::text[], %b::integer[], %b::text[])
@@ -658,13 +672,14 @@ class Reports:
                        result_attempt = reported.attempt, finished_at = now()
                    from reported where jobs.job_id = reported.job_id
                        and jobs.status = 'assigned' and jobs.child_id = %s
-                   returning jobs.job_id, jobs.attempts, jobs.status, reported.reason),
+                   returning jobs.job_id, jobs.attempts, jobs.status, jobs.check_group,
+                       reported.reason),
                closed as (
                    update assignments set finished_at = now(), outcome = finished.status,
                        reason = finished.reason
                    from finished where assignments.job_id = finished.job_id
                        and assignments.attempt = finished.attempts)
-               select job_id from finished""", (*columns, child_id))}
+               select job_id, status, check_group from finished""", (*columns, child_id))}
 
     @staticmethod
     def _outcomes(results, recorded, retried):
@@ -707,6 +722,7 @@ class Reports:
         counted; the retried jobs join the queue's waiting ones, and a rest begun is logged."""
         self.retries.committed(outcome.retried)
         self.rests.committed(child_id, outcome.rest)
+        self.checks.made(outcome.twins)
         recorded, retried = set(outcome.recorded), dict(outcome.retried)
         answers = []
         for i, (r, size) in enumerate(zip(results, outcome.sizes)):
@@ -760,7 +776,8 @@ class Recorded(NamedTuple):
     """What Reports.record wrote, for its answers: the results' sizes; the ids of the jobs
     they ended; {job id: row} of the jobs named; {index: why} of the refused results;
     {job id: Retry} of the transient failures recorded; the ids of the jobs whose transient
-    failure this child had reported before; and the rest it began (Rest, or None)."""
+    failure this child had reported before; the rest it began (Rest, or None); and the
+    cross-checks' twins it made (crosschecks.Twin)."""
     sizes: list
     recorded: set
     others: dict
@@ -768,6 +785,7 @@ class Recorded(NamedTuple):
     retried: dict
     resent: set
     rest: object
+    twins: list
 
 
 class LiveChildren:
@@ -965,6 +983,7 @@ def lead(cfg, stop, state, chain, pusher, weights):
             try:
                 state.leases.upkeep()
                 state.retention.maybe_prune()  # hourly
+                state.checks.maybe_settle()
                 if pusher:
                     pusher.push()
                 upkeep.succeeded()
@@ -1021,7 +1040,8 @@ class PendingQueue:
     A job that failed transiently (Retries) waits apart, in `waiting` by the time it is due
     (jobs.retry_at), until release_due() moves it into the queue; then for one more backoff
     (`avoid`) a child that failed it passes it over. So no poll looks at a job it cannot take
-    beyond MAX_PASSED_OVER of them, and none scans the waiting ones."""
+    beyond MAX_PASSED_OVER of them, and none scans the waiting ones. A cross-check's job never
+    goes to a child that did another job of its check (`never`, crosschecks.py)."""
 
     def __init__(self, db, backoff):
         self.db = db
@@ -1031,6 +1051,7 @@ class PendingQueue:
         self.heap = []  # (-priority, position, job_id), as queue_entry() makes
         self.waiting = []  # (due, entry): not to be handed out before due (unix time)
         self.avoid = {}  # job id -> (child ids that failed it transiently, until unix time)
+        self.never = {}  # job id of a cross-check's job -> the child ids it never goes to
         self.version = None  # chain_state's queue_version when last loaded
         self.arrivals = Arrivals()
         self.on_push = None  # arrivals.notify once loaded: a standby's queue wakes no poll
@@ -1050,6 +1071,11 @@ class PendingQueue:
             self.heap = list(cursor.execute("select -priority, position, job_id from jobs "
                                             "where status = 'pending' and retry_at is null"))
             self._load_retries(cursor)
+            self.never = {job_id: frozenset(children) for job_id, children in cursor.execute(
+                """select j.job_id, array(select distinct o.child_id from jobs o
+                                          where o.check_group = j.check_group
+                                            and o.job_id <> j.job_id and o.child_id is not null)
+                   from jobs j where j.status = 'pending' and j.check_round > 0""")}
             heapq.heapify(self.heap)
             self.on_push = self.arrivals.notify
         if self.heap:
@@ -1083,7 +1109,7 @@ class PendingQueue:
 
     def clear(self):
         with self.lock:
-            self.heap, self.waiting, self.avoid, self.on_push = [], [], {}, None
+            self.heap, self.waiting, self.avoid, self.never, self.on_push = [], [], {}, {}, None
 
     def push(self, entries):
         with self.lock:
@@ -1092,6 +1118,19 @@ class PendingQueue:
                 heapq.heappush(self.heap, entry)
             if len(self.heap) > size and self.on_push:
                 self.on_push()
+
+    def push_avoiding(self, entries):
+        """Jobs of cross-checks, [(entry, the children each never goes to)]."""
+        with self.lock:
+            for entry, children in entries:
+                self.never[entry[2]] = children
+        self.push(entry for entry, _ in entries)
+
+    def forget_avoiding(self, job_ids):
+        """The jobs of a settled cross-check: they are final, and no longer avoid anyone."""
+        with self.lock:
+            for job_id in job_ids:
+                self.never.pop(job_id, None)
 
     def wait(self, retries):
         """Jobs that failed transiently, [(due, entry, child ids to avoid, until)]: each joins
@@ -1127,7 +1166,8 @@ class PendingQueue:
             while self.heap and len(taken) < count:
                 entry = heapq.heappop(self.heap)
                 children, until = self.avoid.get(entry[2], ((), 0))
-                if until > now and child_id in children:
+                if until > now and child_id in children or child_id in self.never.get(
+                        entry[2], ()):
                     passed.append(entry)
                     if len(passed) >= MAX_PASSED_OVER:
                         break
@@ -1738,6 +1778,9 @@ class Retention:
             total += len(rows)
 
 
+CHECK_OUTCOMES = ("open", "agreed", "settled", "disagreed", "void")  # crosschecks.py
+
+
 class Statistics:
     """getStats' statistics, and the children's counters that the pusher sizes its pushes by:
     read from the database at each call, so that they always agree with it."""
@@ -1756,8 +1799,15 @@ class Statistics:
                  (select count(*) from assignments a where a.child_id = c.child_id)
                    as total_jobs_sent,
                  (select count(*) from assignments a where a.child_id = c.child_id
-                   and a.outcome in ('completed', 'failed')) as total_jobs_completed
-               from children c order by c.child_id""", (now,))
+                   and a.outcome in ('completed', 'failed')) as total_jobs_completed,
+                 k.cross_checks, k.cross_check_agreements,
+                 k.cross_checks - k.cross_check_agreements as cross_check_disagreements,
+                 c.quarantined_at is not null as quarantined, c.quarantine_reason
+               from children c cross join lateral (
+                   select count(*) as cross_checks,
+                          count(*) filter (where agreed) as cross_check_agreements
+                   from child_checks where child_id = c.child_id) k
+               order by c.child_id""", (now,))
         return [dict(row, active=now - row["last_seen"] < self.cfg.child_timeout_seconds)
                 for row in rows]
 
@@ -1780,6 +1830,8 @@ class Statistics:
         cancelled = self.db.query(
             "select coalesce(cancel_reason, 'operator') as reason, count(*) as n from jobs "
             "where status = 'cancelled' group by 1 order by 1")
+        checks = self.db.query("select coalesce(outcome, 'open') as outcome, count(*) as n "
+                               "from cross_checks group by 1")
         return {
             "total_children": len(children),
             "active_children": sum(c["active"] for c in children),
@@ -1787,13 +1839,18 @@ class Statistics:
             "children": [{key: c[key] for key in (
                 "child_id", "endpoint", "active", "last_seen", "active_jobs",
                 "total_jobs_sent", "total_jobs_completed", "resting_seconds",
-                "transient_in_a_row")} for c in children],
+                "transient_in_a_row", "cross_checks", "cross_check_agreements",
+                "cross_check_disagreements", "quarantined", "quarantine_reason")}
+                for c in children],
             "pending_by_priority": {str(row["priority"]): row["n"] for row in
                                     sorted(queue, key=lambda r: -r["priority"])},
             "oldest_pending_age": max((float(row["oldest"]) for row in queue), default=None),
             "failed_jobs": failed,
             "open_submissions": submissions,
             "cancelled_jobs": {row["reason"]: row["n"] for row in cancelled},
+            "cross_checks": {outcome: next((row["n"] for row in checks
+                                            if row["outcome"] == outcome), 0)
+                             for outcome in CHECK_OUTCOMES},
             "auth_failures": self.verifier.failures if self.verifier else 0,
             "role": "active" if not self.leadership or self.leadership.active() else "standby",
             "active_parent": leader["endpoint"],
@@ -1822,17 +1879,32 @@ class QueueMetrics:
         resting = GaugeMetricFamily("validator_child_resting",
                                     "1 while a child rests after transient failures in a row",
                                     labels=["child"])
+        quarantined = GaugeMetricFamily(
+            "validator_child_quarantined", "1 while a child is quarantined by its cross-checks",
+            labels=["child"])
+        child_checks = CounterMetricFamily(
+            "validator_child_cross_checks", "Each child's settled cross-checks, agreed or not",
+            labels=["child", "outcome"])
         for child in stats["children"]:
             assigned.add_metric([child["child_id"]], child["active_jobs"])
             resting.add_metric([child["child_id"]], 1 if child["resting_seconds"] else 0)
+            quarantined.add_metric([child["child_id"]], 1 if child["quarantined"] else 0)
+            child_checks.add_metric([child["child_id"], "agreed"],
+                                    child["cross_check_agreements"])
+            child_checks.add_metric([child["child_id"], "disagreed"],
+                                    child["cross_check_disagreements"])
+        checks = CounterMetricFamily("validator_cross_checks", "Cross-checks, by outcome",
+                                     labels=["outcome"])
+        for outcome, count in stats["cross_checks"].items():
+            if outcome != "open":
+                checks.add_metric([outcome], count)
+        yield GaugeMetricFamily("validator_cross_checks_open", "Cross-checks not settled yet",
+                                value=stats["cross_checks"]["open"])
         cancelled = GaugeMetricFamily("validator_jobs_cancelled", "Cancelled jobs, by reason",
                                       labels=["reason"])
         for reason, count in stats["cancelled_jobs"].items():
             cancelled.add_metric([reason], count)
-        yield pending
-        yield assigned
-        yield resting
-        yield cancelled
+        yield from (pending, assigned, resting, quarantined, child_checks, checks, cancelled)
         yield GaugeMetricFamily("validator_oldest_pending_age_seconds",
                                 "Age of the oldest pending job",
                                 value=stats["oldest_pending_age"] or 0.0)
@@ -1979,7 +2051,7 @@ class Pusher:
         cap = self.state.cfg.max_jobs_per_child
         free = {c["child_id"]: [cap - c["active_jobs"], c["endpoint"]]
                 for c in self.state.statistics.children()
-                if c["active"] and not c["resting_seconds"]}
+                if c["active"] and not c["resting_seconds"] and not c["quarantined"]}
         while free and len(self.state.queue):
             child_id = max(free, key=lambda k: free[k][0])
             room, endpoint = free[child_id]

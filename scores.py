@@ -12,6 +12,10 @@ A submission (a miner's commitment: hotkey, repository, revision) is evaluated o
   with "skip" (an entry left with no score is then left out, and a submission with none
   counts nothing). A cancelled job (superseded, deregistered, by the operator) leaves its
   submission without a score.
+A job cross-checked (crosschecks.py) counts once: the median of the scores of its check's jobs
+(its own, its twin's, a third's), leaving out those of a quarantined child while another has a
+score. A check's job that is not final yet holds nothing back; a check that disagreed with no
+third child to decide makes its submission "disputed".
 A miner's score is then [weights] aggregation over its scored submissions: "latest", the one
 committed last; "ema", a moving average in the order they were finished. Only the hotkey that
 earned a score gets it, and only from commitments made since it took its uid.
@@ -24,6 +28,7 @@ job_score() (one job's score).
 import dataclasses
 import json
 import math
+import statistics
 
 from common import log
 
@@ -67,6 +72,8 @@ class Submission:
     entries: dict = dataclasses.field(default_factory=dict)  # entry -> Entry
     finished_at: float = 0.0  # unix seconds: its last job's end
     cancelled: int = 0
+    checks: dict = dataclasses.field(default_factory=dict)  # check group -> its jobs' rows
+    disputed: int = 0  # its checks that disagreed with no third child to decide
 
     @property
     def why_not(self):
@@ -90,7 +97,8 @@ class Submission:
     def as_dict(self):
         return {"hotkey": self.hotkey, "repo": self.repo, "revision": self.revision,
                 "commit_block": self.commit_block, "score": self.score,
-                "why_not": self.why_not, "entries": [
+                "why_not": self.why_not, "cross_checked": len(self.checks),
+                "disputed": self.disputed, "entries": [
                     {"entry": e.entry, "env": e.env, "weight": e.weight, "mean": e.mean,
                      "stderr": e.stderr, "count": e.count, "failed": e.failed,
                      "open": e.open} for e in sorted(self.entries.values(),
@@ -111,6 +119,15 @@ def job_score(result, key):
     return float(value), None
 
 
+def row_score(job, settings):
+    """(score, why not) of a final job's row: a failed one has neither."""
+    if job["status"] != "completed":
+        return None, None
+    if job["pruned"]:  # its text is gone (result_retention_days); its score was kept
+        return job["result_score"], None
+    return job_score(job["result"], settings.score_key)
+
+
 def submission_scores(db, settings, hotkeys=None, skipped=None):
     """{fingerprint: Submission} of the miners `hotkeys` (None: every miner), in the order
     they were committed. A completed job without a valid score is logged once (its id added
@@ -122,12 +139,16 @@ def submission_scores(db, settings, hotkeys=None, skipped=None):
         # batches instead of being held at once.
         rows = conn.cursor(name="submission_scores")
         rows.execute(
-            """select job_id, fingerprint, miner_hotkey, hf_repo_id, hf_repo_commit,
-                      commit_block, suite_entry, suite_weight, env_provider, env_name, status,
-                      result, result_score, result_pruned_at is not null as pruned,
-                      extract(epoch from finished_at)::float8 as finished_at
-               from jobs where %(all)s or miner_hotkey = any(%(hotkeys)s)
-               order by commit_block, fingerprint, job_id""",
+            """select j.job_id, j.fingerprint, j.miner_hotkey, j.hf_repo_id, j.hf_repo_commit,
+                      j.commit_block, j.suite_entry, j.suite_weight, j.env_provider, j.env_name,
+                      j.status, j.result, j.result_score, j.result_pruned_at is not null as pruned,
+                      extract(epoch from j.finished_at)::float8 as finished_at,
+                      j.check_group, j.check_round, x.outcome as check_outcome,
+                      c.quarantined_at is not null as quarantined
+               from jobs j left join children c on c.child_id = j.child_id
+                    left join cross_checks x on x.check_group = j.check_group
+               where %(all)s or j.miner_hotkey = any(%(hotkeys)s)
+               order by j.commit_block, j.fingerprint, j.job_id""",
             {"all": hotkeys is None, "hotkeys": list(hotkeys or ())})
         for row in rows:
             submission = submissions.get(row["fingerprint"])
@@ -135,8 +156,36 @@ def submission_scores(db, settings, hotkeys=None, skipped=None):
                 submission = submissions[row["fingerprint"]] = Submission(
                     row["miner_hotkey"], row["fingerprint"], row["hf_repo_id"],
                     row["hf_repo_commit"], row["commit_block"])
-            _add_job(submission, row, settings, skipped)
+            if row["check_group"] is None:
+                _add_job(submission, row, settings, skipped)
+            else:  # counted once its submission's rows are all read
+                score, why_not = row_score(row, settings)
+                submission.checks.setdefault(row["check_group"], []).append(
+                    {**{key: row[key] for key in CHECK_COLUMNS}, "score": score,
+                     "why_not": why_not})
+    for submission in submissions.values():
+        for rows in submission.checks.values():
+            _add_job(submission, checked_job(rows), settings, skipped)
+            submission.disputed += rows[0]["check_outcome"] == "disagreed"
     return submissions
+
+
+# What a check's job keeps of its row (a result's text, up to max_result_bytes, is read once).
+CHECK_COLUMNS = ("job_id", "miner_hotkey", "suite_entry", "suite_weight", "env_provider",
+                 "env_name", "status", "finished_at", "check_round", "check_outcome",
+                 "quarantined")
+
+
+def checked_job(rows):
+    """A cross-checked job as one: its row (round 0) with, as its score, the median of its
+    check's scores (those of quarantined children left out while another has one). Its
+    other jobs, when none has a score, add nothing."""
+    job = dict(rows[0])
+    scored = [r for r in rows if r["status"] == "completed" and r["score"] is not None]
+    trusted = [r for r in scored if not r["quarantined"]] or scored
+    if job["check_round"] == 0 and job["status"] == "completed" and trusted:
+        job["score"], job["why_not"] = statistics.median(r["score"] for r in trusted), None
+    return job
 
 
 def _add_job(submission, job, settings, skipped):
@@ -152,12 +201,8 @@ def _add_job(submission, job, settings, skipped):
         submission.cancelled += 1
         return
     submission.finished_at = max(submission.finished_at, job["finished_at"] or 0.0)
-    if status != "completed":
-        score, why_not = None, None
-    elif job["pruned"]:  # its text is gone (result_retention_days); its score was kept
-        score, why_not = job["result_score"], None
-    else:
-        score, why_not = job_score(job["result"], settings.score_key)
+    score, why_not = (job["score"], job["why_not"]) if "score" in job \
+        else row_score(job, settings)
     if score is not None:
         entry.scores.append(score)
         return
@@ -225,7 +270,8 @@ def format_report(doc):
         lines.append(f"{m['hotkey']}  score {figure(m['score'])}  weight {figure(m['weight'])}")
         lines.append(f"  latest submission {s['repo']}@{s['revision'] or 'default'} (block "
                      f"{s['commit_block']}): " + (figure(s["score"]) if s["score"] is not None
-                                                  else f"no score yet, {s['why_not']}"))
+                                                  else f"no score yet, {s['why_not']}")
+                     + checked(s))
         for e in s["entries"]:
             mean = "-" if e["mean"] is None else f"{e['mean']:.4f} ± {e['stderr']:.4f}"
             extra = "".join(f", {e[key]} {word}" for key, word in
@@ -233,6 +279,16 @@ def format_report(doc):
             lines.append(f"    {e['env']}  weight {e['weight']:g}  {mean}  "
                          f"({e['count']} scores{extra})")
     return "\n".join(lines)
+
+
+def checked(submission):
+    """What the cross-checks say of a submission's score, if any was checked."""
+    if not submission.get("cross_checked"):
+        return ""
+    disputed = submission.get("disputed")
+    return f"; {submission['cross_checked']} jobs cross-checked" + (
+        f", {disputed} disputed (the children disagreed, and no third child decided)"
+        if disputed else "")
 
 
 def figure(value):

@@ -101,6 +101,16 @@ def resting(child):
     return text + (f" ({in_a_row} transient failures in a row)" if in_a_row else "")
 
 
+def checks(child):
+    """A child's cross-check record: checks and disagreements, and its quarantine; "-" from a
+    parent that tells none."""
+    if "cross_checks" not in child:
+        return "-"
+    text = f"{child['cross_checks']} ({child['cross_check_disagreements']} disagreed)"
+    return text + ("  QUARANTINED: " + (child.get("quarantine_reason") or "")
+                   if child.get("quarantined") else "")
+
+
 def format_stats(stats):
     by_priority = ", ".join(f"{n} at priority {p}" for p, n in stats["pending_by_priority"].items())
     oldest = stats["oldest_pending_age"]
@@ -109,11 +119,11 @@ def format_stats(stats):
              + (f", oldest {oldest:.0f}s" if oldest is not None else "")
              + f"    failed jobs: {stats['failed_jobs']}"]
     header = ("child_id", "endpoint", "active", "last_seen", "active_jobs",
-              "total_jobs_sent", "total_jobs_completed", "resting")
+              "total_jobs_sent", "total_jobs_completed", "resting", "cross_checks")
     rows = [header] + [
         (c["child_id"], c["endpoint"], "yes" if c["active"] else "no",
          time.strftime("%H:%M:%S", time.localtime(c["last_seen"])), str(c["active_jobs"]),
-         str(c["total_jobs_sent"]), str(c["total_jobs_completed"]), resting(c))
+         str(c["total_jobs_sent"]), str(c["total_jobs_completed"]), resting(c), checks(c))
         for c in stats["children"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -211,19 +221,24 @@ def format_jobs(rows):
 
 
 def operator_command(argv):
+    import crosschecks
     import parent
     name = argv[0] if argv else "jobs"
     p = argparse.ArgumentParser(prog=f"validator.py {name}",
                                 description=COMMANDS[name][1].capitalize() + ".")
-    p.add_argument("command", choices=["jobs", "requeue", "cancel"], help=argparse.SUPPRESS)
-    p.add_argument("job_id", type=int, nargs="?", help="the job (requeue, cancel)")
+    p.add_argument("command", choices=["jobs", "requeue", "cancel", "release"],
+                   help=argparse.SUPPRESS)
+    if name == "release":
+        p.add_argument("child_id", help="the child's validator_id")
+    else:
+        p.add_argument("job_id", type=int, nargs="?", help="the job (requeue, cancel)")
     p.add_argument("--config", default="validator_parent.toml", help="the parent's config")
     p.add_argument("--status", choices=["pending", "assigned", "completed", "failed",
                                         "cancelled"], help="jobs: only jobs in this state")
     p.add_argument("--priority", type=int, help="requeue: the job's new priority")
     p.add_argument("--json", action="store_true", help="jobs: print JSON")
     args = p.parse_args(argv)
-    if args.command != "jobs" and args.job_id is None:
+    if args.command in ("requeue", "cancel") and args.job_id is None:
         p.error(f"{args.command} needs a JOB_ID")
     try:
         with contextlib.closing(parent_database(parent_config(args.config))) as db:
@@ -233,6 +248,8 @@ def operator_command(argv):
                       else format_jobs(rows))
             elif args.command == "requeue":
                 print(parent.requeue_job(db, args.job_id, args.priority))
+            elif args.command == "release":
+                print(crosschecks.release(db, args.child_id))
             else:
                 print(parent.cancel_job(db, args.job_id))
     except (common.ConfigError, common.DatabaseUnavailable, common.Refused) as e:
@@ -388,6 +405,8 @@ network = "file"
 commitments_file = "{chain_path}"
 [neuron]
 sync_frequency = 0.5
+[jobs]
+cross_check = 0.5  # half of the jobs evaluated again by the other child, to show the checks
 {DEMO_SUITE}""")
     for k in range(1, children + 1):
         (workdir / f"child_{k}.toml").write_text(f"""
@@ -431,7 +450,8 @@ def demo(argv):
     try:
         ok = wait_for_jobs(chain, dsns["parent"], processes, args)
         if ok:
-            print("\nAll jobs completed. Parent statistics:\n", flush=True)
+            print("\nAll jobs completed. Parent statistics (cross_checks: each child's record "
+                  "of jobs evaluated again by the other):\n", flush=True)
             print(format_stats(fetch_stats("127.0.0.1", parent_port)))
             print_jobs(dsns["parent"])
             print("\nEach miner's submission, scored per suite entry (validator.py scores):\n",
@@ -460,13 +480,17 @@ def wait_for_jobs(chain, parent_dsn, processes, args):
                 print("demo: a validator process exited early; see its log above",
                       file=sys.stderr)
                 return False
-            if conn.execute("select to_regclass('jobs') as t").fetchone()["t"] is None:
+            # The schema's last step made: the parent's tables are all there.
+            if conn.execute("select to_regclass('cross_checks') as t").fetchone()["t"] is None:
                 continue
-            # Done once every miner's submission has all of its jobs (its suite) completed.
+            # Done once every miner's submission has all of its jobs (its suite, and the
+            # cross-checks' twins) completed, and every cross-check is settled.
             done = conn.execute("select count(*) as n from (select fingerprint from jobs "
                                 "group by fingerprint having bool_and(status = 'completed')) "
                                 "s").fetchone()["n"]
-            if done >= args.miners:
+            checks = conn.execute("select exists (select 1 from cross_checks "
+                                  "where outcome is null) as open").fetchone()["open"]
+            if done >= args.miners and not checks:
                 return True
     print(f"demo: not every job completed within {args.timeout:g}s", file=sys.stderr)
     return False
@@ -475,11 +499,13 @@ def wait_for_jobs(chain, parent_dsn, processes, args):
 def print_jobs(parent_dsn):
     with common.connect(parent_dsn) as conn:
         rows = conn.execute("select job_id, miner_hotkey, hf_repo_id, env_name, child_id, "
-                            "result from jobs order by job_id").fetchall()
+                            "result, check_group, check_round from jobs order by job_id"
+                            ).fetchall()
     print(f"\n{'job':>4}  {'miner':<14} {'repository':<20} {'env':<6} {'child':<18} result")
     for r in rows:
+        twin = f"  (cross-check of job {r['check_group']})" if r["check_round"] else ""
         print(f"{r['job_id']:>4}  {r['miner_hotkey']:<14} {r['hf_repo_id']:<20} "
-              f"{r['env_name']:<6} {r['child_id']:<18} {r['result']}")
+              f"{r['env_name']:<6} {r['child_id']:<18} {r['result']}{twin}")
 
 
 def bench(argv):
@@ -496,6 +522,7 @@ COMMANDS = {
     "jobs": (operator_command, "the parent's jobs, from its database [--status S] [--json]"),
     "requeue": (operator_command, "put a job back at the front of the queue"),
     "cancel": (operator_command, "cancel a pending or assigned job"),
+    "release": (operator_command, "end a child's quarantine (its cross-checks disagreed)"),
     "scores": (scores_command, "each miner's submission scores, per suite entry [--json]"),
     "weights": (weights, "the weights the parent would set now, and its last attempts"),
     "bench": (bench, "the figures of docs/benchmark.md"),

@@ -58,6 +58,9 @@ The figures, one function each below:
    in the sync's one transaction, in statements of 10,000 rows: seconds and jobs/s, against
    the same sync with one job a submission (the baseline, jobs/s); and the database's growth
    per 1,000 jobs, made and then completed with a small result.
+12. cross_checks() jobs through the parent with 3 simulated children that score at once,
+   honestly, with cross_check 0 (the baseline) and at its default: the evaluations per job
+   (what checks cost in evaluator time), and the parent's time per job.
 10. dashboard()  a parent (with one simulated child) whose database holds `pages_jobs` finished
    jobs: the ms of a load of each dashboard page (urllib, one at a time), next to a getStats
    call (the baseline); and the protocol's ping latency (p50, p99) while `pages_browsers`
@@ -116,6 +119,7 @@ FULL = dict(
     auth_batch=1000, auth_repeats=7,  # figure 9: no-op jobs per round, rounds of each mode
     pages_jobs=10_000, pages_loads=50, pages_browsers=4, pages_seconds=10.0,  # figure 10
     suite_miners=256, suite_entries=9, suite_repeats=50,  # figure 11: 115,200 jobs
+    checks_jobs=2000, checks_children=3,  # figure 12: jobs of one child each, then checked
 )
 QUICK = dict(
     repeats=2, batch=40, slots=16, prefetch=32, dispatch_samples=5, rpc_calls=(100, 20),
@@ -130,6 +134,7 @@ QUICK = dict(
     auth_batch=40, auth_repeats=2,
     pages_jobs=10_000, pages_loads=5, pages_browsers=4, pages_seconds=2.0,
     suite_miners=16, suite_entries=3, suite_repeats=5,
+    checks_jobs=200, checks_children=3,
 )
 POLL_INTERVAL = 0.2       # the children's poll_interval in figures 1 and 2 (the tests' value)
 HEARTBEAT_INTERVAL = 2.0  # figure 4: poll_interval's default
@@ -365,7 +370,9 @@ class Parent:
             # Every simulated child connects from this one address, all at once.
             "rpc_max_unregistered": 256, "rpc_max_unregistered_per_address": 256,
             "subtensor": {"network": "file", "commitments_file": str(self.chain.path)},
-            "neuron": {"sync_frequency": self.sync_frequency}, **self.config,
+            "neuron": {"sync_frequency": self.sync_frequency},
+            "jobs": {"cross_check": 0.0},  # every figure measures each job once
+            **self.config,
         })
         self.proc = Validator(f"{self.name}-parent-{self.incarnation}", config, self.workdir)
         return self.proc.wait_for_log("Parent validator serving on", timeout=300)
@@ -1696,13 +1703,23 @@ def measure_dashboard(run):
 
 # The sections in the order they run; `--only` picks some. The idle footprint goes first, while
 # the server holds few databases (autovacuum visits each one in turn).
+def parent_state(dsn, path, jobs):
+    """A parent's ParentState on the database `dsn`, with these [jobs] keys, no chain and no
+    RPC: the figures that measure the parent's own work (11, 12)."""
+    import parent as parent_module
+    config = write_toml(path, {
+        "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+        "subtensor": {"network": "file", "commitments_file": "unused.json"}, "jobs": jobs})
+    return parent_module.ParentState(common.Database(dsn, parent_module.SCHEMA),
+                                     common.load_config(config))
+
+
 def suites(pg, workdir, size):
     """A first sync of `suite_miners` miners on a suite of `suite_entries` x `suite_repeats`
     (ChainIntake.add_commitments, one transaction), against the same sync with a suite of one
     job a submission (the baseline): seconds and jobs/s; and the database's growth per 1,000
     jobs, once made (pending) and once completed with a result of a few numbers."""
     import chain as chains
-    import parent as parent_module
     miners = [commitment(i) for i in range(1, size["suite_miners"] + 1)]
     figures = {}
     for name, entries, repeats in (("one", 1, 1),
@@ -1710,12 +1727,7 @@ def suites(pg, workdir, size):
         dsn = pg.database(f"suites_{name}")
         suite = [{"env_provider": "bench", "env_name": f"env-{n}", "repeats": repeats,
                   "weight": 1.0} for n in range(entries)]
-        config = write_toml(workdir / f"suites-{name}.toml", {
-            "pg_database": dsn, "is_parent_validator": True, "auth": "off",
-            "subtensor": {"network": "file", "commitments_file": "unused.json"},
-            "jobs": {"suite": suite}})
-        state = parent_module.ParentState(common.Database(dsn, parent_module.SCHEMA),
-                                          common.load_config(config))
+        state = parent_state(dsn, workdir / f"suites-{name}.toml", {"suite": suite})
         size_of = lambda: state.db.query(  # noqa: E731
             "select pg_database_size(current_database()) as b")[0]["b"]
         before = size_of()
@@ -1756,11 +1768,66 @@ def measure_suites(run):
         suite_db_kb_per_1000_completed=suite["completed_kb"])
 
 
+# ---------------------------------------------------------------------------------------------
+# Figure 12: what cross-checks cost, in evaluations and in the parent's time per job
+# ---------------------------------------------------------------------------------------------
+
+def cross_checks(pg, workdir, size):
+    """`checks_jobs` jobs through a ParentState with `checks_children` simulated children that
+    evaluate at once (a score of the seed: honest, so every check agrees), with cross_check
+    0 and at its default: the evaluations per job, and the parent's seconds (polls, reports,
+    settling) against those of no checks."""
+    import chain as chains
+    children = [f"c{k}" for k in range(1, size["checks_children"] + 1)]
+    miners = [chains.Commitment(**commitment(i)) for i in range(1, size["checks_jobs"] + 1)]
+    figures = {}
+    for name, share in (("off", 0.0), ("on", common.CONFIG_KEYS["jobs"]["cross_check"][1])):
+        state = parent_state(pg.database(f"checks_{name}"), workdir / f"checks-{name}.toml",
+                             {"cross_check": share})
+        state.intake.add_commitments(chains.ChainSnapshot(100, miners))
+        for child in children:
+            state.register_child(child, "127.0.0.1:9")
+        evaluations, started = 0, time.perf_counter()
+        while True:
+            got = 0
+            for child in children:
+                jobs = state.request_jobs(child, 20)
+                got += len(jobs)
+                state.report_completions(child, [(job["jobId"], True, json.dumps(
+                    {"score": job["randomSeed"] % 1000 / 1000})) for job in jobs])
+            state.checks.maybe_settle()
+            evaluations += got
+            if not got and not len(state.queue):
+                break
+        seconds = time.perf_counter() - started
+        checks = state.db.query("select count(*) as n from cross_checks")[0]["n"]
+        state.db.close()
+        figures[name] = dict(evaluations=evaluations, seconds=seconds, checks=checks)
+        progress(f"  cross_check {share:g}: {evaluations} evaluations for {len(miners)} jobs "
+                 f"({checks} checks), the parent's part {seconds:.2f} s")
+    return figures
+
+
+def measure_cross_checks(run):
+    size = run.size
+    progress(f"12. cross-checks: {size['checks_jobs']} jobs on {size['checks_children']} "
+             "children, cross_check 0 and at its default")
+    figures = cross_checks(run.pg, run.workdir, size)
+    off, on = figures["off"], figures["on"]
+    run.figures.update(
+        checks_jobs=size["checks_jobs"], checks_made=on["checks"],
+        checks_evaluations_per_job=on["evaluations"] / size["checks_jobs"],
+        checks_evaluations_ratio=on["evaluations"] / off["evaluations"],
+        checks_parent_ms_per_job=on["seconds"] / size["checks_jobs"] * 1000,
+        checks_off_parent_ms_per_job=off["seconds"] / size["checks_jobs"] * 1000,
+        checks_parent_ms_ratio=on["seconds"] / off["seconds"])
+
+
 SECTIONS = {"idle": measure_idle, "chain": measure_chain, "rpc": measure_rpc,
             "throughput": measure_throughput, "auth": measure_auth, "scale": measure_scale,
             "pending": measure_pending, "utilization": measure_utilization,
             "recovery": measure_recovery, "dashboard": measure_dashboard,
-            "suites": measure_suites}
+            "suites": measure_suites, "checks": measure_cross_checks}
 
 
 def run_sections(size, workdir, only=None):
@@ -1891,6 +1958,10 @@ TABLE = [
     ("11. database growth per 1,000 jobs made", "suite_db_kb_per_1000_pending", "kB", "", "",
      ""),
     ("11. ...per 1,000 jobs completed", "suite_db_kb_per_1000_completed", "kB", "", "", ""),
+    ("12. evaluations per job, cross_check at its default", "checks_evaluations_per_job", "x",
+     "", "checks_evaluations_ratio", ""),
+    ("12. the parent's time per job, checks on", "checks_parent_ms_per_job", "ms",
+     "checks_off_parent_ms_per_job", "checks_parent_ms_ratio", ""),
 ]
 SUBSTITUTIONS = [  # in the labels: the run's sizes
     ("N children", "{scale_children} children"), ("P pending", "{pending_jobs:,} pending"),

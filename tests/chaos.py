@@ -93,7 +93,8 @@ PARENT_CONFIG = {
     "neuron": {"sync_frequency": 0.2},
     # Every lease that expires, and every transient failure ("flaky"), uses one attempt; a
     # transient failure waits a backoff, a child failing transiently again and again rests.
-    "jobs": {"max_retries": 5, "retry_backoff_seconds": 0.5},
+    # Cross-checks stay off: the run counts each submission's jobs (tests/test_cross_checks.py).
+    "jobs": {"max_retries": 5, "retry_backoff_seconds": 0.5, "cross_check": 0.0},
     "rest_seconds": 2.0,
 }
 CHILD_CONFIG = {

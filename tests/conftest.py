@@ -273,6 +273,7 @@ def parent_config(tmp_path, make_dsn):
             "listen_host": "127.0.0.1", "parent_port": free_port(), "log_level": "DEBUG",
             "subtensor": {"network": "file", "commitments_file": str(tmp_path / "chain.json")},
             "neuron": {"sync_frequency": 0.2},
+            "jobs": {"cross_check": 0.0},  # a test that wants cross-checks turns them on
         }
         for key, value in overrides.items():
             if isinstance(value, dict):
@@ -313,6 +314,8 @@ def make_state(tmp_path, make_dsn):
     dsn = make_dsn()
 
     def make(**keys):
+        # Cross-checks stay off unless a test turns them on: they add jobs.
+        keys["jobs"] = {"cross_check": 0.0, **keys.get("jobs", {})}
         path = write_toml(tmp_path / "state.toml", {
             "pg_database": dsn, "is_parent_validator": True, "auth": "off",
             "subtensor": {"network": "file", "commitments_file": "unused.json"}, **keys})

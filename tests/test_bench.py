@@ -78,6 +78,9 @@ FIGURES = [
     # 11. suites: the first sync of a suite, and the database's growth per 1,000 jobs
     "suite_jobs", "suite_sync_s", "suite_jobs_per_s", "suite_one_job_jobs_per_s",
     "suite_jobs_per_s_ratio", "suite_db_kb_per_1000_pending", "suite_db_kb_per_1000_completed",
+    # 12. cross-checks: evaluations per job, and the parent's time per job, on and off
+    "checks_jobs", "checks_made", "checks_evaluations_per_job", "checks_evaluations_ratio",
+    "checks_parent_ms_per_job", "checks_off_parent_ms_per_job", "checks_parent_ms_ratio",
 ]
 # The figures that have a target, and their targets, as the issues set them.
 TARGETS = {"end_to_end_2_children_jobs_per_s": "ratio >= 0.5",

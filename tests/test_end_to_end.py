@@ -113,7 +113,13 @@ def test_the_demo_completes_every_job():
     assert "All jobs completed" in run.stdout
     # Each miner's submission on the demo's suite: two entries of two repeats each.
     jobs, scored = run.stdout.split("(validator.py scores):")
-    assert len(re.findall(r"^ +\d+  5DemoMiner0\d ", jobs, re.M)) == 4 * 4
+    rows = re.findall(r"^ +\d+  5DemoMiner0\d .*$", jobs, re.M)
+    twins = [row for row in rows if "(cross-check of job" in row]
+    assert len(rows) - len(twins) == 4 * 4 and twins  # half are evaluated twice, on average
+    # Each child's cross-check record: the demo's evaluator is honest, so all of them agree.
+    records = re.findall(r"^child_validator_\d .* (\d+) \((\d+) disagreed\)$", jobs, re.M)
+    assert len(records) == 2 and sum(int(n) for n, _ in records) == 2 * len(twins)
+    assert all(disagreed == "0" for _, disagreed in records)
     scored = scored.split("(validator.py weights):")[0]
     assert len(re.findall(r"^    demo/reach  weight 1  [\d.]+ ± [\d.]+  \(2 scores\)$",
                           scored, re.M)) == 4

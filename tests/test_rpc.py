@@ -296,11 +296,15 @@ def test_get_stats_uses_the_seed_format(parent):
                      "pending_by_priority": {"0": 1}, "failed_jobs": 1, "cancelled_jobs": {},
                      "auth_failures": 0,
                      "role": "active", "active_parent": f"localhost:{parent.port}",
-                     "leadership_epoch": 1, "open_submissions": 1}
+                     "leadership_epoch": 1, "open_submissions": 1,
+                     "cross_checks": {"open": 0, "agreed": 0, "settled": 0, "disagreed": 0,
+                                      "void": 0}}
     assert child.pop("last_seen") > 0
     assert child == {"child_id": "c1", "endpoint": "10.1.1.1:8002", "active": True,
                      "active_jobs": 0, "total_jobs_sent": 2, "total_jobs_completed": 2,
-                     "resting_seconds": 0.0, "transient_in_a_row": 0}
+                     "resting_seconds": 0.0, "transient_in_a_row": 0, "cross_checks": 0,
+                     "cross_check_agreements": 0, "cross_check_disagreements": 0,
+                     "quarantined": False, "quarantine_reason": None}
 
 
 def test_the_status_command_prints_the_parents_statistics(parent):

@@ -35,6 +35,7 @@ def two_parents(tmp_path, make_dsn, processes):
                 self.ports[name], self.metrics_ports[name] = free_port(), free_port()
                 self.configs[name] = write_toml(tmp_path / f"parent_{name}.toml", {
                     "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+                    "jobs": {"cross_check": 0.0},  # the tests count each job once
                     "listen_host": "127.0.0.1", "parent_host": "127.0.0.1",
                     "parent_port": self.ports[name], "log_level": "DEBUG",
                     "metrics_port": self.metrics_ports[name],
@@ -221,6 +222,7 @@ def test_a_parent_that_lost_its_lock_without_knowing_writes_nothing(make_dsn, tm
     dsn = make_dsn()
     cfg = common.load_config(write_toml(tmp_path / "p.toml", {
         "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+        "jobs": {"cross_check": 0.0},
         "subtensor": {"network": "file", "commitments_file": "unused.json"}}))
     states = {name: parent.ParentState(common.Database(dsn, parent.SCHEMA), cfg,
                                        leadership=parent.Leadership(dsn, f"{name}:1", 4.0))
@@ -317,6 +319,7 @@ def test_a_takeover_whose_queue_cannot_be_loaded_gives_the_lead_back_and_tries_a
     dsn = make_dsn()
     cfg = common.load_config(write_toml(tmp_path / "p.toml", {
         "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+        "jobs": {"cross_check": 0.0},
         "subtensor": {"network": "file", "commitments_file": "unused.json"}}))
     state = parent.ParentState(common.Database(dsn, parent.SCHEMA), cfg,
                                leadership=parent.Leadership(dsn, "a:1", 4.0))

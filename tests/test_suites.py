@@ -49,8 +49,9 @@ def test_a_2_by_3_suite_makes_six_jobs_per_submission_exactly_once_across_a_rest
     assert again.intake.add_commitments(snapshot(102, [commitment(1), commitment(3)])) == \
         list(range(13, 19))
     assert len(suite_jobs(again)) == 18
-    # The database refuses a second job of one (submission, entry, repeat) whatever the code.
-    with pytest.raises(Exception, match="jobs_submission_job"):
+    # The database refuses a second job of one (submission, entry, repeat, cross-check round)
+    # whatever the code.
+    with pytest.raises(Exception, match="jobs_submission_check"):
         again.db.query("insert into jobs (fingerprint, submission_id, miner_hotkey, hf_repo_id, "
                        "hf_repo_commit, commit_block, env_provider, env_name, random_seed, "
                        "max_retries, suite_entry, suite_repeat) select fingerprint, 1, "

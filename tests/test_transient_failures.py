@@ -63,7 +63,9 @@ def settled(config, job_id=1):
 
 def test_exit_75_once_is_retried_on_another_child_and_completes(
         tmp_path, parent_config, child_config, processes):
-    config, parent, _ = start(tmp_path, parent_config, child_config, processes, 75, 1)
+    # A backoff of 1 s: for 1 s after it, the job is for c2 only, which a busy machine needs.
+    config, parent, _ = start(tmp_path, parent_config, child_config, processes, 75, 1,
+                              jobs={"retry_backoff_seconds": 1.0, "max_retries": 2})
     job = wait_until(lambda: settled(config), 60, "job 1 settled")
     assert job["status"] == "completed"
     first, second = job["attempts"]
