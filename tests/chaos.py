@@ -93,8 +93,9 @@ PARENT_CONFIG = {
     "neuron": {"sync_frequency": 0.2},
     # Every lease that expires, and every transient failure ("flaky"), uses one attempt; a
     # transient failure waits a backoff, a child failing transiently again and again rests.
-    # Cross-checks stay off: the run counts each submission's jobs (tests/test_cross_checks.py).
-    "jobs": {"max_retries": 5, "retry_backoff_seconds": 0.5, "cross_check": 0.0},
+    # A share of the completed jobs is evaluated again on another child (--cross-check): the
+    # children are honest, so every check that settles agrees.
+    "jobs": {"max_retries": 5, "retry_backoff_seconds": 0.5, "cross_check": 0.3},
     "rest_seconds": 2.0,
 }
 CHILD_CONFIG = {
@@ -1038,6 +1039,9 @@ def left_to_do(cluster, chain):
         if n := count(cluster.child_dsns[name], "select count(*) as n from child_jobs "
                                                 "where reported_at is null"):
             left.append(f"{n} jobs not run or not reported at {name}")
+    if n := count(cluster.parent_dsn, "select count(*) as n from cross_checks "
+                                      "where outcome is null"):
+        left.append(f"{n} cross-checks not settled")
     return left
 
 
@@ -1196,6 +1200,9 @@ def check_all(cluster, chain, stats):
     checks.append(("every validator stopped by SIGTERM exits with code 0", problems))
     checks.append(("status answered during idle floods; oversized unauthenticated calls were "
                    "dropped within a second", cluster.hostile))
+    checks.append(("every cross-check agreed or is void (its twin failed or was cancelled): the "
+                   "children are honest; none is marked or quarantined",
+                   cross_check_problems(cluster)))
     checks.append(("every result recorded holds its proof: the signature of the hotkey of the "
                    "child that held the job, over the attempt it held and the result recorded",
                    proof_problems(cluster, jobs)))
@@ -1204,6 +1211,18 @@ def check_all(cluster, chain, stats):
                    f"taken, and the parent logged it; {PROXIED} worked through the proxy",
                    replay_check(cluster, jobs)))
     return checks, jobs
+
+
+def cross_check_problems(cluster):
+    """The checks that did not agree, and the children marked or quarantined (all honest)."""
+    problems = [f"cross-check of job {r['check_group']} is {r['outcome']}" for r in rows(
+        cluster.parent_dsn, "select check_group, outcome from cross_checks "
+                            "where outcome not in ('agreed', 'void') order by 1")]
+    problems += [f"child {r['child_id']} is marked by the check of job {r['check_group']}"
+                 for r in rows(cluster.parent_dsn, "select * from child_checks where not agreed")]
+    problems += [f"child {r['child_id']} is quarantined: {r['quarantine_reason']}" for r in rows(
+        cluster.parent_dsn, "select * from children where quarantined_at is not null")]
+    return problems
 
 
 def too_big_failure(job):
@@ -1301,7 +1320,8 @@ def print_counts(cluster, chain, jobs, stats):
         print(f"  failed: {n:4d} x {reason}")
     print(f"parent: {stats['total_children']} children ({stats['active_children']} active), "
           f"{stats['pending_jobs']} pending, {stats['failed_jobs']} failed, "
-          f"{cluster.parent.starts} starts")
+          f"{cluster.parent.starts} starts; cross-checks: " + ", ".join(
+              f"{n} {outcome}" for outcome, n in stats.get("cross_checks", {}).items()))
     for child in stats["children"]:
         name = child["child_id"]
         own = rows(cluster.child_dsns[name], "select count(*) as n, "
@@ -1382,7 +1402,10 @@ def main(argv=None):
                                      "removed if the run passes)")
     p.add_argument("--settle-timeout", type=float, default=120.0,
                    help="seconds to wait for the jobs to finish after the commits stop")
+    p.add_argument("--cross-check", type=float, default=PARENT_CONFIG["jobs"]["cross_check"],
+                   help="the parent's [jobs] cross_check (default %(default)s)")
     args = p.parse_args(argv)
+    PARENT_CONFIG["jobs"]["cross_check"] = args.cross_check
     if args.miners < 1 or args.children < 1 or args.prefetch < 0:
         p.error("--miners and --children must be at least 1, --prefetch at least 0")
     if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):

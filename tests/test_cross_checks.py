@@ -362,3 +362,35 @@ def test_a_jobs_page_shows_its_cross_check(make_state):
     assert '<span data-k="check_outcome">agreed</span>' in page
     assert "Cross-check" not in pages.render_job(pages.read_job(state.db, 1) | {"check": []},
                                                  "parent.toml")
+
+
+def test_a_quarantine_made_by_one_parent_holds_for_the_parent_that_takes_over(
+        make_dsn, tmp_path):
+    from conftest import write_toml
+    dsn = make_dsn()
+    cfg = common.load_config(write_toml(tmp_path / "p.toml", {
+        "pg_database": dsn, "is_parent_validator": True, "auth": "off",
+        "jobs": {**CHECK_ALL, "cross_check_window": 1, "cross_check_max_disagreement": 0.0},
+        "subtensor": {"network": "file", "commitments_file": "unused.json"}}))
+    a, b = (parents.ParentState(common.Database(dsn, parents.SCHEMA), cfg,
+                                leadership=parents.Leadership(dsn, f"{name}:1", 4.0))
+            for name in ("a", "b"))
+    assert a.leadership.take()
+    a.take_over()
+    add_jobs(a, 3)
+    register(a, "c1", "c2", "c3")
+    assert ids(evaluate(a, "c3", lambda job: 0.9, most=1)) == [1]  # the cheat, one mark
+    evaluate(a, "c1", lambda job: 0.1, most=1)  # the twin
+    a.checks.maybe_settle()
+    evaluate(a, "c2", lambda job: 0.1, most=1)  # the third
+    a.checks.maybe_settle()
+    assert record(a)["c3"] == (1, 0, 1, True)
+    a.leadership.resign()
+    assert b.leadership.take()
+    b.take_over()
+    assert b.request_jobs("c3", 3) == []
+    assert crosschecks.release(b.db, "c3").startswith("child c3 is released")
+    assert ids(b.request_jobs("c3", 1)) != []
+    b.leadership.resign()
+    for state in (a, b):
+        state.db.close()
