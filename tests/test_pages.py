@@ -195,12 +195,15 @@ def test_every_page_in_a_browser_shows_what_getstats_and_the_databases_say(
     assert sum(int(bar["data-ok"]) for bar in overview.bars) == 6  # finished this hour
     assert overview.bars[-1]["data-ok"] == "6" and len(overview.bars) == 24
 
-    shown = Cells(browse(base + "/children", tmp_path, "children")).rows("children")
+    # A wide table (each child's hand-overs, rests and cross-checks): a wider window.
+    shown = Cells(browse(base + "/children", tmp_path, "children", "1600,500")).rows("children")
     assert set(shown) == {"c1", "c2"}
     for child in stats["children"]:
         row = shown[child["child_id"]]
         for key in ("endpoint", "active", "active_jobs", "total_jobs_sent",
-                    "total_jobs_completed", "transient_in_a_row", "resting_seconds"):
+                    "total_jobs_completed", "transient_in_a_row", "resting_seconds",
+                    "cross_checks", "cross_check_agreements", "cross_check_disagreements",
+                    "quarantined"):
             assert row[key] == str(child[key]), key
         assert float(row["last_seen"]) == pytest.approx(child["last_seen"], abs=5)
     assert shown[holder]["active_jobs"] == "1"
