@@ -2,8 +2,9 @@
 another child; the two agree within the tolerance, or a third child decides and the child
 farthest from the median is marked; a child with too many marks is quarantined until the
 operator releases it, and its scores are replaced by the others'. Most tests run on a real
-PostgreSQL through the parent's own calls (the children are the test); the last runs a real
-parent and three real children with auth on, one of them cheating."""
+PostgreSQL through the parent's own calls (the children are the test), with auth off: a result's
+signature is checked before any of this (parent.Reports.check). One runs a real parent and
+three real children with auth on, one of them cheating."""
 
 import json
 import logging
