@@ -1041,7 +1041,9 @@ class PendingQueue:
     (jobs.retry_at), until release_due() moves it into the queue; then for one more backoff
     (`avoid`) a child that failed it passes it over. So no poll looks at a job it cannot take
     beyond MAX_PASSED_OVER of them, and none scans the waiting ones. A cross-check's job never
-    goes to a child that did another job of its check (`never`, crosschecks.py)."""
+    goes to a child that did another job of its check (`never`, crosschecks.py); such jobs
+    wait in a heap of their own (`checks`), so that those a child may not take, however many,
+    never hold up the jobs behind them."""
 
     def __init__(self, db, backoff):
         self.db = db
@@ -1049,6 +1051,7 @@ class PendingQueue:
         # Guards the queue. Taken inside a database transaction, never around one: no deadlock.
         self.lock = threading.Lock()
         self.heap = []  # (-priority, position, job_id), as queue_entry() makes
+        self.checks = []  # the same, of the jobs in `never`
         self.waiting = []  # (due, entry): not to be handed out before due (unix time)
         self.avoid = {}  # job id -> (child ids that failed it transiently, until unix time)
         self.never = {}  # job id of a cross-check's job -> the child ids it never goes to
@@ -1076,11 +1079,15 @@ class PendingQueue:
                                           where o.check_group = j.check_group
                                             and o.job_id <> j.job_id and o.child_id is not null)
                    from jobs j where j.status = 'pending' and j.check_round > 0""")}
+            if self.never:
+                self.checks = [entry for entry in self.heap if entry[2] in self.never]
+                self.heap = [entry for entry in self.heap if entry[2] not in self.never]
             heapq.heapify(self.heap)
+            heapq.heapify(self.checks)
             self.on_push = self.arrivals.notify
-        if self.heap:
+        if len(self):
             self.arrivals.notify()
-        if self.heap or self.waiting or self.version is not None:
+        if len(self) or self.waiting or self.version is not None:
             log.info("Loaded %d pending jobs from the database%s", self.pending(),
                      f" ({len(self.waiting)} of them wait to be tried again)"
                      if self.waiting else "")
@@ -1109,14 +1116,15 @@ class PendingQueue:
 
     def clear(self):
         with self.lock:
-            self.heap, self.waiting, self.avoid, self.never, self.on_push = [], [], {}, {}, None
+            self.heap, self.checks, self.waiting = [], [], []
+            self.avoid, self.never, self.on_push = {}, {}, None
 
     def push(self, entries):
         with self.lock:
-            size = len(self.heap)
+            size = len(self)
             for entry in entries:
-                heapq.heappush(self.heap, entry)
-            if len(self.heap) > size and self.on_push:
+                heapq.heappush(self.checks if entry[2] in self.never else self.heap, entry)
+            if len(self) > size and self.on_push:
                 self.on_push()
 
     def push_avoiding(self, entries):
@@ -1147,27 +1155,36 @@ class PendingQueue:
         poll like the others, would take it as often as not."""
         now = time.time()
         with self.lock:
-            size = len(self.heap)
+            size = len(self)
             while self.waiting and self.waiting[0][0] <= now:
                 due, entry = heapq.heappop(self.waiting)
-                heapq.heappush(self.heap, entry)
+                heapq.heappush(self.checks if entry[2] in self.never else self.heap, entry)
                 if entry[2] in self.avoid:
                     children, until = self.avoid[entry[2]]
                     self.avoid[entry[2]] = (children, now + (until - due))
-            if len(self.heap) > size and self.on_push:
+            if len(self) > size and self.on_push:
                 self.on_push()
 
     def pop(self, count, child_id=None):
-        """Up to `count` entries for child_id, in serving order: a job that child failed
-        transiently lately is passed over and stays (at most MAX_PASSED_OVER of them: then
-        the child gets fewer this time)."""
-        now, taken, passed = time.time(), [], []
+        """Up to `count` entries for child_id, in serving order (of both heaps): a job that
+        child failed transiently lately, or a cross-check's it may not take, is passed over and
+        stays (at most MAX_PASSED_OVER of each heap: then the child gets fewer this time)."""
+        now, taken, passed, skipped = time.time(), [], [], []
         with self.lock:
-            while self.heap and len(taken) < count:
+            while len(taken) < count:
+                while self.checks and self._barred(self.checks[0], child_id, now) \
+                        and len(skipped) < MAX_PASSED_OVER:
+                    skipped.append(heapq.heappop(self.checks))
+                check = self.checks[0] if self.checks and not self._barred(
+                    self.checks[0], child_id, now) else None
+                if check and (not self.heap or check < self.heap[0]):
+                    self.avoid.pop(check[2], None)
+                    taken.append(heapq.heappop(self.checks))
+                    continue
+                if not self.heap:
+                    break
                 entry = heapq.heappop(self.heap)
-                children, until = self.avoid.get(entry[2], ((), 0))
-                if until > now and child_id in children or child_id in self.never.get(
-                        entry[2], ()):
+                if self._barred(entry, child_id, now):
                     passed.append(entry)
                     if len(passed) >= MAX_PASSED_OVER:
                         break
@@ -1176,18 +1193,26 @@ class PendingQueue:
                 taken.append(entry)
             for entry in passed:  # back, waking nobody: they were there already
                 heapq.heappush(self.heap, entry)
+            for entry in skipped:
+                heapq.heappush(self.checks, entry)
         return taken
 
+    def _barred(self, entry, child_id, now):
+        """Whether child_id may not take the job now: it failed it transiently lately, or it
+        did another job of its cross-check."""
+        children, until = self.avoid.get(entry[2], ((), 0))
+        return until > now and child_id in children or child_id in self.never.get(entry[2], ())
+
     def __len__(self):
-        return len(self.heap)
+        return len(self.heap) + len(self.checks)
 
     def pending(self):
         """The pending jobs: in the queue, and waiting to be tried again."""
-        return len(self.heap) + len(self.waiting)
+        return len(self) + len(self.waiting)
 
     def ids(self):
         """The job ids in serving order (of those not waiting)."""
-        return [job_id for *_, job_id in sorted(self.heap)]
+        return [job_id for *_, job_id in sorted(self.heap + self.checks)]
 
 
 class Arrivals:

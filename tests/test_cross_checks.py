@@ -395,3 +395,22 @@ def test_a_quarantine_made_by_one_parent_holds_for_the_parent_that_takes_over(
     b.leadership.resign()
     for state in (a, b):
         state.db.close()
+
+
+def test_checks_a_child_may_not_take_never_hold_up_the_jobs_behind_them(make_state):
+    state = make_state(jobs=CHECK_ALL)
+    add_jobs(state, parents.MAX_PASSED_OVER + 50)
+    register(state, "c1", "c2")
+    # c1 completes more jobs than a poll passes over; each gets a twin ahead of the queue,
+    # for c2 only, and c2 takes none yet.
+    while len(state.db.query("select 1 from jobs where check_round = 1")) < \
+            parents.MAX_PASSED_OVER + 10:
+        evaluate(state, "c1", lambda job: 0.5, most=20)
+    twins = {row["job_id"] for row in state.db.query(
+        "select job_id from jobs where check_round = 1")}
+    # c1 still gets the jobs behind them, and none of the twins, before and after a restart.
+    [job] = state.request_jobs("c1", 1)
+    assert job["jobId"] not in twins
+    [job] = make_state(jobs=CHECK_ALL).request_jobs("c1", 1)
+    assert job["jobId"] not in twins
+    assert set(ids(state.request_jobs("c2", 5))) <= twins
