@@ -158,8 +158,7 @@ class CrossChecks:
 
     def drawn(self, conn, child_id, completed):
         """Of the jobs `completed` (ids) that this child's results completed now, the ones
-        drawn for a check get a twin; returns [(queue entry, children it avoids)] to queue
-        once committed (made())."""
+        drawn for a check get a twin; returns the Twins, to queue once committed (made())."""
         if not self.jobs.cross_check or not completed:
             return []
         rate = self.fraction_of(conn, child_id)
@@ -182,7 +181,8 @@ class CrossChecks:
         return conn.execute(
             """select exists (select 1 from children where last_seen > %s
                    and quarantined_at is null and not child_id = any(%s)) as found""",
-            (time.time() - self.cfg.child_timeout_seconds, list(excluded))).fetchone()["found"]
+            (time.time() - self.cfg.child_timeout_seconds,
+             [child for child in excluded if child])).fetchone()["found"]
 
     def twins(self, conn, job_ids, check_round, avoid):
         """Make a job of round `check_round` for each checked job of `job_ids` (round 0), not
