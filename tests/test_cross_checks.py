@@ -414,3 +414,39 @@ def test_checks_a_child_may_not_take_never_hold_up_the_jobs_behind_them(make_sta
     [job] = make_state(jobs=CHECK_ALL).request_jobs("c1", 1)
     assert job["jobId"] not in twins
     assert set(ids(state.request_jobs("c2", 5))) <= twins
+
+
+def test_a_quarantined_childs_unchecked_results_are_checked_again_and_replaced(
+        make_state, caplog):
+    caplog.set_level(logging.INFO, logger="validator")
+    state = make_state(jobs={**CHECK_ALL, "cross_check_window": 4,
+                             "cross_check_max_disagreement": 0.25})
+    add_jobs(state, 8)
+    cheat = lambda job: honest(job) + 0.4  # noqa: E731
+    register(state, "c3")
+    early = ids(evaluate(state, "c3", cheat, most=4))  # alone: nobody to check it
+    assert len(early) == 4 and outcomes(state) == {}
+    register(state, "c1", "c2")
+    for _ in range(20):
+        evaluate(state, "c3", cheat, most=1)
+        for child in ("c1", "c2"):
+            evaluate(state, child, most=1)
+            state.checks.maybe_settle()
+        if record(state)["c3"][3]:
+            break
+    assert record(state)["c3"][3]
+    assert "4 of its results since its last agreement are checked again" in caplog.text
+    rechecked = {row["check_group"] for row in state.db.query(
+        "select check_group from jobs where check_round = 1 and check_group = any(%s)",
+        (early,))}
+    assert rechecked == set(early)
+    for _ in range(50):
+        if not any([evaluate(state, "c1"), evaluate(state, "c2")]):
+            state.checks.maybe_settle()
+            if not len(state.queue):
+                break
+    seeds = {row["fingerprint"]: row["random_seed"] for row in state.db.query(
+        "select fingerprint, random_seed from jobs where job_id = any(%s)", (early,))}
+    submissions = scores.submission_scores(state.db, state.cfg.weights)
+    for digest, seed in seeds.items():
+        assert submissions[digest].score == pytest.approx(honest({"randomSeed": seed}))
