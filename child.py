@@ -30,7 +30,7 @@ Parents, poll, report_results); Seals, what the child signs and checks; ChildSto
 store's protocol side, composed of IncomingJobs, OutgoingResults and RunState, and the keys of
 pgqueuer's queue; run(), the main loop, and the shutdown. What a first reading can skip
 follows, one part per concern: running a job (the evaluator itself is evaluator.py); the
-Worker (pgqueuer's consumer); GroupCommit; crash recovery; and a patch of pgqueuer's internals.
+Worker (pgqueuer's consumer); GroupCommit; crash recovery; and patches of pgqueuer's internals.
 
     python child.py --config validator_child.toml
 """
@@ -1016,9 +1016,12 @@ class Worker:
         record_job_ends_at_once()
         pgq = PgQueuer(AsyncpgDriver(connection))
         loop = asyncio.get_running_loop()
+        running = [0]  # evaluations between their hand-out and their end (this loop's only)
+        recheck_only_with_a_free_slot(pgq.qm, lambda: running[0] >= self.slots)
 
         @pgq.entrypoint(EVALUATE, concurrency_limit=self.slots)
         async def run(job):
+            running[0] += 1
             try:
                 await loop.run_in_executor(self.pool, self.run_job, job.payload.decode())
             except Abandoned:
@@ -1027,6 +1030,8 @@ class Worker:
                 log.warning("Job %d: %s; it runs again in 5s",
                             parse_queue_key(job.payload.decode())[0], e)
                 raise RetryRequested(datetime.timedelta(seconds=5), str(e)) from None
+            finally:
+                running[0] -= 1  # before pgqueuer records the end, whose notice wakes the loop
 
         if self.failures:
             log.info("The job worker reconnected after %d failed attempts", self.failures)
@@ -1171,7 +1176,8 @@ def kill_left_behind(conn):
 
 
 # ---------------------------------------------------------------------------------------------
-# pgqueuer's patch: each job's end recorded at once, not on a 0.1 s timer
+# pgqueuer's patches: each job's end recorded at once, not on a 0.1 s timer; and no re-check
+# of a full worker's queue every 0.1 s
 # ---------------------------------------------------------------------------------------------
 
 JOB_END_RETRY = 5.0  # seconds between tries to record a job's end in pgqueuer after a failure
@@ -1201,6 +1207,31 @@ def record_job_ends_at_once():
                              timeout=datetime.timedelta(seconds=JOB_END_RETRY))
 
     buffers.JobStatusLogBuffer = JobEndsAtOnce
+
+
+def recheck_only_with_a_free_slot(queue_manager, full):
+    """Make pgqueuer's consumer wait for a change of its queue, not re-check it every 0.1 s,
+    while every slot is busy (`full()`).
+
+    pgqueuer 1.6 re-checks its queue every 0.1 s as long as a job waits in it
+    (QueueManager._effective_dequeue_timeout counts queued work, not free room). With
+    prefetch_jobs and every slot busy, that is a dequeue and a count query ten times a second
+    for as long as the evaluations run, and none of them can hand anything out: the room is
+    counted in SQL, and only a job's end frees it. A job's end (done, failed or retried)
+    changes its queue entry, and pgqueuer notifies every change of its queue, which wakes the
+    consumer; `full()` is false by then (the slot is counted free before pgqueuer records the
+    end), so that wake-up, and any with a free slot, looks at the queue as pgqueuer does. The
+    check every heartbeat / 3 stays (it takes the jobs of a worker that died). Like
+    record_job_ends_at_once, this reaches inside pgqueuer: only for the version it was
+    written and tested for."""
+    own = getattr(queue_manager, "_effective_dequeue_timeout", None)
+    if pgqueuer_version() != "1.6.0" or own is None:
+        return
+
+    async def dequeue_timeout(timeout):
+        return timeout if full() else await own(timeout)
+
+    queue_manager._effective_dequeue_timeout = dequeue_timeout
 
 
 def pgqueuer_version():

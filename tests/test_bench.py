@@ -51,6 +51,8 @@ FIGURES = [
     "utilization_longest_job_s", "utilization_makespan_s", "utilization_ideal_s",
     "utilization_ratio", "utilization_fifo_ideal_s", "utilization_fifo_ratio",
     "utilization_prefetch_jobs", "utilization_prefetch_makespan_s", "utilization_prefetch_ratio",
+    "utilization_run_ms", "utilization_gap_ms", "utilization_report_ms",
+    "utilization_prefetch_run_ms", "utilization_prefetch_gap_ms",
     # 7. recovery from kill -9: of a child holding jobs, of the parent, of the active of two
     "recovery_child_timeout_s", "recovery_child_kill_s", "recovery_child_kill_ratio",
     "recovery_parent_serving_s", "recovery_parent_registered_s",

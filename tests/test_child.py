@@ -450,6 +450,49 @@ def test_an_idle_worker_sleeps_and_its_queue_session_does_not_wait_for_the_disk(
     store.db.close()
 
 
+def test_a_full_worker_with_a_job_queued_waits_for_a_slot_not_a_timer(make_dsn):
+    """With every slot busy and a job queued behind them (prefetch_jobs), nothing can be
+    handed out until a job ends, and the end of a job wakes the worker (its queue entry's
+    change is notified): so the worker's thread does not re-check the queue ten times a
+    second meanwhile (pgqueuer's re-poll for queued work), and the queued job still starts
+    as soon as the slot is free."""
+    dsn = make_dsn()
+    store = child.ChildStore(dsn, 2)
+    started, release, ran = queue.Queue(), threading.Event(), queue.Queue()
+
+    def run_job(key):
+        job_id, delivery = child.parse_queue_key(key)
+        if store.runs.start(job_id, delivery):
+            started.put(job_id)
+            if job_id == 1:
+                release.wait(60)
+            store.runs.finish(job_id, True, "{}")
+            ran.put(job_id)
+
+    # Its queue's own re-check comes every heartbeat / 3 (200 s): only the wake-up at job 1's
+    # end can start job 2 within the test's deadlines.
+    worker = child.Worker(dsn, 1, 600.0, run_job)
+    worker.start()
+    try:
+        store.add_jobs([{"jobId": n, "hfRepoId": f"org/{n}"} for n in (1, 2)])
+        assert started.get(timeout=30) == 1  # its one slot is busy; job 2 is queued
+        wait_until(lambda: store.db.query("select 1 from pgqueuer where status = 'queued'"),
+                   30, "job 2 to be queued")
+        before = voluntary_switches(worker.thread)
+        time.sleep(3.0)  # the window measured: no slot frees in it
+        woken = voluntary_switches(worker.thread) - before
+        assert started.empty(), "job 2 started while the slot was busy"
+        assert woken < 25, f"a full worker's thread woke {woken} times in 3 s"
+        release.set()
+        assert started.get(timeout=30) == 2  # the freed slot takes it
+        assert sorted(ran.get(timeout=30) for _ in range(2)) == [1, 2]
+    finally:
+        release.set()
+        worker.stop_taking()
+        assert worker.wait(30)
+    store.db.close()
+
+
 def test_calls_made_while_a_transaction_runs_share_the_next_one(make_dsn):
     """Group commit, as the evaluations' starts and ends use it: each caller gets its own
     result, only once its transaction committed; a failure reaches the callers of its batch
