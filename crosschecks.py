@@ -150,6 +150,11 @@ class CrossChecks:
         self.cfg, self.jobs, self.queue = cfg, cfg.jobs, queue
         self.fenced, self.position = fenced, position
         self.random = secrets.SystemRandom()
+        self.took_over()
+
+    def took_over(self):
+        """This parent became the active one: what another parent settled or recorded since
+        this one last led is in the database only."""
         self.fractions = {}  # child id -> fraction(): read once, dropped when its record grows
         self.due = True  # a check may be ready to settle
         self.next_look = 0.0  # time.monotonic() of the next settle() whatever `due` says
@@ -199,7 +204,8 @@ class CrossChecks:
                      "and check_group is null", (groups,))
         conn.execute("insert into cross_checks (check_group) select unnest(%s::bigint[]) "
                      "on conflict do nothing", (groups,))
-        return [Twin((-row["priority"], row["position"], row["job_id"]), frozenset(avoid),
+        avoid = frozenset(child for child in avoid if child)
+        return [Twin((-row["priority"], row["position"], row["job_id"]), avoid,
                      row["check_group"]) for row in rows]
 
     def made(self, twins):
@@ -250,9 +256,8 @@ class CrossChecks:
         return len(groups)
 
     def _settle_one(self, conn, group, rows, marked):
-        key = self.cfg.weights.score_key
         members = [Member(r["job_id"], r["check_round"], r["child_id"], r["status"],
-                          member_score(r, key)) for r in rows]
+                          scores.row_score(r, self.cfg.weights)[0]) for r in rows]
         verdict = judge(members, self.jobs.cross_check_tolerance)
         scored = ", ".join(f"child {m.child_id} scored {m.score:g} (job {m.job_id})"
                            for m in members if m.score is not None)
@@ -339,9 +344,11 @@ class CrossChecks:
                  and j.finished_at >= to_timestamp(greatest(c.checks_from, coalesce((
                      select max(k.at) from child_checks k
                      where k.child_id = c.child_id and k.agreed), 0)))
-               order by j.finished_at desc limit %s""", (child_id, MAX_RECHECKS))]
-        rechecks = self.twins(conn, unchecked, 1, [child_id]) \
-            if unchecked and self.other_child(conn, [child_id]) else []
+               order by j.finished_at desc limit %s""", (child_id, MAX_RECHECKS + 1))]
+        beyond = len(unchecked) > MAX_RECHECKS  # the older ones stay unchecked
+        unchecked = unchecked[:MAX_RECHECKS]
+        others = bool(unchecked) and self.other_child(conn, [child_id])
+        rechecks = self.twins(conn, unchecked, 1, [child_id]) if others else []
 
         def committed():
             self.queue.push(entries)
@@ -351,19 +358,10 @@ class CrossChecks:
                         "release %s`; %d jobs it held went back to the queue; %d of its results "
                         "since its last agreement are checked again%s", child_id, reason,
                         child_id, len(entries), len(rechecks),
-                        "" if len(rechecks) == len(unchecked) else
-                        f" ({len(unchecked)} unchecked: no other child is active)")
+                        f" (the newest {MAX_RECHECKS:,}; the older ones stay unchecked)" if beyond and others
+                        else f" ({len(unchecked)} unchecked: no other child is active)"
+                        if unchecked and not others else "")
         return [committed]
-
-
-def member_score(row, key):
-    """A check's job's score: of a completed job, its score_key (kept when its text is pruned);
-    None for any other."""
-    if row["status"] != "completed":
-        return None
-    if row["pruned"]:
-        return row["result_score"]
-    return scores.job_score(row["result"], key)[0]
 
 
 def release(db, child_id):

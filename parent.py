@@ -420,7 +420,7 @@ class ParentState:
         the children child_timeout_seconds to come over before their jobs are taken back."""
         self.leases.started = time.time()
         self.queue.reload(anew=True)
-        self.checks.due, self.checks.fractions = True, {}
+        self.checks.took_over()
         log.info("Parent validator active: %d pending jobs", self.queue.pending())
 
     def step_down(self):

@@ -450,3 +450,51 @@ def test_a_quarantined_childs_unchecked_results_are_checked_again_and_replaced(
     submissions = scores.submission_scores(state.db, state.cfg.weights)
     for digest, seed in seeds.items():
         assert submissions[digest].score == pytest.approx(honest({"randomSeed": seed}))
+
+
+def test_a_quarantine_rechecks_at_most_max_rechecks_results_the_newest(
+        make_state, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="validator")
+    monkeypatch.setattr(crosschecks, "MAX_RECHECKS", 3)
+    state = make_state(jobs={**CHECK_ALL, "cross_check_window": 1,
+                             "cross_check_max_disagreement": 0.0})
+    add_jobs(state, 8)
+    register(state, "c3")
+    for _ in range(4):  # alone: none of these is checked
+        evaluate(state, "c3", lambda job: 0.9, most=1)
+    early = ids([{"jobId": row["job_id"]} for row in state.db.query(
+        "select job_id from jobs where child_id = 'c3' order by finished_at")])
+    register(state, "c1", "c2")
+    evaluate(state, "c3", lambda job: 0.9, most=1)  # checked: its twin and third disagree
+    for child in ("c1", "c2"):
+        evaluate(state, child, lambda job: 0.1, most=1)
+        state.checks.maybe_settle()
+    assert record(state)["c3"][3]
+    assert "3 of its results since its last agreement are checked again (the newest 3; the " \
+           "older ones stay unchecked)" in caplog.text
+    rechecked = [row["check_group"] for row in state.db.query(
+        "select check_group from jobs where check_round = 1 and check_group = any(%s) "
+        "order by check_group", (early,))]
+    assert rechecked == early[1:]  # the oldest is past the limit
+
+
+def test_more_checks_than_one_transaction_settles_are_all_settled_at_once(make_state):
+    state = make_state(jobs=CHECK_ALL)
+    jobs = crosschecks.GROUPS_PER_SETTLE + 4
+    add_jobs(state, jobs)
+    register(state, "c1", "c2")
+    while evaluate(state, "c1", lambda job: 0.5, most=jobs):  # 16 at a time at most
+        pass
+    while evaluate(state, "c2", lambda job: 0.5, most=jobs):
+        pass
+    assert outcomes(state) == dict.fromkeys(range(1, jobs + 1))  # all open, all ready
+    state.checks.maybe_settle()  # one call: the whole backlog, a transaction per 16
+    assert list(outcomes(state).values()) == ["agreed"] * jobs
+
+
+def test_a_cross_check_key_out_of_its_range_is_named_with_the_file(make_state):
+    with pytest.raises(common.ConfigError, match=r"state\.toml: key 'jobs\.cross_check' must be "
+                                                 r"between 0 and 1"):
+        make_state(jobs={"cross_check": 1.5})
+    with pytest.raises(common.ConfigError, match="key 'jobs.cross_check_window' must be between"):
+        make_state(jobs={"cross_check_window": 0})
